@@ -1,0 +1,1 @@
+"""The HTTP shell: FastAPI app, dependencies and routers over the plain service modules."""

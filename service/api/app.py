@@ -1,0 +1,107 @@
+"""The FastAPI application: routers, error rendering, offline docs, health checks."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+
+import service
+from service.api import errors
+from service.api.deps import require_api_key
+from service.api.routes import datasets, jobs, models
+from service.api.runtime import Runtime
+from service.config import Settings, get_settings
+from service.db import upgrade_to_head
+
+log = logging.getLogger(__name__)
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    runtime = Runtime.from_settings(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(upgrade_to_head, settings.resolved_database_url)
+        runtime.store.ensure()
+        yield
+        runtime.engine.dispose()
+
+    app = FastAPI(
+        title="trainserve",
+        version=service.__version__,
+        summary="Train PyTorch models described in JSON, serve their predictions.",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    errors.install(app)
+    protected = [Depends(require_api_key)]
+    for router in (datasets.router, jobs.router, models.router):
+        app.include_router(router, dependencies=protected)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    _add_docs(app)
+    _add_health(app, runtime)
+    return app
+
+
+def _add_docs(app: FastAPI) -> None:
+    # Swagger UI and ReDoc assets ship inside the package: the docs work with no internet.
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title="trainserve API",
+            swagger_js_url=f"{root}/static/vendor/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}/static/vendor/swagger-ui.css",
+            swagger_favicon_url=f"{root}/static/vendor/favicon-32x32.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title="trainserve API",
+            redoc_js_url=f"{root}/static/vendor/redoc.standalone.js",
+            redoc_favicon_url=f"{root}/static/vendor/favicon-32x32.png",
+            with_google_fonts=False,
+        )
+
+
+def _add_health(app: FastAPI, runtime: Runtime) -> None:
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> JSONResponse:
+        """The database, the model store and the queue answer."""
+        checks: dict[str, str] = {}
+        try:
+            with runtime.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = f"error: {exc}"
+        checks["store"] = "ok" if runtime.store.weights.is_dir() else "error: store folder missing"
+        try:
+            runtime.queue.huey.pending_count()
+            checks["queue"] = "ok"
+        except Exception as exc:
+            checks["queue"] = f"error: {exc}"
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503)

@@ -1,0 +1,60 @@
+"""The one place where errors become HTTP responses: ``{"type", "detail", "errors"}``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from service.errors import InvalidInput, TrainserveError
+
+log = logging.getLogger(__name__)
+
+
+def _render(status: int, error_type: str, detail: str, errors: list[dict[str, Any]] | None = None) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"type": error_type, "detail": detail, "errors": errors or []}, status, headers=headers)
+
+
+def _describe(errors: list[Any]) -> list[dict[str, Any]]:
+    return [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
+
+
+def _summary(errors: list[dict[str, Any]]) -> str:
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"])
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {first['msg']}{more}" if where else f"{first['msg']}{more}"
+
+
+def invalid_spec(exc: ValidationError, prefix: list[str | int]) -> InvalidInput:
+    """A spec that failed pydantic validation, located inside the request."""
+    errors = [{**e, "loc": [*prefix, *e["loc"]]} for e in _describe(exc.errors(include_url=False))]
+    return InvalidInput(_summary(errors), errors=errors)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(TrainserveError)
+    async def domain_error(_request: Request, exc: TrainserveError) -> JSONResponse:
+        if exc.status_code >= 500:
+            log.error("%s: %s", exc.error_type, exc.detail)
+        return _render(exc.status_code, exc.error_type, exc.detail, exc.errors)
+
+    @app.exception_handler(RequestValidationError)
+    async def request_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = _describe(list(exc.errors()))
+        return _render(422, "validation_error", _summary(errors) if errors else "invalid request", errors)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        return _render(exc.status_code, "http_error", str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return _render(500, "internal_error", "internal server error; the server log has the details")

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from service import datasets, jobs
+from service.api.deps import RuntimeDep, SessionDep
+from service.api.errors import invalid_spec
+from service.api.runtime import Runtime
+from service.errors import InvalidInput
+from service.schemas import Job, JobDetail
+from service.spec import TrainSpec
+
+router = APIRouter(tags=["jobs"])
+
+_TRAIN_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/TrainSpec"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "spec"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "CSV or .npz"},
+                        "spec": {"type": "string", "description": "The TrainSpec as JSON, without dataset_id"},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+def _parse_spec(raw: str | bytes, prefix: list[str | int]) -> TrainSpec:
+    try:
+        return TrainSpec.model_validate_json(raw)
+    except ValidationError as exc:
+        raise invalid_spec(exc, prefix) from None
+
+
+def _submit(session: Session, runtime: Runtime, spec: TrainSpec, upload: UploadFile | None) -> Job:
+    if upload is not None:
+        if spec.dataset_id is not None:
+            raise InvalidInput("send either a file or a dataset_id, not both", errors=[{"loc": ["spec", "dataset_id"]}])
+        dataset = datasets.create(
+            session=session, store=runtime.store, settings=runtime.settings, upload=upload.file, filename=upload.filename
+        )
+    elif spec.dataset_id is None:
+        raise InvalidInput("dataset_id is required (or upload the file in a multipart request)",
+                           errors=[{"loc": ["body", "dataset_id"], "msg": "field required"}])
+    else:
+        dataset = datasets.get(session=session, dataset_id=spec.dataset_id)
+    job = jobs.submit(session, runtime.queue, spec, dataset, jobs.limits_of(runtime.settings))
+    return Job.model_validate(job)
+
+
+@router.post("/train", status_code=202, response_model=Job, openapi_extra=_TRAIN_BODY)
+async def train(request: Request, session: SessionDep, runtime: RuntimeDep, response: Response) -> Job:
+    """Queue a training job: a JSON TrainSpec naming a dataset_id, or multipart ``file`` + ``spec``."""
+    content_type = request.headers.get("content-type", "")
+    upload: UploadFile | None = None
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=4)
+        raw_spec, file = form.get("spec"), form.get("file")
+        if not isinstance(raw_spec, str):
+            raise InvalidInput("the multipart form needs a 'spec' field holding the spec as JSON",
+                               errors=[{"loc": ["spec"], "msg": "field required"}])
+        if not isinstance(file, UploadFile):
+            raise InvalidInput("the multipart form needs a 'file' field holding a CSV or .npz",
+                               errors=[{"loc": ["file"], "msg": "field required"}])
+        spec, upload = _parse_spec(raw_spec, ["spec"]), file
+    elif content_type.startswith("application/json") or not content_type:
+        spec = _parse_spec(await request.body(), ["body"])
+    else:
+        raise InvalidInput(f"unsupported content type {content_type!r}: send application/json or multipart/form-data")
+    job = await run_in_threadpool(_submit, session, runtime, spec, upload)
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return job
+
+
+@router.get("/jobs", response_model=list[Job])
+def list_jobs(
+    session: SessionDep,
+    status: str | None = Query(None, pattern="^(queued|running|succeeded|failed|cancelled)$"),
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+) -> list[Job]:
+    return [Job.model_validate(j) for j in jobs.list_jobs(session, status=status, limit=limit, offset=offset)]
+
+
+@router.get("/jobs/{job_id}", response_model=JobDetail)
+def get_job(job_id: str, session: SessionDep) -> JobDetail:
+    return JobDetail.model_validate(jobs.get_job(session, job_id))
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=Job)
+def cancel_job(job_id: str, session: SessionDep) -> Job:
+    """A queued job is cancelled at once; a running one stops within a second or two."""
+    return Job.model_validate(jobs.cancel(session, job_id))

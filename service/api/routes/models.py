@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse
+
+from service import registry
+from service.api.deps import RuntimeDep, SessionDep
+from service.inference import inputs_to_matrix
+from service.schemas import Model, PredictRequest, PredictResponse
+
+router = APIRouter(tags=["models"])
+
+
+@router.get("/models", response_model=list[Model])
+def list_models(
+    session: SessionDep, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)
+) -> list[Model]:
+    return [Model.model_validate(m) for m in registry.list_all(session=session, limit=limit, offset=offset)]
+
+
+@router.get("/models/{model_id}", response_model=Model)
+def get_model(model_id: str, session: SessionDep) -> Model:
+    return Model.model_validate(registry.get(session=session, model_id=model_id))
+
+
+@router.get(
+    "/models/{model_id}/weights",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors file"}},
+)
+def download_weights(model_id: str, session: SessionDep, runtime: RuntimeDep) -> FileResponse:
+    """The trained weights as safetensors (no pickle); the scaler's mean/std are inside."""
+    record = registry.get(session=session, model_id=model_id)
+    return FileResponse(
+        runtime.store.weights_path(record.id),
+        media_type="application/octet-stream",
+        filename=f"{record.id}.safetensors",
+        headers={"X-Content-SHA256": record.weights_sha256},
+    )
+
+
+@router.delete("/models/{model_id}", status_code=204)
+def delete_model(model_id: str, session: SessionDep, runtime: RuntimeDep) -> None:
+    registry.delete(session=session, store=runtime.store, cache=runtime.models, model_id=model_id)
+
+
+@router.post("/predict", response_model=PredictResponse, tags=["predict"])
+def predict(body: PredictRequest, session: SessionDep, runtime: RuntimeDep) -> PredictResponse:
+    """Predict with a trained model; classifiers also return class probabilities."""
+    record = registry.get(session=session, model_id=body.model_id)
+    predictor = runtime.models.get(record)
+    x = inputs_to_matrix(body.inputs, predictor.features, max_rows=runtime.settings.max_predict_rows)
+    result = predictor.predict(x)
+    return PredictResponse(
+        model_id=record.id,
+        predictions=result.predictions,
+        probabilities=result.probabilities,
+        classes=result.classes,
+    )

@@ -1,0 +1,117 @@
+"""``trainserve serve | worker | migrate`` (also ``python -m service ...``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from service.config import get_settings
+
+log = logging.getLogger("trainserve")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.api.app import create_app
+    from service.db import upgrade_to_head
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Migrate before any worker starts, so workers never see an old schema.
+    upgrade_to_head(settings.resolved_database_url)
+    supervisor = _WorkerSupervisor(args.workers)
+    supervisor.start()
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        supervisor.stop()
+    return 0
+
+
+class _WorkerSupervisor:
+    """Keeps N ``trainserve worker`` child processes alive beside the API (the embedded default).
+
+    Training runs in these processes, never in the API's: the API stays responsive while a
+    worker saturates the CPU or GPU.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.children: list[subprocess.Popen[bytes]] = []
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "service", "worker"], env=os.environ.copy())
+
+    def start(self) -> None:
+        self.children = [self._spawn() for _ in range(self.count)]
+        if self.count:
+            self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(1.0):
+            for i, child in enumerate(self.children):
+                if child.poll() is not None and not self._stopping.is_set():
+                    log.warning("worker %s exited with %s; starting a new one", child.pid, child.returncode)
+                    self.children[i] = self._spawn()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)  # Huey: finish or abandon the task, then exit
+        deadline = time.monotonic() + 10
+        for child in self.children:
+            try:
+                child.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+def _worker(_args: argparse.Namespace) -> int:
+    from service.db import upgrade_to_head
+    from service.jobs import run_worker
+
+    settings = get_settings()
+    upgrade_to_head(settings.resolved_database_url)
+    run_worker(settings)
+    return 0
+
+
+def _migrate(_args: argparse.Namespace) -> int:
+    from service.db import upgrade_to_head
+
+    upgrade_to_head(get_settings().resolved_database_url)
+    print("database is at the newest schema")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trainserve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the API and its worker(s) on this machine")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1, help="worker processes to start beside the API (0: API only)")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(run=_serve)
+    worker = commands.add_parser("worker", help="run a training worker only")
+    worker.set_defaults(run=_worker)
+    migrate = commands.add_parser("migrate", help="upgrade the database schema to the newest version")
+    migrate.set_defaults(run=_migrate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    result: int = args.run(args)
+    return result

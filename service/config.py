@@ -1,0 +1,57 @@
+"""Settings, read from ``TRAINSERVE_*`` environment variables (and an optional ``.env``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRAINSERVE_", env_file=".env", extra="ignore")
+
+    # Everything the embedded default writes lives under one folder: the working directory.
+    data_dir: Path = Path(".")
+    database_url: str = ""
+    queue_url: str = ""
+    store_dir: Path | None = None
+
+    api_key: str | None = None
+
+    # Limits that keep one request or one job from taking the machine down.
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    max_predict_rows: int = Field(default=100_000, gt=0)
+    max_epochs: int = Field(default=100_000, gt=0)
+    max_parameters: int = Field(default=50_000_000, gt=0)
+    max_layer_width: int = Field(default=65_536, gt=0)
+    model_cache_size: int = Field(default=32, gt=0)
+
+    # How often a running job writes progress and looks for a cancel request.
+    progress_interval_s: float = Field(default=0.5, gt=0)
+    worker_threads: int = Field(default=1, ge=1)
+
+    @field_validator("api_key")
+    @classmethod
+    def _refuse_weak_key(cls, value: str | None) -> str | None:
+        if value is not None and value != "" and len(value) < 16:
+            raise ValueError("TRAINSERVE_API_KEY must be at least 16 characters")
+        return value or None
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'trainserve.db').resolve()}"
+
+    @property
+    def resolved_queue_url(self) -> str:
+        return self.queue_url or f"sqlite:///{(self.data_dir / 'trainserve-queue.db').resolve()}"
+
+    @property
+    def resolved_store_dir(self) -> Path:
+        return (self.store_dir or self.data_dir / "models_store").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,71 @@
+"""Datasets: receive an upload, validate it, keep the parsed table in the store and a row in the db."""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.config import Settings
+from service.data import parse_table, sniff_format
+from service.db import DatasetRecord, JobRecord, on_commit, on_rollback
+from service.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
+from service.store import Store, new_id
+
+_ACTIVE = ("queued", "running")
+
+
+def create(*, session: Session, store: Store, settings: Settings, upload: BinaryIO, filename: str | None) -> DatasetRecord:
+    """Stream the upload to disk, parse and check it, then publish table and row together."""
+    dataset_id = new_id()
+    with store.temp_path(".upload") as raw:
+        try:
+            size, sha256 = store.receive(upload, raw, limit=settings.max_upload_bytes)
+        except OverflowError:
+            raise PayloadTooLarge(f"the file is larger than the limit of {settings.max_upload_bytes} bytes") from None
+        if size == 0:
+            raise InvalidInput("the file is empty", errors=[{"loc": ["file"], "msg": "the file is empty"}])
+        with open(raw, "rb") as handle:
+            fmt = sniff_format(filename, handle.read(4))
+        # An .npz decompresses; bound what it may expand to by the upload limit's worth of float64s.
+        table = parse_table(raw, fmt, max_elements=settings.max_upload_bytes // 8 * 4)
+    file_sha256 = store.save_dataset(dataset_id, table)
+    record = DatasetRecord(
+        id=dataset_id,
+        filename=(filename or "")[:255] or None,
+        format=fmt,
+        n_rows=table.n_rows,
+        columns=[c.as_dict() for c in table.schema().columns],
+        size_bytes=size,
+        sha256=sha256,
+        file_sha256=file_sha256,
+    )
+    session.add(record)
+    on_rollback(session, lambda: store.delete_dataset(dataset_id))
+    session.flush()
+    return record
+
+
+def get(*, session: Session, dataset_id: str) -> DatasetRecord:
+    record = session.get(DatasetRecord, dataset_id)
+    if record is None:
+        raise NotFound(f"dataset {dataset_id!r} does not exist")
+    return record
+
+
+def list_all(*, session: Session, limit: int = 100, offset: int = 0) -> list[DatasetRecord]:
+    query = select(DatasetRecord).order_by(DatasetRecord.created_at.desc(), DatasetRecord.id)
+    return list(session.scalars(query.limit(limit).offset(offset)))
+
+
+def delete(*, session: Session, store: Store, dataset_id: str) -> None:
+    record = get(session=session, dataset_id=dataset_id)
+    active = session.scalar(
+        select(func.count()).where(JobRecord.dataset_id == dataset_id, JobRecord.status.in_(_ACTIVE))
+    )
+    if active:
+        raise Conflict(f"dataset {dataset_id} is used by {active} queued or running job(s); cancel them first")
+    session.delete(record)
+    session.flush()
+    on_commit(session, lambda: store.delete_dataset(dataset_id))

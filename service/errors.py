@@ -1,0 +1,51 @@
+"""Domain errors, each carrying the HTTP status it maps to.
+
+    TrainserveError (500)
+    ├── NotFound (404)             a dataset, job or model id that does not exist
+    ├── InvalidInput (422)         a spec, upload or prediction request that cannot be used
+    ├── Conflict (409)             a request that clashes with the resource's state
+    ├── PayloadTooLarge (413)      an upload or prediction batch over the configured limit
+    └── Unauthorized (401)         a missing or wrong API key
+
+The API renders every one of them, in one place, as ``{"type", "detail", "errors"}``;
+nothing below the API knows about HTTP beyond the status number carried here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TrainserveError(Exception):
+    status_code = 500
+    error_type = "internal_error"
+
+    def __init__(self, detail: str, *, errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors or []
+
+
+class NotFound(TrainserveError):
+    status_code = 404
+    error_type = "not_found"
+
+
+class InvalidInput(TrainserveError):
+    status_code = 422
+    error_type = "invalid_input"
+
+
+class Conflict(TrainserveError):
+    status_code = 409
+    error_type = "conflict"
+
+
+class PayloadTooLarge(TrainserveError):
+    status_code = 413
+    error_type = "payload_too_large"
+
+
+class Unauthorized(TrainserveError):
+    status_code = 401
+    error_type = "unauthorized"

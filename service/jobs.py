@@ -1,0 +1,323 @@
+"""Training jobs: queue them through Huey, run them in a worker process, report progress, cancel.
+
+The ``jobs`` table is the truth for a job's state; the queue only carries job ids.
+Every state change is a conditional UPDATE (``WHERE status = ...``), so a cancel and a
+worker's claim can race without either being lost. A job is enqueued only after the
+transaction that created it commits, so a worker never looks for a row that is not there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from huey import Huey, SqliteHuey
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import engine
+from service.config import Settings
+from service.data import Table, TableSchema
+from service.db import DatasetRecord, JobRecord, ModelRecord, make_engine, make_session_factory, on_commit, utcnow
+from service.errors import Conflict, InvalidInput, NotFound, TrainserveError
+from service.spec import Limits, TrainingPlan, TrainSpec, plan_training
+from service.store import Store, new_id
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+ACTIVE = (QUEUED, RUNNING)
+_HISTORY_POINTS = 1000
+
+
+def limits_of(settings: Settings) -> Limits:
+    return Limits(settings.max_epochs, settings.max_parameters, settings.max_layer_width)
+
+
+# -- the queue -----------------------------------------------------------------------------
+
+
+@dataclass
+class JobQueue:
+    """A Huey instance with the training task registered on it."""
+
+    huey: Huey
+    train_task: Any
+
+    def enqueue(self, job_id: str) -> None:
+        self.train_task(job_id)
+
+
+def _huey_for(url: str) -> Huey:
+    parsed = urlparse(url)
+    if parsed.scheme == "sqlite":
+        return SqliteHuey("trainserve", filename=parsed.path, results=False, utc=True)
+    raise ValueError(f"unsupported queue URL scheme {parsed.scheme!r} (expected sqlite:///path)")
+
+
+def build_queue(settings: Settings) -> JobQueue:
+    huey = _huey_for(settings.resolved_queue_url)
+    context: dict[str, WorkerContext] = {}
+
+    @huey.task(name="trainserve.train")
+    def train_task(job_id: str) -> None:
+        # Built on first use inside the worker process; the API process only enqueues.
+        if "ctx" not in context:
+            context["ctx"] = WorkerContext.from_settings(settings)
+        run_job(context["ctx"], job_id)
+
+    return JobQueue(huey, train_task)
+
+
+def run_worker(settings: Settings) -> None:
+    """Consume training jobs until SIGINT/SIGTERM (``trainserve worker``)."""
+    queue = build_queue(settings)
+    consumer = queue.huey.create_consumer(workers=settings.worker_threads, worker_type="thread", periodic=False)
+    consumer.run()
+
+
+# -- the API side ----------------------------------------------------------------------------
+
+
+def get_job(session: Session, job_id: str) -> JobRecord:
+    job = session.get(JobRecord, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id!r} does not exist")
+    return job
+
+
+def list_jobs(session: Session, *, status: str | None = None, limit: int = 100, offset: int = 0) -> list[JobRecord]:
+    query = select(JobRecord).order_by(JobRecord.created_at.desc(), JobRecord.id).limit(limit).offset(offset)
+    if status is not None:
+        query = query.where(JobRecord.status == status)
+    return list(session.scalars(query))
+
+
+def submit(session: Session, queue: JobQueue, spec: TrainSpec, dataset: DatasetRecord, limits: Limits) -> JobRecord:
+    """Validate the spec against the dataset, record a queued job, enqueue it on commit."""
+    plan_training(spec, TableSchema.from_dicts(dataset.n_rows, dataset.columns), limits)
+    spec = spec.model_copy(update={"dataset_id": dataset.id})
+    job = JobRecord(
+        id=new_id(),
+        status=QUEUED,
+        spec=spec.model_dump(mode="json"),
+        dataset_id=dataset.id,
+        epochs=spec.epochs,
+        history=[],
+    )
+    session.add(job)
+    session.flush()
+    job_id = job.id
+    on_commit(session, lambda: queue.enqueue(job_id))
+    return job
+
+
+def cancel(session: Session, job_id: str) -> JobRecord:
+    """A queued job ends now; a running one is asked to stop and ends within a progress interval."""
+    job = get_job(session, job_id)
+    now = utcnow()
+    ended = session.execute(
+        update(JobRecord)
+        .where(JobRecord.id == job_id, JobRecord.status == QUEUED)
+        .values(status=CANCELLED, finished_at=now, error="cancelled before it started", updated_at=now)
+    ).rowcount
+    if not ended:
+        asked = session.execute(
+            update(JobRecord)
+            .where(JobRecord.id == job_id, JobRecord.status == RUNNING)
+            .values(cancel_requested=True, updated_at=now)
+        ).rowcount
+        if not asked:
+            session.refresh(job)
+            raise Conflict(f"job {job_id} has already ended ({job.status})")
+    session.refresh(job)
+    return job
+
+
+# -- the worker side -------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    sessions: sessionmaker  # type: ignore[type-arg]
+    store: Store
+    name: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WorkerContext:
+        store = Store(settings.resolved_store_dir)
+        store.ensure()
+        sessions = make_session_factory(make_engine(settings.resolved_database_url))
+        return cls(settings, sessions, store, f"{socket.gethostname()}:{os.getpid()}")
+
+
+class _Progress:
+    """Writes a running job's progress at most once per interval; reads its cancel flag."""
+
+    def __init__(self, ctx: WorkerContext, job_id: str) -> None:
+        self.ctx, self.job_id = ctx, job_id
+        self.interval = ctx.settings.progress_interval_s
+        self.last_write = 0.0
+
+    def on_epoch(self, report: engine.EpochReport) -> None:
+        now = time.monotonic()
+        if now - self.last_write < self.interval:
+            return
+        self.last_write = now
+        with self.ctx.sessions.begin() as session:
+            session.execute(
+                update(JobRecord)
+                .where(JobRecord.id == self.job_id, JobRecord.status == RUNNING)
+                .values(
+                    epoch=report.epoch,
+                    train_loss=report.train_loss,
+                    val_loss=report.val_loss,
+                    val_metrics=report.val_metrics,
+                    updated_at=utcnow(),
+                )
+            )
+
+    def should_stop(self) -> bool:
+        with self.ctx.sessions() as session:
+            row = session.execute(
+                select(JobRecord.status, JobRecord.cancel_requested).where(JobRecord.id == self.job_id)
+            ).one_or_none()
+        return row is None or row.cancel_requested or row.status != RUNNING
+
+
+def _thin(history: list[engine.EpochReport]) -> list[list[Any]]:
+    step = max(1, -(-len(history) // _HISTORY_POINTS))
+    kept = history[::step]
+    if history and kept[-1] is not history[-1]:
+        kept.append(history[-1])
+    return [[r.epoch, r.train_loss, r.val_loss] for r in kept]
+
+
+def _finish(ctx: WorkerContext, job_id: str, status: str, **values: Any) -> None:
+    now = utcnow()
+    with ctx.sessions.begin() as session:
+        session.execute(
+            update(JobRecord)
+            .where(JobRecord.id == job_id, JobRecord.status == RUNNING)
+            .values(status=status, finished_at=now, updated_at=now, **values)
+        )
+
+
+def _targets(table: Table, plan: TrainingPlan) -> np.ndarray:
+    if plan.task == "regression":
+        return table.matrix(plan.targets, dtype=np.float64)
+    return table.column(plan.targets[0])
+
+
+def run_job(ctx: WorkerContext, job_id: str) -> None:
+    """Claim a queued job, train it, save the model; every outcome lands in the job row."""
+    with ctx.sessions.begin() as session:
+        claimed = session.execute(
+            update(JobRecord)
+            .where(JobRecord.id == job_id, JobRecord.status == QUEUED)
+            .values(
+                status=RUNNING,
+                started_at=utcnow(),
+                attempts=JobRecord.attempts + 1,
+                worker=ctx.name,
+                updated_at=utcnow(),
+            )
+        ).rowcount
+        job = session.get(JobRecord, job_id)
+        dataset = session.get(DatasetRecord, job.dataset_id) if job and job.dataset_id else None
+    if not claimed or job is None:
+        log.info("job %s is not queued any more; skipping", job_id)
+        return
+    try:
+        if dataset is None:
+            raise InvalidInput("the job's dataset was deleted before the job ran")
+        spec = TrainSpec.model_validate(job.spec)
+        table = ctx.store.load_dataset(dataset.id, dataset.file_sha256)
+        plan = plan_training(spec, table.schema(), limits_of(ctx.settings))
+        progress = _Progress(ctx, job_id)
+        result = engine.train(
+            spec,
+            plan,
+            table.matrix(plan.features),
+            _targets(table, plan),
+            on_epoch=progress.on_epoch,
+            should_stop=progress.should_stop,
+            check_every_s=ctx.settings.progress_interval_s,
+        )
+    except engine.TrainingCancelled:
+        _finish(ctx, job_id, CANCELLED, error="cancelled while running")
+        return
+    except (TrainserveError, engine.DeviceUnavailable, FloatingPointError) as exc:
+        _finish(ctx, job_id, FAILED, error=str(exc))
+        return
+    except Exception as exc:  # a worker must record every failure, not die on it
+        log.exception("job %s failed", job_id)
+        _finish(ctx, job_id, FAILED, error=f"{type(exc).__name__}: {exc}")
+        return
+    _save(ctx, job_id, dataset, spec, plan, result)
+
+
+def _save(
+    ctx: WorkerContext,
+    job_id: str,
+    dataset: DatasetRecord,
+    spec: TrainSpec,
+    plan: TrainingPlan,
+    result: engine.TrainedModel,
+) -> None:
+    model_id = new_id()
+    metadata = {"trainserve_model_id": model_id, "job_id": job_id, "spec": json.dumps(spec.model_dump(mode="json"))}
+    weights_sha256, weights_bytes = ctx.store.save_weights(model_id, result.module.state_dict(), metadata)
+    last = result.history[-1]
+    now = utcnow()
+    with ctx.sessions.begin() as session:
+        finished = session.execute(
+            update(JobRecord)
+            .where(JobRecord.id == job_id, JobRecord.status == RUNNING)
+            .values(
+                status=SUCCEEDED,
+                model_id=model_id,
+                epoch=last.epoch,
+                train_loss=last.train_loss,
+                val_loss=last.val_loss,
+                val_metrics=last.val_metrics,
+                history=_thin(result.history),
+                device=result.device,
+                finished_at=now,
+                updated_at=now,
+            )
+        ).rowcount
+        if finished:
+            session.add(
+                ModelRecord(
+                    id=model_id,
+                    job_id=job_id,
+                    dataset_id=dataset.id,
+                    dataset_sha256=dataset.sha256,
+                    spec=spec.model_dump(mode="json"),
+                    task=plan.task,
+                    features=plan.features,
+                    targets=plan.targets,
+                    classes=plan.classes,
+                    input_mean=result.input_mean,
+                    input_std=result.input_std,
+                    metrics=result.metrics,
+                    n_parameters=plan.n_parameters,
+                    weights_sha256=weights_sha256,
+                    weights_bytes=weights_bytes,
+                    torch_version=torch.__version__,
+                    device=result.device,
+                    train_seconds=result.train_seconds,
+                )
+            )
+    if not finished:  # cancelled in the last instant: keep no model for it
+        ctx.store.delete_weights(model_id)

@@ -1,0 +1,118 @@
+"""Pydantic request and response bodies of the HTTP API (apart from the ORM tables).
+
+The client imports these too, so they stay free of FastAPI and SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+
+
+def _as_utc(value: datetime) -> datetime:
+    # SQLite hands timestamps back without a zone; they were written in UTC.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+UTCDateTime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class Column(_Out):
+    name: str
+    dtype: str = Field(description="int64, float64 or string")
+    classes: list[Any] | None = Field(description="Distinct values, when the column can be a class label")
+
+
+class Dataset(_Out):
+    id: str
+    filename: str | None
+    format: str
+    n_rows: int
+    columns: list[Column]
+    size_bytes: int
+    sha256: str = Field(description="sha256 of the uploaded bytes")
+    created_at: UTCDateTime
+
+
+class Job(_Out):
+    id: str
+    status: str = Field(description="queued | running | succeeded | failed | cancelled")
+    dataset_id: str | None
+    model_id: str | None
+    epoch: int
+    epochs: int
+    train_loss: float | None
+    val_loss: float | None
+    val_metrics: dict[str, float] | None
+    device: str | None
+    error: str | None
+    cancel_requested: bool
+    attempts: int
+    created_at: UTCDateTime
+    started_at: UTCDateTime | None
+    finished_at: UTCDateTime | None
+    spec: dict[str, Any]
+
+
+class JobDetail(Job):
+    history: list[list[Any]] = Field(description="[epoch, train_loss, val_loss] rows, at most ~1000")
+
+
+class Model(_Out):
+    id: str
+    job_id: str
+    dataset_id: str | None
+    dataset_sha256: str
+    task: str = Field(description="classification, binary or regression")
+    features: list[str]
+    targets: list[str]
+    classes: list[Any] | None
+    input_mean: list[float] | None
+    input_std: list[float] | None
+    metrics: dict[str, float]
+    n_parameters: int
+    weights_sha256: str
+    weights_bytes: int
+    torch_version: str
+    device: str
+    train_seconds: float
+    created_at: UTCDateTime
+    spec: dict[str, Any]
+
+
+_INPUTS_SCHEMA = {
+    "oneOf": [
+        {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+        {"type": "array", "items": {"type": "object", "additionalProperties": {"type": "number"}}},
+    ],
+    "description": "Rows as lists of numbers in feature order, or as objects keyed by feature name.",
+    "examples": [[[0.5, -0.2]], [{"x0": 0.5, "x1": -0.2}]],
+}
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str
+    # Checked by inference.inputs_to_matrix with numpy: faster than per-element pydantic
+    # validation, and its errors name the row and column.
+    inputs: Annotated[list[Any], WithJsonSchema(_INPUTS_SCHEMA)]
+
+
+class PredictResponse(BaseModel):
+    model_id: str
+    predictions: list[Any]
+    probabilities: list[list[float]] | None = None
+    classes: list[Any] | None = Field(default=None, description="Labels of the probability columns")
+
+
+class Error(BaseModel):
+    type: str
+    detail: str
+    errors: list[dict[str, Any]] = []

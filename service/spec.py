@@ -1,0 +1,457 @@
+"""The training spec: a JSON description of a model that mirrors PyTorch's own names.
+
+A spec is data, never code. Every layer, loss and optimizer is one of a fixed allow-list
+of pydantic models (``extra="forbid"``), so an unknown name or keyword argument is
+rejected when the spec is parsed, long before a worker sees it. ``plan_training`` then
+checks the spec against a dataset's schema: columns exist, widths fit the labels,
+sizes stay under the configured limits.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.data import ColumnInfo, TableSchema
+from service.errors import InvalidInput
+
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the torch class of the same name."""
+        return self.model_dump(exclude={"type"})
+
+
+# -- layers -------------------------------------------------------------------------------
+
+
+class Linear(_Strict):
+    type: Literal["Linear"]
+    out_features: int = Field(ge=1)
+    bias: bool = True
+
+
+class BatchNorm1d(_Strict):
+    type: Literal["BatchNorm1d"]
+    eps: Positive = 1e-5
+    momentum: Annotated[float, Field(gt=0, le=1)] | None = 0.1
+    affine: bool = True
+
+
+class LayerNorm(_Strict):
+    type: Literal["LayerNorm"]
+    eps: Positive = 1e-5
+    elementwise_affine: bool = True
+
+
+class Dropout(_Strict):
+    type: Literal["Dropout"]
+    p: Fraction = 0.5
+
+
+class ReLU(_Strict):
+    type: Literal["ReLU"]
+
+
+class Tanh(_Strict):
+    type: Literal["Tanh"]
+
+
+class Sigmoid(_Strict):
+    type: Literal["Sigmoid"]
+
+
+class GELU(_Strict):
+    type: Literal["GELU"]
+    approximate: Literal["none", "tanh"] = "none"
+
+
+class SiLU(_Strict):
+    type: Literal["SiLU"]
+
+
+class Mish(_Strict):
+    type: Literal["Mish"]
+
+
+class ELU(_Strict):
+    type: Literal["ELU"]
+    alpha: Positive = 1.0
+
+
+class LeakyReLU(_Strict):
+    type: Literal["LeakyReLU"]
+    negative_slope: NonNegative = 0.01
+
+
+class Softplus(_Strict):
+    type: Literal["Softplus"]
+    beta: Positive = 1.0
+    threshold: Positive = 20.0
+
+
+class Identity(_Strict):
+    type: Literal["Identity"]
+
+
+Layer = Annotated[
+    Linear
+    | BatchNorm1d
+    | LayerNorm
+    | Dropout
+    | ReLU
+    | Tanh
+    | Sigmoid
+    | GELU
+    | SiLU
+    | Mish
+    | ELU
+    | LeakyReLU
+    | Softplus
+    | Identity,
+    Field(discriminator="type"),
+]
+
+# -- losses -------------------------------------------------------------------------------
+
+
+class MSELoss(_Strict):
+    type: Literal["MSELoss"]
+
+
+class L1Loss(_Strict):
+    type: Literal["L1Loss"]
+
+
+class HuberLoss(_Strict):
+    type: Literal["HuberLoss"]
+    delta: Positive = 1.0
+
+
+class SmoothL1Loss(_Strict):
+    type: Literal["SmoothL1Loss"]
+    beta: NonNegative = 1.0
+
+
+class CrossEntropyLoss(_Strict):
+    type: Literal["CrossEntropyLoss"]
+    label_smoothing: Fraction = 0.0
+
+
+class BCEWithLogitsLoss(_Strict):
+    type: Literal["BCEWithLogitsLoss"]
+
+
+Loss = Annotated[
+    MSELoss | L1Loss | HuberLoss | SmoothL1Loss | CrossEntropyLoss | BCEWithLogitsLoss,
+    Field(discriminator="type"),
+]
+
+CLASSIFICATION_LOSSES = frozenset({"CrossEntropyLoss"})
+BINARY_LOSSES = frozenset({"BCEWithLogitsLoss"})
+
+# -- optimizers (defaults are torch's own) -------------------------------------------------
+
+
+class SGD(_Strict):
+    type: Literal["SGD"]
+    lr: Positive = 0.001
+    momentum: NonNegative = 0.0
+    dampening: NonNegative = 0.0
+    weight_decay: NonNegative = 0.0
+    nesterov: bool = False
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> SGD:
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("nesterov requires momentum > 0 and dampening = 0")
+        return self
+
+
+Betas = tuple[Fraction, Fraction]
+
+
+class Adam(_Strict):
+    type: Literal["Adam"]
+    lr: Positive = 0.001
+    betas: Betas = (0.9, 0.999)
+    eps: Positive = 1e-8
+    weight_decay: NonNegative = 0.0
+    amsgrad: bool = False
+
+
+class AdamW(_Strict):
+    type: Literal["AdamW"]
+    lr: Positive = 0.001
+    betas: Betas = (0.9, 0.999)
+    eps: Positive = 1e-8
+    weight_decay: NonNegative = 0.01
+    amsgrad: bool = False
+
+
+class RMSprop(_Strict):
+    type: Literal["RMSprop"]
+    lr: Positive = 0.01
+    alpha: Fraction = 0.99
+    eps: Positive = 1e-8
+    weight_decay: NonNegative = 0.0
+    momentum: NonNegative = 0.0
+    centered: bool = False
+
+
+class Adagrad(_Strict):
+    type: Literal["Adagrad"]
+    lr: Positive = 0.01
+    lr_decay: NonNegative = 0.0
+    weight_decay: NonNegative = 0.0
+    eps: Positive = 1e-10
+
+
+Optimizer = Annotated[SGD | Adam | AdamW | RMSprop | Adagrad, Field(discriminator="type")]
+
+
+def _named(value: Any) -> Any:
+    """Let ``"loss": "MSELoss"`` stand for ``{"type": "MSELoss"}``."""
+    return {"type": value} if isinstance(value, str) else value
+
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d{1,2}|mps)$")
+_COLUMN_LIMIT = 10_000
+
+
+class TrainSpec(BaseModel):
+    """What to train, on which data, and how."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "dataset_id": "3f2c9a0e6b1d4c5e8f7a9b0c1d2e3f40",
+                    "target": "label",
+                    "model": [
+                        {"type": "Linear", "out_features": 30},
+                        {"type": "Tanh"},
+                        {"type": "Linear", "out_features": 30},
+                        {"type": "Tanh"},
+                        {"type": "Linear", "out_features": 2},
+                    ],
+                    "loss": "CrossEntropyLoss",
+                    "optimizer": {"type": "SGD", "lr": 0.001},
+                    "epochs": 300,
+                    "batch_size": 1,
+                }
+            ]
+        },
+    )
+
+    dataset_id: str | None = Field(
+        default=None, description="An uploaded dataset; omit when the file travels in the same request."
+    )
+    target: str | list[str] | None = Field(
+        default=None, description="Label column(s); default: the last column."
+    )
+    features: list[str] | None = Field(
+        default=None, max_length=_COLUMN_LIMIT, description="Input columns; default: every other column."
+    )
+    model: list[Layer] = Field(min_length=1, max_length=256, description="nn.Sequential's layers, in order.")
+    loss: Loss
+    optimizer: Optimizer = Field(default_factory=lambda: SGD(type="SGD"))
+    epochs: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=32, ge=1, le=1_000_000)
+    shuffle: bool = True
+    seed: int = Field(default=0, ge=0, le=2**63 - 1, description="Same seed, same data, same CPU: same weights.")
+    standardize: bool = Field(default=True, description="Scale inputs with training-set mean and std.")
+    validation_split: Fraction = 0.0
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
+
+    @field_validator("loss", "optimizer", mode="before")
+    @classmethod
+    def _accept_bare_name(cls, value: Any) -> Any:
+        return _named(value)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _accept_bare_layer_names(cls, value: Any) -> Any:
+        return [_named(layer) for layer in value] if isinstance(value, list) else value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError("device must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @field_validator("features")
+    @classmethod
+    def _distinct_features(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("features must name at least one column")
+            seen: set[str] = set()
+            for name in value:
+                if name in seen:
+                    raise ValueError(f"feature {name!r} is listed twice")
+                seen.add(name)
+        return value
+
+    @property
+    def target_names(self) -> list[str] | None:
+        return [self.target] if isinstance(self.target, str) else self.target
+
+
+# -- checking a spec against its data --------------------------------------------------------
+
+Task = Literal["classification", "binary", "regression"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_epochs: int
+    max_parameters: int
+    max_layer_width: int
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """A spec resolved against its dataset: everything a worker needs besides the arrays."""
+
+    features: list[str]
+    targets: list[str]
+    task: Task
+    classes: list[Any] | None
+    in_features: int
+    out_features: int
+    n_parameters: int
+
+
+def task_of(loss: Loss) -> Task:
+    if loss.type in CLASSIFICATION_LOSSES:
+        return "classification"
+    if loss.type in BINARY_LOSSES:
+        return "binary"
+    return "regression"
+
+
+def _fail(msg: str, loc: list[str | int]) -> InvalidInput:
+    return InvalidInput(msg, errors=[{"loc": loc, "msg": msg}])
+
+
+def _column(schema: TableSchema, name: str, field: str) -> ColumnInfo:
+    column = schema.column(name)
+    if column is None:
+        names = ", ".join(repr(c.name) for c in schema.columns[:20])
+        raise _fail(f"{field} column {name!r} is not in the dataset (columns: {names})", [field])
+    return column
+
+
+def count_parameters(layers: list[Any], in_features: int) -> tuple[int, int]:
+    """(parameter count, output width) of the network the layers describe."""
+    width, params = in_features, 0
+    for layer in layers:
+        if isinstance(layer, Linear):
+            params += width * layer.out_features + (layer.out_features if layer.bias else 0)
+            width = layer.out_features
+        elif isinstance(layer, BatchNorm1d) and layer.affine:
+            params += 2 * width
+        elif isinstance(layer, LayerNorm) and layer.elementwise_affine:
+            params += 2 * width
+    return params, width
+
+
+def plan_training(spec: TrainSpec, schema: TableSchema, limits: Limits) -> TrainingPlan:
+    """Check ``spec`` against the dataset it names; raise InvalidInput naming the field."""
+    if spec.epochs > limits.max_epochs:
+        raise _fail(f"epochs is {spec.epochs}, the limit is {limits.max_epochs}", ["epochs"])
+    for i, layer in enumerate(spec.model):
+        if isinstance(layer, Linear) and layer.out_features > limits.max_layer_width:
+            raise _fail(
+                f"out_features is {layer.out_features}, the limit is {limits.max_layer_width}",
+                ["model", i, "out_features"],
+            )
+        if isinstance(layer, BatchNorm1d) and spec.batch_size < 2:
+            raise _fail("BatchNorm1d needs batch_size >= 2", ["batch_size"])
+
+    targets = spec.target_names or [schema.columns[-1].name]
+    for name in targets:
+        _column(schema, name, "target")
+    if spec.features is None:
+        features = [c.name for c in schema.columns if c.name not in targets]
+    else:
+        features = list(spec.features)
+        overlap = set(features) & set(targets)
+        if overlap:
+            raise _fail(f"column {sorted(overlap)[0]!r} is both a feature and the target", ["features"])
+    if not features:
+        raise _fail("there are no feature columns left besides the target", ["features"])
+    for name in features:
+        column = _column(schema, name, "features")
+        if column.dtype == "string":
+            raise _fail(f"feature column {name!r} holds text; features must be numeric", ["features"])
+
+    task = task_of(spec.loss)
+    classes: list[Any] | None = None
+    if task == "regression":
+        for name in targets:
+            if _column(schema, name, "target").dtype == "string":
+                raise _fail(
+                    f"{spec.loss.type} needs a numeric target, column {name!r} holds text labels; "
+                    "use CrossEntropyLoss for classification",
+                    ["loss"],
+                )
+        expected_width = len(targets)
+    else:
+        if len(targets) != 1:
+            raise _fail(f"{spec.loss.type} takes exactly one target column", ["target"])
+        column = _column(schema, targets[0], "target")
+        if column.classes is None:
+            raise _fail(
+                f"{spec.loss.type} needs class labels, but column {column.name!r} holds "
+                "non-integer numbers or too many distinct values",
+                ["target"],
+            )
+        classes = list(column.classes)
+        if len(classes) < 2:
+            raise _fail(f"target column {column.name!r} has a single class", ["target"])
+        if task == "binary" and len(classes) != 2:
+            raise _fail(
+                f"BCEWithLogitsLoss needs exactly 2 classes, column {column.name!r} has {len(classes)}",
+                ["loss"],
+            )
+        expected_width = len(classes) if task == "classification" else 1
+
+    n_parameters, out_width = count_parameters(spec.model, len(features))
+    if out_width != expected_width:
+        what = {
+            "classification": f"{expected_width} classes in {targets[0]!r}",
+            "binary": "1 logit for BCEWithLogitsLoss",
+            "regression": f"{expected_width} target column(s)",
+        }[task]
+        last = max((i for i, layer in enumerate(spec.model) if isinstance(layer, Linear)), default=None)
+        loc: list[str | int] = ["model", last, "out_features"] if last is not None else ["model"]
+        raise _fail(f"the model's output width is {out_width}, the data needs {what}", loc)
+    if n_parameters > limits.max_parameters:
+        raise _fail(f"the model has {n_parameters:,} parameters, the limit is {limits.max_parameters:,}", ["model"])
+    if spec.validation_split and math.floor(schema.n_rows * spec.validation_split) < 1:
+        raise _fail("validation_split leaves no validation rows for this dataset", ["validation_split"])
+    if schema.n_rows - math.floor(schema.n_rows * spec.validation_split) < 1:
+        raise _fail("validation_split leaves no training rows", ["validation_split"])
+    return TrainingPlan(
+        features=features,
+        targets=targets,
+        task=task,
+        classes=classes,
+        in_features=len(features),
+        out_features=out_width,
+        n_parameters=n_parameters,
+    )

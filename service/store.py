@@ -1,0 +1,141 @@
+"""Files on disk: uploaded datasets and trained weights, written atomically, checked by sha256.
+
+Every path is built from a server-generated id (checked against ``ID_PATTERN`` here as
+well), never from a string a client sent. Writes go to ``tmp/`` and are renamed into
+place, so a crash mid-write leaves no partial file where a reader would look.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from service.data import Table, read_table, write_table
+from service.errors import TrainserveError
+
+ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+_CHUNK = 1024 * 1024
+
+
+class IntegrityError(TrainserveError):
+    """A stored file no longer matches the sha256 recorded when it was written."""
+
+    error_type = "integrity_error"
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _checked(object_id: str) -> str:
+    if not ID_PATTERN.match(object_id):
+        raise ValueError(f"not a store id: {object_id!r}")
+    return object_id
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp = root / "tmp"
+        self.datasets = root / "datasets"
+        self.weights = root / "weights"
+
+    def ensure(self) -> None:
+        for folder in (self.tmp, self.datasets, self.weights):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    # -- writing --------------------------------------------------------------------------
+
+    @contextmanager
+    def temp_path(self, suffix: str = "") -> Iterator[Path]:
+        """A fresh path under tmp/, removed afterwards unless it was moved away."""
+        path = self.tmp / f"{new_id()}{suffix}.part"
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+        fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def receive(self, source: BinaryIO, dest: Path, *, limit: int) -> tuple[int, str]:
+        """Copy an upload to ``dest`` in chunks; (size, sha256). Stops past ``limit`` bytes."""
+        digest, size = hashlib.sha256(), 0
+        with open(dest, "wb") as out:
+            while chunk := source.read(_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise OverflowError(size)
+                digest.update(chunk)
+                out.write(chunk)
+        return size, digest.hexdigest()
+
+    # -- datasets -------------------------------------------------------------------------
+
+    def dataset_path(self, dataset_id: str) -> Path:
+        return self.datasets / f"{_checked(dataset_id)}.npz"
+
+    def save_dataset(self, dataset_id: str, table: Table) -> str:
+        """Write the parsed table; returns the stored file's sha256."""
+        with self.temp_path(".npz") as tmp:
+            with open(tmp, "wb") as handle:
+                write_table(table, handle)
+            file_sha256 = sha256_file(tmp)
+            self._publish(tmp, self.dataset_path(dataset_id))
+        return file_sha256
+
+    def load_dataset(self, dataset_id: str, expected_sha256: str) -> Table:
+        path = self.dataset_path(dataset_id)
+        if sha256_file(path) != expected_sha256:
+            raise IntegrityError(f"dataset {dataset_id} on disk does not match its recorded sha256")
+        return read_table(path)
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self.dataset_path(dataset_id).unlink(missing_ok=True)
+
+    # -- weights --------------------------------------------------------------------------
+
+    def weights_path(self, model_id: str) -> Path:
+        return self.weights / f"{_checked(model_id)}.safetensors"
+
+    def save_weights(self, model_id: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, int]:
+        """Write safetensors atomically; returns (sha256, size in bytes)."""
+        payload = save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata)
+        with self.temp_path(".safetensors") as tmp:
+            tmp.write_bytes(payload)
+            self._publish(tmp, self.weights_path(model_id))
+        return hashlib.sha256(payload).hexdigest(), len(payload)
+
+    def load_weights(self, model_id: str, expected_sha256: str) -> dict[str, torch.Tensor]:
+        payload = self.weights_path(model_id).read_bytes()
+        if hashlib.sha256(payload).hexdigest() != expected_sha256:
+            raise IntegrityError(f"weights of model {model_id} do not match their recorded sha256")
+        return load_safetensors(payload)
+
+    def delete_weights(self, model_id: str) -> None:
+        self.weights_path(model_id).unlink(missing_ok=True)
