@@ -64,13 +64,13 @@ class Table:
 
     def matrix(self, names: list[str], dtype: type = np.float32) -> np.ndarray:
         """The named numeric columns side by side, as one C-contiguous array."""
-        out = np.empty((self.n_rows, len(names)), dtype=dtype)
+        out: np.ndarray = np.empty((self.n_rows, len(names)), dtype=dtype)
         for j, name in enumerate(names):
             out[:, j] = self.column(name)
         return out
 
     def schema(self) -> TableSchema:
-        return TableSchema(self.n_rows, [_describe(n, c) for n, c in zip(self.names, self.columns)])
+        return TableSchema(self.n_rows, [_describe(n, c) for n, c in zip(self.names, self.columns, strict=False)])
 
 
 def _bad(msg: str, **where: Any) -> InvalidInput:
@@ -171,7 +171,7 @@ def parse_csv(path: Path) -> Table:
 
     def flush() -> None:
         first_row = n_rows - len(pending) + 1
-        for j, strings in enumerate(zip(*pending)):
+        for j, strings in enumerate(zip(*pending, strict=False)):
             stripped = [s.strip() for s in strings]
             if kinds[j] is None:  # the first value decides: a number makes a numeric column
                 kinds[j] = "text" if _first_non_number(stripped[:1]) == 0 else "number"
@@ -203,7 +203,7 @@ def parse_csv(path: Path) -> Table:
     if n_rows == 0:
         raise _bad("the file has a header but no data rows")
     columns = [_join(parts) for parts in chunks]
-    for name, kind, values in zip(header, kinds, columns):
+    for name, kind, values in zip(header, kinds, columns, strict=False):
         if kind == "text":
             empty = np.flatnonzero(values == "")
             if len(empty):
@@ -255,7 +255,7 @@ def parse_npz(path: Path, *, max_elements: int) -> Table:
             columns.append(_numeric_column(col))
         else:
             raise _bad(f"y must hold numbers or strings, not {col.dtype}")
-    for name, values in zip(names, columns):
+    for name, values in zip(names, columns, strict=False):
         _check_finite(name, values)
     return Table(names, columns)
 
@@ -291,7 +291,7 @@ def parse_table(path: Path, fmt: Literal["csv", "npz"], *, max_elements: int) ->
 
 def write_table(table: Table, handle: io.BufferedWriter) -> None:
     """Serialise a table as an uncompressed .npz (no pickles: loadable with allow_pickle=False)."""
-    np.savez(handle, names=np.array(table.names, dtype=np.str_), **{f"c{i}": c for i, c in enumerate(table.columns)})
+    np.savez(handle, names=np.array(table.names, dtype=np.str_), **{f"c{i}": c for i, c in enumerate(table.columns)})  # type: ignore[arg-type]
 
 
 def read_table(path: Path) -> Table:

@@ -16,7 +16,9 @@ from service.store import Store, new_id
 _ACTIVE = ("queued", "running")
 
 
-def create(*, session: Session, store: Store, settings: Settings, upload: BinaryIO, filename: str | None) -> DatasetRecord:
+def create(
+    *, session: Session, store: Store, settings: Settings, upload: BinaryIO, filename: str | None
+) -> DatasetRecord:
     """Stream the upload to disk, parse and check it, then publish table and row together."""
     dataset_id = new_id()
     with store.temp_path(".upload") as raw:

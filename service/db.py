@@ -6,14 +6,15 @@ is never mistaken for a pydantic model or an ``nn.Module``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, MetaData, String, Text, create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.sql import Executable
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -33,7 +34,11 @@ def utcnow() -> datetime:
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True)}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dict[str, Any]: JSON,
+        list[Any]: JSON,
+        datetime: DateTime(timezone=True),
+    }
 
 
 class DatasetRecord(Base):
@@ -124,6 +129,12 @@ def make_session_factory(engine: Engine) -> sessionmaker:  # type: ignore[type-a
     event.listen(factory, "after_commit", _run_after_commit)
     event.listen(factory, "after_rollback", _run_after_rollback)
     return factory
+
+
+def rows_changed(session: Session, statement: Executable) -> int:
+    """Execute an UPDATE/DELETE and say how many rows it touched (for compare-and-set changes)."""
+    result: CursorResult[Any] = session.execute(statement)  # type: ignore[assignment]
+    return result.rowcount
 
 
 def on_commit(session: Session, action: Callable[[], None]) -> None:

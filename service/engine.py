@@ -87,7 +87,8 @@ class TabularNet(nn.Module):
         self.net = build_sequential(layers, in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.scaler(x))
+        out: torch.Tensor = self.net(self.scaler(x))
+        return out
 
 
 def build_sequential(layers: list[Any], in_features: int) -> nn.Sequential:
@@ -158,7 +159,7 @@ def evaluate(net: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tenso
     """Loss and task metrics over a whole split, in eval mode, chunked to bound memory."""
     was_training = net.training
     net.eval()
-    outputs = torch.cat([net(chunk) for chunk in x.split(_EVAL_CHUNK)])
+    outputs = torch.cat([net(chunk) for chunk in torch.split(x, _EVAL_CHUNK)])
     net.train(was_training)
     metrics = {"loss": float(loss_fn(outputs, y))}
     if task == "classification":
@@ -300,7 +301,7 @@ def _loop(
             xe, ye = xt[:n], yt[:n]
         total = torch.zeros((), device=xt.device)
         batches = 0
-        for xb, yb in zip(xe.split(spec.batch_size), ye.split(spec.batch_size)):
+        for xb, yb in zip(torch.split(xe, spec.batch_size), torch.split(ye, spec.batch_size), strict=True):
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(net(xb), yb)
             loss.backward()

@@ -35,5 +35,5 @@ def make_wave(n_samples: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarr
 def to_csv(x: np.ndarray, y: np.ndarray, feature_names: list[str] | None = None, target: str = "label") -> str:
     names = feature_names or [f"x{j}" for j in range(x.shape[1])]
     lines = [",".join([*names, target])]
-    lines += [",".join([*(repr(float(v)) for v in row), str(label)]) for row, label in zip(x, y)]
+    lines += [",".join([*(repr(float(v)) for v in row), str(label)]) for row, label in zip(x, y, strict=False)]
     return "\n".join(lines) + "\n"

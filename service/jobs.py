@@ -26,7 +26,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from service import engine
 from service.config import Settings
 from service.data import Table, TableSchema
-from service.db import DatasetRecord, JobRecord, ModelRecord, make_engine, make_session_factory, on_commit, utcnow
+from service.db import (
+    DatasetRecord,
+    JobRecord,
+    ModelRecord,
+    make_engine,
+    make_session_factory,
+    on_commit,
+    rows_changed,
+    utcnow,
+)
 from service.errors import Conflict, InvalidInput, NotFound, TrainserveError
 from service.spec import Limits, TrainingPlan, TrainSpec, plan_training
 from service.store import Store, new_id
@@ -67,7 +76,7 @@ def build_queue(settings: Settings) -> JobQueue:
     huey = _huey_for(settings.resolved_queue_url)
     context: dict[str, WorkerContext] = {}
 
-    @huey.task(name="trainserve.train")
+    @huey.task(name="trainserve.train")  # type: ignore[untyped-decorator]
     def train_task(job_id: str) -> None:
         # Built on first use inside the worker process; the API process only enqueues.
         if "ctx" not in context:
@@ -124,17 +133,19 @@ def cancel(session: Session, job_id: str) -> JobRecord:
     """A queued job ends now; a running one is asked to stop and ends within a progress interval."""
     job = get_job(session, job_id)
     now = utcnow()
-    ended = session.execute(
+    ended = rows_changed(
+        session,
         update(JobRecord)
         .where(JobRecord.id == job_id, JobRecord.status == QUEUED)
-        .values(status=CANCELLED, finished_at=now, error="cancelled before it started", updated_at=now)
-    ).rowcount
+        .values(status=CANCELLED, finished_at=now, error="cancelled before it started", updated_at=now),
+    )
     if not ended:
-        asked = session.execute(
+        asked = rows_changed(
+            session,
             update(JobRecord)
             .where(JobRecord.id == job_id, JobRecord.status == RUNNING)
-            .values(cancel_requested=True, updated_at=now)
-        ).rowcount
+            .values(cancel_requested=True, updated_at=now),
+        )
         if not asked:
             session.refresh(job)
             raise Conflict(f"job {job_id} has already ended ({job.status})")
@@ -174,7 +185,8 @@ class _Progress:
             return
         self.last_write = now
         with self.ctx.sessions.begin() as session:
-            session.execute(
+            rows_changed(
+                session,
                 update(JobRecord)
                 .where(JobRecord.id == self.job_id, JobRecord.status == RUNNING)
                 .values(
@@ -183,7 +195,7 @@ class _Progress:
                     val_loss=report.val_loss,
                     val_metrics=report.val_metrics,
                     updated_at=utcnow(),
-                )
+                ),
             )
 
     def should_stop(self) -> bool:
@@ -205,10 +217,11 @@ def _thin(history: list[engine.EpochReport]) -> list[list[Any]]:
 def _finish(ctx: WorkerContext, job_id: str, status: str, **values: Any) -> None:
     now = utcnow()
     with ctx.sessions.begin() as session:
-        session.execute(
+        rows_changed(
+            session,
             update(JobRecord)
             .where(JobRecord.id == job_id, JobRecord.status == RUNNING)
-            .values(status=status, finished_at=now, updated_at=now, **values)
+            .values(status=status, finished_at=now, updated_at=now, **values),
         )
 
 
@@ -221,7 +234,8 @@ def _targets(table: Table, plan: TrainingPlan) -> np.ndarray:
 def run_job(ctx: WorkerContext, job_id: str) -> None:
     """Claim a queued job, train it, save the model; every outcome lands in the job row."""
     with ctx.sessions.begin() as session:
-        claimed = session.execute(
+        claimed = rows_changed(
+            session,
             update(JobRecord)
             .where(JobRecord.id == job_id, JobRecord.status == QUEUED)
             .values(
@@ -230,8 +244,8 @@ def run_job(ctx: WorkerContext, job_id: str) -> None:
                 attempts=JobRecord.attempts + 1,
                 worker=ctx.name,
                 updated_at=utcnow(),
-            )
-        ).rowcount
+            ),
+        )
         job = session.get(JobRecord, job_id)
         dataset = session.get(DatasetRecord, job.dataset_id) if job and job.dataset_id else None
     if not claimed or job is None:
@@ -280,7 +294,8 @@ def _save(
     last = result.history[-1]
     now = utcnow()
     with ctx.sessions.begin() as session:
-        finished = session.execute(
+        finished = rows_changed(
+            session,
             update(JobRecord)
             .where(JobRecord.id == job_id, JobRecord.status == RUNNING)
             .values(
@@ -294,8 +309,8 @@ def _save(
                 device=result.device,
                 finished_at=now,
                 updated_at=now,
-            )
-        ).rowcount
+            ),
+        )
         if finished:
             session.add(
                 ModelRecord(

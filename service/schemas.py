@@ -54,6 +54,7 @@ class Job(_Out):
     error: str | None
     cancel_requested: bool
     attempts: int
+    worker: str | None = Field(description="host:pid of the worker process that ran it")
     created_at: UTCDateTime
     started_at: UTCDateTime | None
     finished_at: UTCDateTime | None

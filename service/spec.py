@@ -258,9 +258,7 @@ class TrainSpec(BaseModel):
     dataset_id: str | None = Field(
         default=None, description="An uploaded dataset; omit when the file travels in the same request."
     )
-    target: str | list[str] | None = Field(
-        default=None, description="Label column(s); default: the last column."
-    )
+    target: str | list[str] | None = Field(default=None, description="Label column(s); default: the last column.")
     features: list[str] | None = Field(
         default=None, max_length=_COLUMN_LIMIT, description="Input columns; default: every other column."
     )
@@ -362,9 +360,9 @@ def count_parameters(layers: list[Any], in_features: int) -> tuple[int, int]:
         if isinstance(layer, Linear):
             params += width * layer.out_features + (layer.out_features if layer.bias else 0)
             width = layer.out_features
-        elif isinstance(layer, BatchNorm1d) and layer.affine:
-            params += 2 * width
-        elif isinstance(layer, LayerNorm) and layer.elementwise_affine:
+        elif isinstance(layer, BatchNorm1d | LayerNorm) and (
+            layer.affine if isinstance(layer, BatchNorm1d) else layer.elementwise_affine
+        ):
             params += 2 * width
     return params, width
 

@@ -123,7 +123,9 @@ class Store:
     def weights_path(self, model_id: str) -> Path:
         return self.weights / f"{_checked(model_id)}.safetensors"
 
-    def save_weights(self, model_id: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, int]:
+    def save_weights(
+        self, model_id: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+    ) -> tuple[str, int]:
         """Write safetensors atomically; returns (sha256, size in bytes)."""
         payload = save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata)
         with self.temp_path(".safetensors") as tmp:

@@ -34,7 +34,9 @@ def get_session(runtime: RuntimeDep) -> Iterator[Session]:
         session.close()
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": commit before the response is sent, so a client that reads right
+# after a 201/202 always finds what it created.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def require_api_key(request: Request, runtime: RuntimeDep) -> None:

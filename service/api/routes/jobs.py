@@ -50,11 +50,17 @@ def _submit(session: Session, runtime: Runtime, spec: TrainSpec, upload: UploadF
         if spec.dataset_id is not None:
             raise InvalidInput("send either a file or a dataset_id, not both", errors=[{"loc": ["spec", "dataset_id"]}])
         dataset = datasets.create(
-            session=session, store=runtime.store, settings=runtime.settings, upload=upload.file, filename=upload.filename
+            session=session,
+            store=runtime.store,
+            settings=runtime.settings,
+            upload=upload.file,
+            filename=upload.filename,
         )
     elif spec.dataset_id is None:
-        raise InvalidInput("dataset_id is required (or upload the file in a multipart request)",
-                           errors=[{"loc": ["body", "dataset_id"], "msg": "field required"}])
+        raise InvalidInput(
+            "dataset_id is required (or upload the file in a multipart request)",
+            errors=[{"loc": ["body", "dataset_id"], "msg": "field required"}],
+        )
     else:
         dataset = datasets.get(session=session, dataset_id=spec.dataset_id)
     job = jobs.submit(session, runtime.queue, spec, dataset, jobs.limits_of(runtime.settings))
@@ -70,11 +76,15 @@ async def train(request: Request, session: SessionDep, runtime: RuntimeDep, resp
         form = await request.form(max_files=1, max_fields=4)
         raw_spec, file = form.get("spec"), form.get("file")
         if not isinstance(raw_spec, str):
-            raise InvalidInput("the multipart form needs a 'spec' field holding the spec as JSON",
-                               errors=[{"loc": ["spec"], "msg": "field required"}])
+            raise InvalidInput(
+                "the multipart form needs a 'spec' field holding the spec as JSON",
+                errors=[{"loc": ["spec"], "msg": "field required"}],
+            )
         if not isinstance(file, UploadFile):
-            raise InvalidInput("the multipart form needs a 'file' field holding a CSV or .npz",
-                               errors=[{"loc": ["file"], "msg": "field required"}])
+            raise InvalidInput(
+                "the multipart form needs a 'file' field holding a CSV or .npz",
+                errors=[{"loc": ["file"], "msg": "field required"}],
+            )
         spec, upload = _parse_spec(raw_spec, ["spec"]), file
     elif content_type.startswith("application/json") or not content_type:
         spec = _parse_spec(await request.body(), ["body"])

@@ -1,0 +1,236 @@
+"""Typed httpx clients for the trainserve API, sync and async.
+
+    with TrainserveClient("http://127.0.0.1:8000") as ts:
+        dataset = ts.upload_dataset("moons.csv")
+        job = ts.train({"dataset_id": dataset.id, "model": [...], "loss": "CrossEntropyLoss"})
+        job = ts.wait(job.id)
+        print(ts.predict(job.model_id, [[0.5, -0.2]]).predictions)
+
+Both clients build the same requests and read the same responses (``_Calls``); only
+sending differs. Errors come back as ``ApiError`` carrying the server's JSON body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, TypeAdapter
+
+from service.schemas import Dataset, Job, JobDetail, Model, PredictResponse
+
+T = TypeVar("T")
+FileArg = str | os.PathLike[str] | bytes
+ENDED = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class ApiError(Exception):
+    def __init__(self, status_code: int, body: Any) -> None:
+        self.status_code = status_code
+        self.body = body
+        detail = body.get("detail") if isinstance(body, dict) else body
+        super().__init__(f"{status_code}: {detail}")
+
+
+def _file_part(file: FileArg, name: str | None) -> tuple[str, bytes]:
+    if isinstance(file, bytes):
+        return name or "upload.csv", file
+    path = Path(file)
+    return name or path.name, path.read_bytes()
+
+
+class _Calls:
+    """Request builders and response readers shared by both clients."""
+
+    def __init__(self, api_key: str | None) -> None:
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def upload(self, file: FileArg, filename: str | None) -> dict[str, Any]:
+        return {"method": "POST", "url": "/datasets", "files": {"file": _file_part(file, filename)}}
+
+    def train(self, spec: Mapping[str, Any], file: FileArg | None, filename: str | None) -> dict[str, Any]:
+        if file is None:
+            return {"method": "POST", "url": "/train", "json": dict(spec)}
+        return {
+            "method": "POST",
+            "url": "/train",
+            "data": {"spec": json.dumps(dict(spec))},
+            "files": {"file": _file_part(file, filename)},
+        }
+
+    @staticmethod
+    def read(response: httpx.Response, kind: type[T] | Any) -> T:
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+            except ValueError:
+                body = response.text
+            raise ApiError(response.status_code, body)
+        if kind is None:
+            return None  # type: ignore[return-value]
+        if kind is bytes:
+            return response.content  # type: ignore[return-value]
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            return kind.model_validate_json(response.content)  # type: ignore[return-value]
+        return TypeAdapter(kind).validate_json(response.content)  # type: ignore[no-any-return]
+
+
+class TrainserveClient:
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._calls = _Calls(api_key or os.environ.get("TRAINSERVE_API_KEY"))
+        self.http = httpx.Client(base_url=base_url, headers=self._calls.headers, timeout=timeout, transport=transport)
+
+    def __enter__(self) -> TrainserveClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _send(self, kind: Any, **request: Any) -> Any:
+        return _Calls.read(self.http.request(**request), kind)
+
+    def upload_dataset(self, file: FileArg, filename: str | None = None) -> Dataset:
+        return self._send(Dataset, **self._calls.upload(file, filename))  # type: ignore[no-any-return]
+
+    def list_datasets(self) -> list[Dataset]:
+        return self._send(list[Dataset], method="GET", url="/datasets")  # type: ignore[no-any-return]
+
+    def get_dataset(self, dataset_id: str) -> Dataset:
+        return self._send(Dataset, method="GET", url=f"/datasets/{dataset_id}")  # type: ignore[no-any-return]
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self._send(None, method="DELETE", url=f"/datasets/{dataset_id}")
+
+    def train(self, spec: Mapping[str, Any], *, file: FileArg | None = None, filename: str | None = None) -> Job:
+        return self._send(Job, **self._calls.train(spec, file, filename))  # type: ignore[no-any-return]
+
+    def get_job(self, job_id: str) -> JobDetail:
+        return self._send(JobDetail, method="GET", url=f"/jobs/{job_id}")  # type: ignore[no-any-return]
+
+    def list_jobs(self, status: str | None = None) -> list[Job]:
+        params = {"status": status} if status else {}
+        return self._send(list[Job], method="GET", url="/jobs", params=params)  # type: ignore[no-any-return]
+
+    def cancel_job(self, job_id: str) -> Job:
+        return self._send(Job, method="POST", url=f"/jobs/{job_id}/cancel")  # type: ignore[no-any-return]
+
+    def wait(self, job_id: str, *, timeout: float = 600.0, poll: float = 0.2) -> JobDetail:
+        """Poll until the job has ended; returns its final state."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.get_job(job_id)
+            if job.status in ENDED:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job.status} after {timeout}s")
+            time.sleep(poll)
+
+    def list_models(self) -> list[Model]:
+        return self._send(list[Model], method="GET", url="/models")  # type: ignore[no-any-return]
+
+    def get_model(self, model_id: str) -> Model:
+        return self._send(Model, method="GET", url=f"/models/{model_id}")  # type: ignore[no-any-return]
+
+    def download_weights(self, model_id: str) -> bytes:
+        return self._send(bytes, method="GET", url=f"/models/{model_id}/weights")  # type: ignore[no-any-return]
+
+    def delete_model(self, model_id: str) -> None:
+        self._send(None, method="DELETE", url=f"/models/{model_id}")
+
+    def predict(self, model_id: str, inputs: list[Any]) -> PredictResponse:
+        body = {"model_id": model_id, "inputs": inputs}
+        return self._send(PredictResponse, method="POST", url="/predict", json=body)  # type: ignore[no-any-return]
+
+
+class AsyncTrainserveClient:
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._calls = _Calls(api_key or os.environ.get("TRAINSERVE_API_KEY"))
+        self.http = httpx.AsyncClient(
+            base_url=base_url, headers=self._calls.headers, timeout=timeout, transport=transport
+        )
+
+    async def __aenter__(self) -> AsyncTrainserveClient:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def _send(self, kind: Any, **request: Any) -> Any:
+        return _Calls.read(await self.http.request(**request), kind)
+
+    async def upload_dataset(self, file: FileArg, filename: str | None = None) -> Dataset:
+        return await self._send(Dataset, **self._calls.upload(file, filename))  # type: ignore[no-any-return]
+
+    async def list_datasets(self) -> list[Dataset]:
+        return await self._send(list[Dataset], method="GET", url="/datasets")  # type: ignore[no-any-return]
+
+    async def get_dataset(self, dataset_id: str) -> Dataset:
+        return await self._send(Dataset, method="GET", url=f"/datasets/{dataset_id}")  # type: ignore[no-any-return]
+
+    async def delete_dataset(self, dataset_id: str) -> None:
+        await self._send(None, method="DELETE", url=f"/datasets/{dataset_id}")
+
+    async def train(self, spec: Mapping[str, Any], *, file: FileArg | None = None, filename: str | None = None) -> Job:
+        return await self._send(Job, **self._calls.train(spec, file, filename))  # type: ignore[no-any-return]
+
+    async def get_job(self, job_id: str) -> JobDetail:
+        return await self._send(JobDetail, method="GET", url=f"/jobs/{job_id}")  # type: ignore[no-any-return]
+
+    async def list_jobs(self, status: str | None = None) -> list[Job]:
+        params = {"status": status} if status else {}
+        return await self._send(list[Job], method="GET", url="/jobs", params=params)  # type: ignore[no-any-return]
+
+    async def cancel_job(self, job_id: str) -> Job:
+        return await self._send(Job, method="POST", url=f"/jobs/{job_id}/cancel")  # type: ignore[no-any-return]
+
+    async def wait(self, job_id: str, *, timeout: float = 600.0, poll: float = 0.2) -> JobDetail:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = await self.get_job(job_id)
+            if job.status in ENDED:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job.status} after {timeout}s")
+            await asyncio.sleep(poll)
+
+    async def list_models(self) -> list[Model]:
+        return await self._send(list[Model], method="GET", url="/models")  # type: ignore[no-any-return]
+
+    async def get_model(self, model_id: str) -> Model:
+        return await self._send(Model, method="GET", url=f"/models/{model_id}")  # type: ignore[no-any-return]
+
+    async def download_weights(self, model_id: str) -> bytes:
+        return await self._send(bytes, method="GET", url=f"/models/{model_id}/weights")  # type: ignore[no-any-return]
+
+    async def delete_model(self, model_id: str) -> None:
+        await self._send(None, method="DELETE", url=f"/models/{model_id}")
+
+    async def predict(self, model_id: str, inputs: list[Any]) -> PredictResponse:
+        body = {"model_id": model_id, "inputs": inputs}
+        return await self._send(PredictResponse, method="POST", url="/predict", json=body)  # type: ignore[no-any-return]

@@ -1,0 +1,133 @@
+"""Fixtures that run the real thing: a ``trainserve serve`` process (API + worker) over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.client import TrainserveClient
+from service.examples import make_moons, to_csv
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    url: str
+    data_dir: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "models_store"
+
+    def files(self, folder: str) -> list[Path]:
+        return sorted((self.store_dir / folder).glob("*"))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(data_dir: Path, *, workers: int = 1, env: dict[str, str] | None = None) -> Server:
+    port = free_port()
+    log_path = data_dir / "server.log"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    environment = {
+        **os.environ,
+        "TRAINSERVE_DATA_DIR": str(data_dir),
+        "TRAINSERVE_PROGRESS_INTERVAL_S": "0.2",
+        **(env or {}),
+    }
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)]
+            + ["--workers", str(workers), "--log-level", "warning"],
+            cwd=data_dir,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = Server(f"http://127.0.0.1:{port}", data_dir, process, log_path)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    stop_server(server)
+    raise RuntimeError(f"server did not become ready:\n{server.log()}")
+
+
+def stop_server(server: Server) -> None:
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGINT)
+        try:
+            server.process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = start_server(tmp_path_factory.mktemp("server"))
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[TrainserveClient]:
+    with TrainserveClient(server.url, timeout=60) as ts:
+        yield ts
+
+
+@pytest.fixture(scope="session")
+def moons() -> tuple[bytes, int]:
+    """The guide's make_moons table as CSV bytes (x0, x1, label) and its row count."""
+    x, y = make_moons(200, noise=0.05, seed=0)
+    return to_csv(x, y).encode(), 200
+
+
+def moons_spec(dataset_id: str | None = None, **overrides: object) -> dict[str, object]:
+    """The guide's 2x30 Tanh make_moons classifier."""
+    spec: dict[str, object] = {
+        "target": "label",
+        "model": [
+            {"type": "Linear", "out_features": 30},
+            {"type": "Tanh"},
+            {"type": "Linear", "out_features": 30},
+            {"type": "Tanh"},
+            {"type": "Linear", "out_features": 2},
+        ],
+        "loss": "CrossEntropyLoss",
+        "optimizer": {"type": "Adam", "lr": 0.01},
+        "epochs": 30,
+        "batch_size": 16,
+    }
+    if dataset_id is not None:
+        spec["dataset_id"] = dataset_id
+    spec.update(overrides)
+    return spec
