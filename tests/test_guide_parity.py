@@ -1,0 +1,40 @@
+"""The guide's 2x30 Tanh make_moons experiment, through the API, against the guide's own loop."""
+
+from __future__ import annotations
+
+from bench.guide import accuracy, train_moons
+from service.client import TrainserveClient
+from service.examples import make_moons, to_csv
+from tests.conftest import Server
+
+
+def test_api_classifies_moons_at_least_as_well_as_the_guides_loop(client: TrainserveClient, server: Server) -> None:
+    x, y = make_moons(200, noise=0.05, seed=0)
+    guide_model, _ = train_moons(x, y, epochs=300)
+    guide_accuracy = accuracy(guide_model, x, y)
+
+    spec = {
+        "target": "label",
+        "model": [
+            {"type": "Linear", "out_features": 30},
+            "Tanh",
+            {"type": "Linear", "out_features": 30},
+            "Tanh",
+            {"type": "Linear", "out_features": 2},
+        ],
+        "loss": "CrossEntropyLoss",
+        "optimizer": {"type": "SGD", "lr": 0.001},
+        "epochs": 300,
+        "batch_size": 1,
+        # The guide's algorithm exactly: raw inputs, per-sample SGD in the DataLoader's fixed order,
+        # and torch.manual_seed(0) before the layers are built, as bench/guide.py does.
+        "standardize": False,
+        "shuffle": False,
+        "seed": 0,
+    }
+    job = client.wait(client.train(spec, file=to_csv(x, y).encode(), filename="moons.csv").id)
+    assert job.status == "succeeded", job.error
+    model = client.get_model(job.model_id or "")
+    assert model.metrics["train_accuracy"] >= guide_accuracy
+    served = client.predict(model.id, x.tolist()).predictions
+    assert sum(int(p == t) for p, t in zip(served, y.tolist(), strict=True)) / len(y) >= guide_accuracy
