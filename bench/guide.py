@@ -16,7 +16,13 @@ def move_to(obj: torch.Tensor, device: torch.device) -> torch.Tensor:
     return obj.to(device)
 
 
-def simple_network(model: nn.Module, loss_func: nn.Module, training_loader: DataLoader, epochs: int = 20, device: str = "cpu") -> float:
+def simple_network(
+    model: nn.Module,
+    loss_func: nn.Module,
+    training_loader: DataLoader[tuple[torch.Tensor, ...]],
+    epochs: int = 20,
+    device: str = "cpu",
+) -> float:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
     model.to(device)
     running_loss = 0.0

@@ -89,7 +89,14 @@ def build_queue(settings: Settings) -> JobQueue:
 def run_worker(settings: Settings) -> None:
     """Consume training jobs until SIGINT/SIGTERM (``trainserve worker``)."""
     queue = build_queue(settings)
-    consumer = queue.huey.create_consumer(workers=settings.worker_threads, worker_type="thread", periodic=False)
+    consumer = queue.huey.create_consumer(
+        workers=settings.worker_threads,
+        worker_type="thread",
+        periodic=False,
+        initial_delay=0.05,
+        backoff=1.15,
+        max_delay=settings.queue_poll_max_s,
+    )
     consumer.run()
 
 

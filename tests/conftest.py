@@ -56,10 +56,11 @@ def start_server(data_dir: Path, *, workers: int = 1, env: dict[str, str] | None
         "TRAINSERVE_PROGRESS_INTERVAL_S": "0.2",
         **(env or {}),
     }
+    command = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--workers", str(workers), "--log-level", "warning"]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)]
-            + ["--workers", str(workers), "--log-level", "warning"],
+            command,
             cwd=data_dir,
             env=environment,
             stdout=log,

@@ -34,7 +34,8 @@ def test_rows_as_objects_match_rows_as_lists(client: TrainserveClient, model_id:
     as_lists = client.predict(model_id, [[0.3, 0.1]])
     as_objects = client.predict(model_id, [{"x1": 0.1, "x0": 0.3}])
     assert as_objects.predictions == as_lists.predictions
-    assert as_objects.probabilities is not None and as_lists.probabilities is not None
+    assert as_objects.probabilities is not None
+    assert as_lists.probabilities is not None
     assert as_objects.probabilities[0] == pytest.approx(as_lists.probabilities[0])
 
 

@@ -43,9 +43,13 @@ def test_job_runs_in_a_worker_process_and_saves_the_model(
     assert int(job.worker.rsplit(":", 1)[1]) != server.process.pid  # not the API process
     assert job.epoch == job.epochs == 30
     assert job.device == "cpu"
-    assert job.val_loss is not None and job.val_metrics is not None and "accuracy" in job.val_metrics
+    assert job.val_loss is not None
+    assert job.val_metrics is not None
+    assert "accuracy" in job.val_metrics
     assert len(job.history) == 30
-    assert job.started_at is not None and job.finished_at is not None and job.finished_at >= job.started_at
+    assert job.started_at is not None
+    assert job.finished_at is not None
+    assert job.finished_at >= job.started_at
 
     model = client.get_model(job.model_id or "")
     assert model.job_id == job.id
@@ -58,7 +62,8 @@ def test_job_runs_in_a_worker_process_and_saves_the_model(
     assert model.metrics["train_accuracy"] > 0.95
     assert "val_accuracy" in model.metrics
     assert model.torch_version.startswith("2.")
-    assert model.input_mean is not None and len(model.input_mean) == 2
+    assert model.input_mean is not None
+    assert len(model.input_mean) == 2
 
     weights_file = server.store_dir / "weights" / f"{model.id}.safetensors"
     assert sha256_file(weights_file) == model.weights_sha256
@@ -72,7 +77,8 @@ def test_job_runs_in_a_worker_process_and_saves_the_model(
 def test_standardize_off_saves_no_statistics(client: TrainserveClient, dataset_id: str) -> None:
     job = client.wait(client.train(moons_spec(dataset_id, standardize=False, epochs=2)).id)
     model = client.get_model(job.model_id or "")
-    assert model.input_mean is None and model.input_std is None
+    assert model.input_mean is None
+    assert model.input_std is None
 
 
 def test_same_seed_same_weights_bit_for_bit(client: TrainserveClient, dataset_id: str) -> None:
@@ -126,7 +132,8 @@ def test_regression_with_validation_metrics(client: TrainserveClient) -> None:
     }
     job = client.wait(client.train(spec).id)
     assert job.status == "succeeded", job.error
-    assert job.val_metrics is not None and set(job.val_metrics) == {"mse", "mae", "r2"}
+    assert job.val_metrics is not None
+    assert set(job.val_metrics) == {"mse", "mae", "r2"}
     model = client.get_model(job.model_id or "")
     assert model.metrics["val_r2"] > 0.99
     assert client.predict(model.id, [[5.0]]).predictions[0] == pytest.approx(11.0, abs=0.2)
