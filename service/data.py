@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -113,10 +114,25 @@ def _rows(path: Path) -> Iterator[list[str]]:
     with open(path, newline="", encoding="utf-8-sig", errors="strict") as handle:
         try:
             yield from csv.reader(handle, strict=True)
-        except UnicodeDecodeError as exc:
-            raise _bad(f"the file is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+        except UnicodeDecodeError:
+            # exc.start counts from the decoder's current 8 KiB chunk, not from the start of the file
+            raise _bad_utf8(path) from None
         except csv.Error as exc:
             raise _bad(f"the file is not valid CSV: {exc}") from None
+
+
+def _bad_utf8(path: Path) -> InvalidInput:
+    """Find the first byte that is not UTF-8 again, counting bytes and lines from the start."""
+    offset = 0
+    with open(path, "rb") as handle:
+        for line, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                msg = f"line {line} is not UTF-8 text (byte {offset + exc.start}: {exc.reason})"
+                return _bad(msg, line=line)
+            offset += len(raw)
+    return _bad("the file is not UTF-8 text")
 
 
 def _convert(strings: list[str]) -> np.ndarray:
@@ -224,16 +240,17 @@ def _join(parts: list[np.ndarray]) -> np.ndarray:
 
 def parse_npz(path: Path, *, max_elements: int) -> Table:
     """Read ``X`` (rows x features) and ``y`` (labels, 1-D or rows x targets)."""
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise _bad(f"the file is not a readable .npz archive: {exc}") from None
-    with archive:
-        missing = [key for key in ("X", "y") if key not in archive.files]
-        if missing:
-            raise _bad(f"the archive has no array named {missing[0]!r} (it has: {archive.files})")
-        x = _npz_array(archive, "X", max_elements)
-        y = _npz_array(archive, "y", max_elements)
+    with open(path, "rb") as handle:  # ours to close, also when np.load fails half-way
+        try:
+            archive = np.load(handle, allow_pickle=False)
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+            raise _bad(f"the file is not a readable .npz archive: {exc}") from None
+        with archive:
+            missing = [key for key in ("X", "y") if key not in archive.files]
+            if missing:
+                raise _bad(f"the archive has no array named {missing[0]!r} (it has: {archive.files})")
+            x = _npz_array(archive, "X", max_elements)
+            y = _npz_array(archive, "y", max_elements)
     if x.ndim == 1:
         x = x[:, None]
     if x.ndim != 2 or y.ndim not in (1, 2):
@@ -261,12 +278,23 @@ def parse_npz(path: Path, *, max_elements: int) -> Table:
 
 
 def _npz_array(archive: Any, key: str, max_elements: int) -> np.ndarray:
+    member = f"{key}.npy"
+    if member not in archive.zip.namelist():  # np.load hands back raw bytes for such members
+        raise _bad(f"{key!r} in the archive is not a .npy array")
     try:
+        # The header alone gives the shape: refuse a huge array before inflating any of it.
+        with archive.zip.open(member) as stream:
+            version = np.lib.format.read_magic(stream)
+            if version == (1, 0):
+                shape, _, _ = np.lib.format.read_array_header_1_0(stream)
+            else:
+                shape, _, _ = np.lib.format.read_array_header_2_0(stream)
+        size = math.prod(shape)
+        if size > max_elements:
+            raise _bad(f"array {key!r} has {size} elements, the limit is {max_elements}")
         array = archive[key]
     except (ValueError, zipfile.BadZipFile, OSError, EOFError) as exc:
         raise _bad(f"array {key!r} cannot be read: {exc}") from None
-    if array.size > max_elements:
-        raise _bad(f"array {key!r} has {array.size} elements, the limit is {max_elements}")
     return np.asarray(array)
 
 

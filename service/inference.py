@@ -108,7 +108,17 @@ def _explain(rows: list[Any], width: int) -> InvalidInput:
         for j, value in enumerate(row):
             if not _is_number(value):
                 return _bad(f"row {i}, column {j}: {value!r} is not a number", [i, j])
+            if not _fits_float(value):
+                return _bad(f"row {i}, column {j}: the number is too large", [i, j])
     return _bad("inputs must be rows of numbers", [])
+
+
+def _fits_float(value: int | float) -> bool:
+    try:
+        float(value)
+    except OverflowError:  # an int beyond float64
+        return False
+    return True
 
 
 def _objects_to_rows(rows: list[Any], features: list[str]) -> list[list[Any]]:
@@ -139,9 +149,17 @@ def inputs_to_matrix(inputs: list[Any], features: list[str], *, max_rows: int) -
         matrix = np.array(rows)
     except ValueError:  # ragged
         raise _explain(rows, width) from None
+    if matrix.dtype == object and matrix.ndim == 2:  # ints beyond int64: Python converts them
+        try:
+            matrix = matrix.astype(np.float64)
+        except (TypeError, ValueError, OverflowError):
+            raise _explain(rows, width) from None
     if matrix.dtype.kind not in "iuf" or matrix.ndim != 2 or matrix.shape[1] != width:
         raise _explain(rows, width)
-    matrix = matrix.astype(np.float32)
+    if any(type(value) is bool for row in rows for value in row):  # numpy reads True as 1 beside numbers
+        raise _explain(rows, width)
+    with np.errstate(over="ignore"):  # too large for float32 becomes inf, reported just below
+        matrix = matrix.astype(np.float32)
     bad = np.argwhere(~np.isfinite(matrix))
     if len(bad):
         i, j = (int(v) for v in bad[0])

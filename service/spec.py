@@ -286,7 +286,7 @@ class TrainSpec(BaseModel):
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        if not _DEVICE.match(value):
+        if not _DEVICE.fullmatch(value):
             raise ValueError("device must be auto, cpu, cuda, cuda:N or mps")
         return value
 
@@ -438,6 +438,8 @@ def plan_training(spec: TrainSpec, schema: TableSchema, limits: Limits) -> Train
         last = max((i for i, layer in enumerate(spec.model) if isinstance(layer, Linear)), default=None)
         loc: list[str | int] = ["model", last, "out_features"] if last is not None else ["model"]
         raise _fail(f"the model's output width is {out_width}, the data needs {what}", loc)
+    if n_parameters == 0:
+        raise _fail("the model has no trainable parameters: add a Linear layer", ["model"])
     if n_parameters > limits.max_parameters:
         raise _fail(f"the model has {n_parameters:,} parameters, the limit is {limits.max_parameters:,}", ["model"])
     if spec.validation_split and math.floor(schema.n_rows * spec.validation_split) < 1:

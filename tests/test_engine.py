@@ -1,0 +1,542 @@
+"""Unit tests for service.engine (building, training, metrics) and service.inference (inputs, Predictor).
+
+CPU only, tiny networks, a few hundred rows: the whole file runs in seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from service import engine
+from service import spec as S
+from service.data import Table
+from service.errors import InvalidInput, PayloadTooLarge
+from service.examples import make_moons, make_wave
+from service.inference import Predictor, inputs_to_matrix
+from service.store import Store, new_id
+
+LIMITS = S.Limits(max_epochs=1_000, max_parameters=1_000_000, max_layer_width=1_024)
+
+
+def linear(width: int) -> dict[str, Any]:
+    return {"type": "Linear", "out_features": width}
+
+
+CLASSIFIER = [linear(16), "Tanh", linear(16), "Tanh", linear(2)]
+
+
+def allowed_types(union: Any) -> list[str]:
+    """The ``type`` names of the pydantic models in one of spec.py's discriminated unions."""
+    members = typing.get_args(typing.get_args(union)[0])  # Annotated[Union[...], Field] -> the models
+    return [typing.get_args(m.model_fields["type"].annotation)[0] for m in members]
+
+
+def moons(n: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    x, y = make_moons(n, noise=0.1, seed=0)
+    return x.astype(np.float32), y
+
+
+def wave(n: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    x, y = make_wave(n, seed=0)
+    return x.astype(np.float32), y
+
+
+def plan_for(spec: S.TrainSpec, x: np.ndarray, y: np.ndarray) -> S.TrainingPlan:
+    """Plan against the schema of a table with columns x0..xn and "label"."""
+    names = [f"x{j}" for j in range(x.shape[1])]
+    table = Table([*names, "label"], [*(x[:, j] for j in range(x.shape[1])), y])
+    return S.plan_training(spec, table.schema(), LIMITS)
+
+
+def fit(x: np.ndarray, y: np.ndarray, **fields: Any) -> tuple[S.TrainSpec, S.TrainingPlan, engine.TrainedModel]:
+    """Parse a spec (CPU, Adam, a two-class classifier unless ``fields`` say otherwise), plan it, train it."""
+    base: dict[str, Any] = {
+        "model": CLASSIFIER,
+        "loss": "CrossEntropyLoss",
+        "optimizer": {"type": "Adam", "lr": 0.05},
+        "epochs": 30,
+        "batch_size": 32,
+        "device": "cpu",
+    }
+    train_kwargs = {k: fields.pop(k) for k in ("on_epoch", "should_stop", "check_every_s") if k in fields}
+    spec = S.TrainSpec.model_validate({**base, **fields})
+    plan = plan_for(spec, x, y)
+    return spec, plan, engine.train(spec, plan, x, y, **train_kwargs)
+
+
+def predict_raw(module: torch.nn.Module, x: np.ndarray) -> torch.Tensor:
+    with torch.inference_mode():
+        return module(torch.from_numpy(x))
+
+
+def save_and_load(tmp_path, spec: S.TrainSpec, plan: S.TrainingPlan, result: engine.TrainedModel) -> Predictor:
+    store = Store(tmp_path / "store")
+    store.ensure()
+    model_id = new_id()
+    sha256, _ = store.save_weights(model_id, result.module.state_dict(), {"trainserve_model_id": model_id})
+    record = SimpleNamespace(
+        id=model_id,
+        weights_sha256=sha256,
+        spec=spec.model_dump(mode="json"),
+        features=plan.features,
+        targets=plan.targets,
+        task=plan.task,
+        classes=plan.classes,
+    )
+    return Predictor.load(store, record)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def moons_classifier():
+    x, y = moons()
+    labels = np.where(y == 1, "inner", "outer")
+    spec, plan, result = fit(x, labels)
+    return x, labels, spec, plan, result
+
+
+# -- training ------------------------------------------------------------------------------------
+
+
+def test_adam_learns_moons(moons_classifier):
+    x, labels, _, plan, result = moons_classifier
+    assert plan.classes == ["inner", "outer"]
+    assert result.device == "cpu"
+    assert len(result.history) == 30
+    assert result.history[-1].train_loss < result.history[0].train_loss / 5
+    assert result.metrics["train_accuracy"] >= 0.95
+    # The returned module scales raw inputs itself: it classifies the unscaled rows too.
+    predicted = predict_raw(result.module, x).argmax(dim=1).numpy()
+    assert np.mean(np.asarray(plan.classes)[predicted] == labels) >= 0.95
+    assert not result.module.training
+
+
+def test_same_seed_gives_identical_weights_and_another_seed_does_not():
+    x, y = moons()
+    fields = {
+        "model": [linear(8), {"type": "Dropout", "p": 0.2}, "ReLU", linear(2)],
+        "epochs": 3,
+        "validation_split": 0.25,
+        "shuffle": True,
+    }
+    first = fit(x, y, seed=7, **fields)[2].module.state_dict()
+    again = fit(x, y, seed=7, **fields)[2].module.state_dict()
+    other = fit(x, y, seed=8, **fields)[2].module.state_dict()
+
+    assert first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_training_does_not_disturb_the_global_torch_rng():
+    x, y = moons()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    fit(x, y, epochs=1)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_standardize_stores_training_set_mean_and_std():
+    rng = np.random.default_rng(0)
+    x = np.column_stack([rng.normal(10, 2, 200), rng.normal(-500, 50, 200)]).astype(np.float32)
+    y = (x[:, 0] > 10).astype(np.int64)
+    spec, _, result = fit(x, y, epochs=1, validation_split=0.25)
+
+    train_rows, _ = engine.split_indices(len(x), spec.validation_split, spec.seed)
+    expected_mean = x[train_rows].mean(axis=0, dtype=np.float64)
+    expected_std = x[train_rows].std(axis=0, dtype=np.float64)
+    scaler = result.module.scaler
+    np.testing.assert_allclose(scaler.mean.numpy(), expected_mean, rtol=1e-6)
+    np.testing.assert_allclose(scaler.std.numpy(), expected_std, rtol=1e-6)
+    assert result.input_mean == scaler.mean.tolist()
+    assert result.input_std == scaler.std.tolist()
+    assert "scaler.mean" in result.module.state_dict()  # saved with the weights
+
+
+def test_standardize_off_leaves_inputs_unscaled():
+    x, y = moons()
+    _, _, result = fit(x, y, epochs=1, standardize=False)
+    assert result.input_mean is None
+    assert result.input_std is None
+    assert torch.equal(result.module.scaler.mean, torch.zeros(2))
+    assert torch.equal(result.module.scaler.std, torch.ones(2))
+
+
+def test_constant_feature_is_centred_not_divided_by_zero():
+    x, y = moons()
+    x = np.column_stack([x, np.full(len(x), 3.0, dtype=np.float32)])
+    _, _, result = fit(x, y, epochs=2, model=[linear(8), "Tanh", linear(2)])
+    assert result.module.scaler.mean[2] == 3.0
+    assert result.module.scaler.std[2] == 1.0
+    assert math.isfinite(result.metrics["train_loss"])
+
+
+def test_validation_split_reports_classification_metrics():
+    x, y = moons()
+    reports: list[engine.EpochReport] = []
+    _, _, result = fit(x, y, epochs=5, validation_split=0.2, on_epoch=reports.append)
+
+    assert set(result.metrics) == {"train_loss", "train_accuracy", "val_loss", "val_accuracy"}
+    assert 0.0 <= result.metrics["val_accuracy"] <= 1.0
+    assert reports == result.history
+    assert [r.epoch for r in reports] == [1, 2, 3, 4, 5]
+    assert all(r.val_loss is not None and set(r.val_metrics) == {"accuracy"} for r in reports)
+
+
+def test_no_validation_split_means_no_validation_metrics():
+    x, y = moons()
+    _, _, result = fit(x, y, epochs=2)
+    assert set(result.metrics) == {"train_loss", "train_accuracy"}
+    assert all(r.val_loss is None and r.val_metrics is None for r in result.history)
+
+
+def test_regression_on_wave_reduces_mse():
+    x, y = wave()
+    _, plan, result = fit(x, y, model=[linear(16), "Tanh", linear(1)], loss="MSELoss", epochs=40, validation_split=0.2)
+    assert plan.task == "regression"
+    assert set(result.metrics) == {
+        "train_loss",
+        "train_mse",
+        "train_mae",
+        "train_r2",
+        "val_loss",
+        "val_mse",
+        "val_mae",
+        "val_r2",
+    }
+    assert result.history[-1].train_loss < result.history[0].train_loss / 10
+    assert result.metrics["val_mse"] == pytest.approx(result.metrics["val_loss"])
+    assert result.metrics["train_r2"] > 0.8
+    assert result.metrics["val_r2"] > 0.7
+    assert set(result.history[-1].val_metrics) == {"mse", "mae", "r2"}
+
+
+def test_binary_cross_entropy_with_string_labels():
+    x, y = moons()
+    labels = np.where(y == 1, "yes", "no")
+    _, plan, result = fit(x, labels, model=[linear(16), "Tanh", linear(1)], loss="BCEWithLogitsLoss")
+    assert plan.task == "binary"
+    assert plan.classes == ["no", "yes"]
+    assert result.metrics["train_accuracy"] >= 0.9
+    logits = predict_raw(result.module, x)[:, 0].numpy()
+    assert np.mean(np.where(logits > 0, "yes", "no") == labels) >= 0.9
+
+
+def test_should_stop_true_cancels_training():
+    x, y = moons()
+    asked: list[int] = []
+    reports: list[engine.EpochReport] = []
+
+    def should_stop() -> bool:
+        asked.append(1)
+        return True
+
+    with pytest.raises(engine.TrainingCancelled):
+        fit(x, y, epochs=50, should_stop=should_stop, check_every_s=0.0, on_epoch=reports.append)
+    assert len(asked) == 1
+    assert reports == []  # stopped inside the first epoch
+
+
+def test_should_stop_false_lets_training_finish():
+    x, y = moons()
+    asked: list[int] = []
+
+    def should_stop() -> bool:
+        asked.append(1)
+        return False
+
+    _, _, result = fit(x, y, epochs=2, should_stop=should_stop, check_every_s=0.0)
+    assert len(result.history) == 2
+    assert len(asked) >= 2
+
+
+def test_huge_learning_rate_raises_floating_point_error():
+    x, y = wave()
+    with pytest.raises(FloatingPointError, match="smaller learning rate"):
+        fit(x, y, model=[linear(1)], loss="MSELoss", optimizer={"type": "SGD", "lr": 1e10}, epochs=5)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_batchnorm_trains_when_the_last_batch_would_hold_one_row(shuffle):
+    x, y = moons(65)  # 65 = 2 * 32 + 1
+    model = [linear(8), {"type": "BatchNorm1d"}, "ReLU", linear(2)]
+    _, _, result = fit(x, y, model=model, batch_size=32, epochs=2, shuffle=shuffle)
+    assert len(result.history) == 2
+    assert math.isfinite(result.history[-1].train_loss)
+
+
+# -- every allow-listed building block ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer_type", allowed_types(S.Layer))
+def test_every_allowed_layer_builds_and_trains(layer_type):
+    x, y = moons()
+    layer = linear(8) if layer_type == "Linear" else {"type": layer_type}
+    _, _, result = fit(x, y, model=[linear(8), layer, linear(2)], epochs=1)
+    assert [type(m).__name__ for m in result.module.net][1] == layer_type
+    assert len(result.history) == 1
+    assert math.isfinite(result.history[0].train_loss)
+
+
+@pytest.mark.parametrize("loss_type", allowed_types(S.Loss))
+def test_every_allowed_loss_builds_and_trains(loss_type):
+    loss = S.TrainSpec.model_validate({"model": ["Tanh"], "loss": loss_type}).loss
+    task = S.task_of(loss)
+    if task == "regression":
+        x, y = wave()
+        width, metric = 1, "train_r2"
+    else:
+        x, y = moons()
+        width, metric = (2 if task == "classification" else 1), "train_accuracy"
+    _, plan, result = fit(x, y, model=[linear(8), "Tanh", linear(width)], loss=loss_type, epochs=1)
+    assert plan.task == task
+    assert type(engine.build_loss(loss)).__name__ == loss_type
+    assert math.isfinite(result.history[0].train_loss)
+    assert metric in result.metrics
+
+
+@pytest.mark.parametrize("optimizer_type", allowed_types(S.Optimizer))
+def test_every_allowed_optimizer_builds_and_updates_weights(optimizer_type):
+    x, y = moons()
+    spec, plan, result = fit(x, y, optimizer=optimizer_type, epochs=1)
+    with torch.random.fork_rng():
+        torch.manual_seed(spec.seed)
+        initial = engine.TabularNet(spec.model, plan.in_features).net.state_dict()
+    trained = result.module.net.state_dict()
+    assert initial.keys() == trained.keys()
+    assert all(not torch.equal(initial[k], trained[k]) for k in initial)
+    assert type(engine.build_optimizer(spec.optimizer, result.module.parameters())).__name__ == optimizer_type
+
+
+def test_allow_lists_are_complete():
+    assert len(allowed_types(S.Layer)) == 14
+    assert set(allowed_types(S.Loss)) == {
+        "MSELoss",
+        "L1Loss",
+        "HuberLoss",
+        "SmoothL1Loss",
+        "CrossEntropyLoss",
+        "BCEWithLogitsLoss",
+    }
+    assert set(allowed_types(S.Optimizer)) == {"SGD", "Adam", "AdamW", "RMSprop", "Adagrad"}
+
+
+def test_parameter_count_matches_the_built_module():
+    spec = S.TrainSpec.model_validate(
+        {
+            "model": [
+                linear(7),
+                {"type": "BatchNorm1d"},
+                "GELU",
+                {"type": "Linear", "out_features": 5, "bias": False},
+                {"type": "LayerNorm"},
+                {"type": "BatchNorm1d", "affine": False},
+                linear(3),
+            ],
+            "loss": "MSELoss",
+        }
+    )
+    counted, width = S.count_parameters(spec.model, 4)
+    built = engine.build_sequential(spec.model, 4)
+    assert counted == sum(p.numel() for p in built.parameters())
+    assert width == 3 == built(torch.zeros(2, 4)).shape[1]
+
+
+# -- encode_targets ------------------------------------------------------------------------------------
+
+
+def test_encode_string_classes_for_cross_entropy():
+    encoded = engine.encode_targets(np.array(["bee", "ant", "cat", "ant"]), "classification", ["ant", "bee", "cat"])
+    assert encoded.dtype == torch.int64
+    assert encoded.tolist() == [1, 0, 2, 0]
+
+
+def test_encode_string_classes_for_binary():
+    encoded = engine.encode_targets(np.array(["yes", "no", "yes"]), "binary", ["no", "yes"])
+    assert encoded.dtype == torch.float32
+    assert encoded.tolist() == [[1.0], [0.0], [1.0]]
+
+
+def test_encode_integer_and_whole_float_labels():
+    assert engine.encode_targets(np.array([3, 7, 3]), "classification", [3, 7]).tolist() == [0, 1, 0]
+    assert engine.encode_targets(np.array([2.0, 1.0, 3.0]), "classification", [1, 2, 3]).tolist() == [1, 0, 2]
+
+
+def test_encode_regression_targets():
+    one = engine.encode_targets(np.array([0.5, 1.5]), "regression", None)
+    assert one.dtype == torch.float32
+    assert one.tolist() == [[0.5], [1.5]]
+    two = engine.encode_targets(np.array([[0.5, 1.0], [2.0, 3.0]]), "regression", None)
+    assert two.tolist() == [[0.5, 1.0], [2.0, 3.0]]
+
+
+# -- inference: inputs_to_matrix -------------------------------------------------------------------------
+
+FEATURES = ["a", "b"]
+
+
+def matrix_error(inputs: list[Any], features: list[str] = FEATURES) -> InvalidInput:
+    with pytest.raises(InvalidInput) as info:
+        inputs_to_matrix(inputs, features, max_rows=100)
+    return info.value
+
+
+def test_matrix_from_list_rows():
+    matrix = inputs_to_matrix([[1, 2.5], [-3, 4]], FEATURES, max_rows=100)
+    assert matrix.dtype == np.float32
+    assert matrix.tolist() == [[1.0, 2.5], [-3.0, 4.0]]
+
+
+def test_matrix_from_dict_rows_follows_feature_order():
+    matrix = inputs_to_matrix([{"b": 2, "a": 1}, {"a": 3.5, "b": -4}], FEATURES, max_rows=100)
+    assert matrix.dtype == np.float32
+    assert matrix.tolist() == [[1.0, 2.0], [3.5, -4.0]]
+
+
+@pytest.mark.parametrize("value", ["x", "1", None, [1]], ids=["text", "numeric-text", "null", "list"])
+def test_matrix_names_the_cell_that_is_not_a_number(value):
+    error = matrix_error([[1, 2], [3, value]])
+    assert "row 1, column 1" in error.detail
+    assert error.errors[0]["loc"] == ["inputs", 1, 1]
+
+
+@pytest.mark.parametrize("row", [[3], [3, 4, 5], []], ids=["short", "long", "empty"])
+def test_matrix_names_the_ragged_row(row):
+    error = matrix_error([[1, 2], row])
+    assert "row 1" in error.detail
+    assert error.errors[0]["loc"] == ["inputs", 1]
+
+
+def test_matrix_every_row_ragged_the_same_way():
+    error = matrix_error([[1, 2, 3], [4, 5, 6]])
+    assert "row 0 has 3 values" in error.detail
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_matrix_names_the_non_finite_cell(value):
+    error = matrix_error([[1, 2], [value, 4]])
+    assert "row 1, column 0" in error.detail
+    assert "finite" in error.detail
+    assert error.errors[0]["loc"] == ["inputs", 1, 0]
+
+
+def test_matrix_names_a_cell_that_overflows_float32():
+    # 1e39 is a finite float64 but inf as float32; the error must come without a stray RuntimeWarning
+    # (the test suite runs with warnings as errors).
+    error = matrix_error([[1, 2], [1e39, 4]])
+    assert "row 1, column 0" in error.detail
+    assert error.errors[0]["loc"] == ["inputs", 1, 0]
+
+
+def test_matrix_names_an_unknown_feature():
+    error = matrix_error([{"a": 1, "b": 2}, {"a": 1, "b": 2, "c": 3}])
+    assert "row 1" in error.detail
+    assert "'c'" in error.detail
+    assert error.errors[0]["loc"] == ["inputs", 1, "c"]
+
+
+def test_matrix_names_a_missing_feature():
+    error = matrix_error([{"a": 1}])
+    assert "row 0" in error.detail
+    assert "'b'" in error.detail
+    assert error.errors[0]["loc"] == ["inputs", 0, "b"]
+
+
+def test_matrix_rows_must_not_mix_lists_and_objects():
+    assert matrix_error([{"a": 1, "b": 2}, [1, 2]]).errors[0]["loc"] == ["inputs", 1]
+    assert matrix_error([[1, 2], {"a": 1, "b": 2}]).errors[0]["loc"] == ["inputs", 1]
+
+
+def test_matrix_flat_list_is_not_rows():
+    assert matrix_error([1, 2]).errors[0]["loc"] == ["inputs", 0]
+
+
+def test_matrix_empty_inputs():
+    error = matrix_error([])
+    assert "empty" in error.detail
+
+
+def test_matrix_too_many_rows():
+    assert inputs_to_matrix([[1, 2]] * 10, FEATURES, max_rows=10).shape == (10, 2)
+    with pytest.raises(PayloadTooLarge) as info:
+        inputs_to_matrix([[1, 2]] * 11, FEATURES, max_rows=10)
+    assert info.value.status_code == 413
+    assert "11" in info.value.detail
+    assert "10" in info.value.detail
+
+
+@pytest.mark.parametrize("inputs", [[[1.5, True]], [{"a": 1.5, "b": False}]], ids=["list-row", "object-row"])
+def test_matrix_rejects_booleans_next_to_numbers(inputs):
+    # [[true, false]] is refused as "not a number"; a boolean beside a number must be too.
+    error = matrix_error(inputs)
+    assert error.errors[0]["loc"] == ["inputs", 0, 1]
+
+
+def test_matrix_accepts_integers_beyond_int64():
+    matrix = inputs_to_matrix([[2**64, 1]], FEATURES, max_rows=100)  # a finite JSON number, about 1.8e19
+    assert matrix[0, 0] == np.float32(2.0**64)
+
+
+def test_matrix_names_the_cell_of_an_integer_too_large_for_float():
+    error = matrix_error([[1, 2], [10**400, 4]])
+    assert error.errors[0]["loc"] == ["inputs", 1, 0]
+
+
+# -- inference: Predictor ---------------------------------------------------------------------------------
+
+
+def test_predictor_decodes_string_classes(tmp_path, moons_classifier):
+    x, labels, spec, plan, result = moons_classifier
+    predictor = save_and_load(tmp_path, spec, plan, result)
+    assert predictor.features == ["x0", "x1"]
+    assert predictor.classes == ["inner", "outer"]
+
+    rows = [dict(zip(predictor.features, map(float, row), strict=True)) for row in x]
+    prediction = predictor.predict(inputs_to_matrix(rows, predictor.features, max_rows=1_000))
+
+    assert set(prediction.predictions) <= {"inner", "outer"}
+    assert np.mean(np.asarray(prediction.predictions) == labels) >= 0.95
+    assert prediction.classes == ["inner", "outer"]
+    probabilities = np.asarray(prediction.probabilities)
+    assert probabilities.shape == (len(x), 2)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    # The loaded weights are the trained ones, bit for bit.
+    expected = torch.softmax(predict_raw(result.module, x), dim=1).numpy()
+    np.testing.assert_array_equal(probabilities.astype(np.float32), expected)
+
+
+def test_predictor_binary_model(tmp_path):
+    x, y = moons()
+    labels = np.where(y == 1, "yes", "no")
+    spec, plan, result = fit(x, labels, model=[linear(16), "Tanh", linear(1)], loss="BCEWithLogitsLoss")
+    predictor = save_and_load(tmp_path, spec, plan, result)
+
+    prediction = predictor.predict(inputs_to_matrix(x.tolist(), predictor.features, max_rows=1_000))
+    assert prediction.classes == ["no", "yes"]
+    assert np.mean(np.asarray(prediction.predictions) == labels) >= 0.9
+    probabilities = np.asarray(prediction.probabilities)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    assert all(p[1] > 0.5 for p, label in zip(probabilities, prediction.predictions, strict=True) if label == "yes")
+
+
+def test_predictor_regression_model(tmp_path):
+    x, y = wave()
+    spec, plan, result = fit(x, y, model=[linear(16), "Tanh", linear(1)], loss="MSELoss", epochs=40)
+    predictor = save_and_load(tmp_path, spec, plan, result)
+
+    prediction = predictor.predict(inputs_to_matrix([[2.0], [10.0], [18.0]], predictor.features, max_rows=10))
+    assert prediction.probabilities is None
+    assert prediction.classes is None
+    assert all(isinstance(v, float) for v in prediction.predictions)
+    expected = predict_raw(result.module, np.array([[2.0], [10.0], [18.0]], dtype=np.float32))[:, 0]
+    assert prediction.predictions == expected.tolist()
+    # y = x + 2 sin(x) + noise: predictions land near the curve.
+    truth = [v + 2 * math.sin(v) for v in (2.0, 10.0, 18.0)]
+    assert all(abs(p - t) < 3.0 for p, t in zip(prediction.predictions, truth, strict=True))
