@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
 from bench.guide import accuracy, train_moons  # noqa: E402
 from service import engine  # noqa: E402
 from service.data import ColumnInfo, TableSchema  # noqa: E402
-from service.examples import make_moons, to_csv  # noqa: E402
+from service.examples import MOONS_MLP_LAYERS, make_moons, to_csv  # noqa: E402
 from service.spec import Limits, TrainSpec, plan_training  # noqa: E402
 
 SEED = 0
@@ -66,13 +66,7 @@ def moons_spec(epochs: int, device: str, dataset_id: str | None = None) -> dict[
     return {
         "dataset_id": dataset_id,
         "target": "y",
-        "model": [
-            {"type": "Linear", "out_features": 30},
-            {"type": "Tanh"},
-            {"type": "Linear", "out_features": 30},
-            {"type": "Tanh"},
-            {"type": "Linear", "out_features": 2},
-        ],
+        "model": MOONS_MLP_LAYERS,
         "loss": "CrossEntropyLoss",
         "optimizer": {"type": "SGD", "lr": 0.001},
         "epochs": epochs,

@@ -45,7 +45,7 @@ import httpx
 import numpy as np
 
 from service.client import ApiError, TrainserveClient
-from service.examples import make_moons, make_wave, to_csv
+from service.examples import MOONS_MLP_LAYERS, make_moons, make_wave, to_csv
 from service.schemas import JobDetail, Model
 
 Kind = Literal["regression", "classification"]
@@ -156,7 +156,7 @@ EXPERIMENTS: list[Experiment] = [
         kind="classification",
         data=_moons,
         features=["x0", "x1"],
-        layers=[_linear(30), "Tanh", _linear(30), "Tanh", _linear(2)],
+        layers=MOONS_MLP_LAYERS,
         loss="CrossEntropyLoss",
         epochs=300,
         shuffle=False,

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+
+# The guide's 2x30 Tanh make_moons classifier, as the spec's "model" list.
+MOONS_MLP_LAYERS: list[dict[str, Any]] = [
+    {"type": "Linear", "out_features": 30},
+    {"type": "Tanh"},
+    {"type": "Linear", "out_features": 30},
+    {"type": "Tanh"},
+    {"type": "Linear", "out_features": 2},
+]
 
 
 def make_moons(n_samples: int = 200, noise: float = 0.05, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

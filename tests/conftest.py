@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from service.client import TrainserveClient
-from service.examples import make_moons, to_csv
+from service.examples import MOONS_MLP_LAYERS, make_moons, to_csv
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -116,13 +116,7 @@ def moons_spec(dataset_id: str | None = None, **overrides: object) -> dict[str, 
     """The guide's 2x30 Tanh make_moons classifier."""
     spec: dict[str, object] = {
         "target": "label",
-        "model": [
-            {"type": "Linear", "out_features": 30},
-            {"type": "Tanh"},
-            {"type": "Linear", "out_features": 30},
-            {"type": "Tanh"},
-            {"type": "Linear", "out_features": 2},
-        ],
+        "model": MOONS_MLP_LAYERS,
         "loss": "CrossEntropyLoss",
         "optimizer": {"type": "Adam", "lr": 0.01},
         "epochs": 30,

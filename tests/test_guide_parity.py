@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bench.guide import accuracy, train_moons
 from service.client import TrainserveClient
-from service.examples import make_moons, to_csv
+from service.examples import MOONS_MLP_LAYERS, make_moons, to_csv
 from tests.conftest import Server
 
 
@@ -15,13 +15,7 @@ def test_api_classifies_moons_at_least_as_well_as_the_guides_loop(client: Trains
 
     spec = {
         "target": "label",
-        "model": [
-            {"type": "Linear", "out_features": 30},
-            "Tanh",
-            {"type": "Linear", "out_features": 30},
-            "Tanh",
-            {"type": "Linear", "out_features": 2},
-        ],
+        "model": MOONS_MLP_LAYERS,
         "loss": "CrossEntropyLoss",
         "optimizer": {"type": "SGD", "lr": 0.001},
         "epochs": 300,
