@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from service.config import get_settings
 
@@ -20,18 +21,28 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.api.app import create_app
-    from service.db import upgrade_to_head
+    from service.db import make_engine, make_session_factory, upgrade_to_head
+    from service.jobs import build_queue, recover, worker_name
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # Migrate before any worker starts, so workers never see an old schema.
     upgrade_to_head(settings.resolved_database_url)
-    supervisor = _WorkerSupervisor(args.workers)
-    supervisor.start()
+    supervisor = None
+    if args.workers:
+        sessions = make_session_factory(make_engine(settings.resolved_database_url))
+        queue = build_queue(settings)
+        # This machine's workers are all ours: nothing can still be running from before.
+        stale = recover(sessions, queue)
+        if stale:
+            log.warning("%d job(s) were running when the service last stopped; marked failed", stale)
+        supervisor = _WorkerSupervisor(args.workers, lambda pid: recover(sessions, queue, worker=worker_name(pid)))
+        supervisor.start()
     try:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     finally:
-        supervisor.stop()
+        if supervisor is not None:
+            supervisor.stop()
     return 0
 
 
@@ -42,8 +53,9 @@ class _WorkerSupervisor:
     worker saturates the CPU or GPU.
     """
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, on_death: Callable[[int], object]) -> None:
         self.count = count
+        self.on_death = on_death
         self.children: list[subprocess.Popen[bytes]] = []
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
@@ -61,6 +73,7 @@ class _WorkerSupervisor:
             for i, child in enumerate(self.children):
                 if child.poll() is not None and not self._stopping.is_set():
                     log.warning("worker %s exited with %s; starting a new one", child.pid, child.returncode)
+                    self.on_death(child.pid)  # its running job, if any, will never finish
                     self.children[i] = self._spawn()
 
     def stop(self) -> None:

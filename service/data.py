@@ -88,7 +88,7 @@ def _describe(name: str, values: np.ndarray) -> ColumnInfo:
         classes = [int(v) for v in distinct] if len(distinct) <= MAX_CLASSES else None
         return ColumnInfo(name, "int64", classes)
     classes = None
-    if len(values) and np.all(np.mod(values, 1) == 0):
+    if len(values) and np.all(np.mod(values, 1) == 0) and np.abs(values).max() <= 2**53:
         distinct = np.unique(values)
         if len(distinct) <= MAX_CLASSES:
             classes = [int(v) for v in distinct]
@@ -286,11 +286,11 @@ def _npz_array(archive: Any, key: str, max_elements: int) -> np.ndarray:
         with archive.zip.open(member) as stream:
             version = np.lib.format.read_magic(stream)
             if version == (1, 0):
-                shape, _, _ = np.lib.format.read_array_header_1_0(stream)
+                shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
             else:
-                shape, _, _ = np.lib.format.read_array_header_2_0(stream)
+                shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
         size = math.prod(shape)
-        if size > max_elements:
+        if size > max_elements or size * dtype.itemsize > max_elements * 8:
             raise _bad(f"array {key!r} has {size} elements, the limit is {max_elements}")
         array = archive[key]
     except (ValueError, zipfile.BadZipFile, OSError, EOFError) as exc:

@@ -6,6 +6,7 @@ is never mistaken for a pydantic model or an ``nn.Module``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql import Executable
 
+log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 # Stable constraint names, so that Alembic migrations name the same things on every backend.
@@ -151,16 +153,24 @@ def on_rollback(session: Session, action: Callable[[], None]) -> None:
     session.info.setdefault("on_rollback", []).append(action)
 
 
+def _run_all(actions: list[Callable[[], None]]) -> None:
+    # The transaction has already ended: one failing action must not skip the others,
+    # nor surface as an error of a request whose data is safely committed.
+    for action in actions:
+        try:
+            action()
+        except Exception:
+            log.exception("action after the transaction ended failed")
+
+
 def _run_after_commit(session: Session) -> None:
     session.info.pop("on_rollback", None)
-    for action in session.info.pop("on_commit", []):
-        action()
+    _run_all(session.info.pop("on_commit", []))
 
 
 def _run_after_rollback(session: Session) -> None:
     session.info.pop("on_commit", None)
-    for action in session.info.pop("on_rollback", []):
-        action()
+    _run_all(session.info.pop("on_rollback", []))
 
 
 def upgrade_to_head(url: str) -> None:

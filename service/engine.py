@@ -256,6 +256,8 @@ def train(
         if xv is not None and yv is not None:
             metrics.update({f"val_{k}": v for k, v in evaluate(net, loss_fn, xv, yv, plan.task).items()})
 
+    if not all(math.isfinite(v) for v in metrics.values()):
+        raise FloatingPointError("the trained model's metrics are not finite; try a smaller learning rate")
     model.scaler.mean.copy_(torch.from_numpy(mean))
     model.scaler.std.copy_(torch.from_numpy(std))
     model.net = net.cpu()

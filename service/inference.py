@@ -12,7 +12,7 @@ import torch
 
 from service.db import ModelRecord
 from service.engine import TabularNet, outputs_to_probabilities
-from service.errors import InvalidInput, PayloadTooLarge
+from service.errors import InvalidInput, NotFound, PayloadTooLarge
 from service.spec import TrainSpec
 from service.store import Store
 
@@ -66,12 +66,16 @@ class ModelCache:
         self._lock = threading.Lock()
 
     def get(self, record: ModelRecord) -> Predictor:
+        """The loaded model; NotFound if its weights were deleted since the row was read."""
         with self._lock:
             predictor = self._entries.get(record.id)
             if predictor is not None:
                 self._entries.move_to_end(record.id)
                 return predictor
-        predictor = Predictor.load(self.store, record)  # outside the lock: loads may overlap
+        try:
+            predictor = Predictor.load(self.store, record)  # outside the lock: loads may overlap
+        except FileNotFoundError:
+            raise NotFound(f"model {record.id!r} does not exist") from None
         with self._lock:
             self._entries[record.id] = predictor
             self._entries.move_to_end(record.id)

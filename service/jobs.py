@@ -132,26 +132,61 @@ def submit(session: Session, queue: JobQueue, spec: TrainSpec, dataset: DatasetR
     session.add(job)
     session.flush()
     job_id = job.id
-    on_commit(session, lambda: queue.enqueue(job_id))
+    sessions = sessionmaker(session.get_bind())
+
+    def enqueue() -> None:
+        try:
+            queue.enqueue(job_id)
+        except Exception as exc:
+            with sessions.begin() as fresh:
+                _end(fresh, job_id, QUEUED, FAILED, error=f"the job could not be queued: {exc}")
+            raise
+
+    on_commit(session, enqueue)
     return job
+
+
+def _end(session: Session, job_id: str, current: str, status: str, **values: Any) -> int:
+    now = utcnow()
+    return rows_changed(
+        session,
+        update(JobRecord)
+        .where(JobRecord.id == job_id, JobRecord.status == current)
+        .values(status=status, finished_at=now, updated_at=now, **values),
+    )
+
+
+def recover(sessions: sessionmaker, queue: JobQueue, *, worker: str | None = None) -> int:  # type: ignore[type-arg]
+    """Fail the ``running`` jobs of a worker that is gone (every worker's, at start-up) and
+    put ``queued`` jobs back on the queue; a duplicate queue entry is harmless because a
+    worker claims a job with a compare-and-set. Returns how many running jobs were failed."""
+    now = utcnow()
+    with sessions.begin() as session:
+        stale = update(JobRecord).where(JobRecord.status == RUNNING)
+        if worker is not None:
+            stale = stale.where(JobRecord.worker == worker)
+        failed = rows_changed(
+            session,
+            stale.values(
+                status=FAILED, error="the worker stopped while running this job", finished_at=now, updated_at=now
+            ),
+        )
+        queued = list(session.scalars(select(JobRecord.id).where(JobRecord.status == QUEUED)))
+    for job_id in queued:
+        queue.enqueue(job_id)
+    return failed
 
 
 def cancel(session: Session, job_id: str) -> JobRecord:
     """A queued job ends now; a running one is asked to stop and ends within a progress interval."""
     job = get_job(session, job_id)
-    now = utcnow()
-    ended = rows_changed(
-        session,
-        update(JobRecord)
-        .where(JobRecord.id == job_id, JobRecord.status == QUEUED)
-        .values(status=CANCELLED, finished_at=now, error="cancelled before it started", updated_at=now),
-    )
+    ended = _end(session, job_id, QUEUED, CANCELLED, error="cancelled before it started")
     if not ended:
         asked = rows_changed(
             session,
             update(JobRecord)
             .where(JobRecord.id == job_id, JobRecord.status == RUNNING)
-            .values(cancel_requested=True, updated_at=now),
+            .values(cancel_requested=True, updated_at=utcnow()),
         )
         if not asked:
             session.refresh(job)
@@ -161,6 +196,11 @@ def cancel(session: Session, job_id: str) -> JobRecord:
 
 
 # -- the worker side -------------------------------------------------------------------------
+
+
+def worker_name(pid: int) -> str:
+    """How a job row records the worker process that runs it."""
+    return f"{socket.gethostname()}:{pid}"
 
 
 @dataclass
@@ -175,7 +215,7 @@ class WorkerContext:
         store = Store(settings.resolved_store_dir)
         store.ensure()
         sessions = make_session_factory(make_engine(settings.resolved_database_url))
-        return cls(settings, sessions, store, f"{socket.gethostname()}:{os.getpid()}")
+        return cls(settings, sessions, store, worker_name(os.getpid()))
 
 
 class _Progress:
@@ -222,14 +262,8 @@ def _thin(history: list[engine.EpochReport]) -> list[list[Any]]:
 
 
 def _finish(ctx: WorkerContext, job_id: str, status: str, **values: Any) -> None:
-    now = utcnow()
     with ctx.sessions.begin() as session:
-        rows_changed(
-            session,
-            update(JobRecord)
-            .where(JobRecord.id == job_id, JobRecord.status == RUNNING)
-            .values(status=status, finished_at=now, updated_at=now, **values),
-        )
+        _end(session, job_id, RUNNING, status, **values)
 
 
 def _targets(table: Table, plan: TrainingPlan) -> np.ndarray:
@@ -284,7 +318,11 @@ def run_job(ctx: WorkerContext, job_id: str) -> None:
         log.exception("job %s failed", job_id)
         _finish(ctx, job_id, FAILED, error=f"{type(exc).__name__}: {exc}")
         return
-    _save(ctx, job_id, dataset, spec, plan, result)
+    try:
+        _save(ctx, job_id, dataset, spec, plan, result)
+    except Exception as exc:
+        log.exception("job %s: saving the model failed", job_id)
+        _finish(ctx, job_id, FAILED, error=f"saving the model failed: {type(exc).__name__}: {exc}")
 
 
 def _save(
@@ -300,46 +338,51 @@ def _save(
     weights_sha256, weights_bytes = ctx.store.save_weights(model_id, result.module.state_dict(), metadata)
     last = result.history[-1]
     now = utcnow()
-    with ctx.sessions.begin() as session:
-        finished = rows_changed(
-            session,
-            update(JobRecord)
-            .where(JobRecord.id == job_id, JobRecord.status == RUNNING)
-            .values(
-                status=SUCCEEDED,
-                model_id=model_id,
-                epoch=last.epoch,
-                train_loss=last.train_loss,
-                val_loss=last.val_loss,
-                val_metrics=last.val_metrics,
-                history=_thin(result.history),
-                device=result.device,
-                finished_at=now,
-                updated_at=now,
-            ),
-        )
-        if finished:
-            session.add(
-                ModelRecord(
-                    id=model_id,
-                    job_id=job_id,
-                    dataset_id=dataset.id,
-                    dataset_sha256=dataset.sha256,
-                    spec=spec.model_dump(mode="json"),
-                    task=plan.task,
-                    features=plan.features,
-                    targets=plan.targets,
-                    classes=plan.classes,
-                    input_mean=result.input_mean,
-                    input_std=result.input_std,
-                    metrics=result.metrics,
-                    n_parameters=plan.n_parameters,
-                    weights_sha256=weights_sha256,
-                    weights_bytes=weights_bytes,
-                    torch_version=torch.__version__,
+    try:
+        with ctx.sessions.begin() as session:
+            finished = rows_changed(
+                session,
+                update(JobRecord)
+                .where(JobRecord.id == job_id, JobRecord.status == RUNNING, JobRecord.cancel_requested.is_(False))
+                .values(
+                    status=SUCCEEDED,
+                    model_id=model_id,
+                    epoch=last.epoch,
+                    train_loss=last.train_loss,
+                    val_loss=last.val_loss,
+                    val_metrics=last.val_metrics,
+                    history=_thin(result.history),
                     device=result.device,
-                    train_seconds=result.train_seconds,
-                )
+                    finished_at=now,
+                    updated_at=now,
+                ),
             )
+            if finished:
+                session.add(
+                    ModelRecord(
+                        id=model_id,
+                        job_id=job_id,
+                        dataset_id=dataset.id,
+                        dataset_sha256=dataset.sha256,
+                        spec=spec.model_dump(mode="json"),
+                        task=plan.task,
+                        features=plan.features,
+                        targets=plan.targets,
+                        classes=plan.classes,
+                        input_mean=result.input_mean,
+                        input_std=result.input_std,
+                        metrics=result.metrics,
+                        n_parameters=plan.n_parameters,
+                        weights_sha256=weights_sha256,
+                        weights_bytes=weights_bytes,
+                        torch_version=torch.__version__,
+                        device=result.device,
+                        train_seconds=result.train_seconds,
+                    )
+                )
+    except BaseException:
+        ctx.store.delete_weights(model_id)
+        raise
     if not finished:  # cancelled in the last instant: keep no model for it
         ctx.store.delete_weights(model_id)
+        _finish(ctx, job_id, CANCELLED, error="cancelled while running")

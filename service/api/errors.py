@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException
 
 from service.errors import InvalidInput, TrainserveError
@@ -49,6 +50,11 @@ def install(app: FastAPI) -> None:
     async def request_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = _describe(list(exc.errors()))
         return _render(422, "validation_error", _summary(errors) if errors else "invalid request", errors)
+
+    @app.exception_handler(IntegrityError)
+    async def conflict(_request: Request, _exc: IntegrityError) -> JSONResponse:
+        # e.g. a job submitted for a dataset that another request deleted meanwhile
+        return _render(409, "conflict", "the request conflicts with a concurrent change; retry it")
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:

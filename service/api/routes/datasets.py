@@ -21,7 +21,7 @@ def upload_dataset(file: UploadFile, session: SessionDep, runtime: RuntimeDep, r
 
 @router.get("", response_model=list[Dataset])
 def list_datasets(
-    session: SessionDep, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)
+    session: SessionDep, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=2**62)
 ) -> list[Dataset]:
     return [Dataset.model_validate(r) for r in datasets.list_all(session=session, limit=limit, offset=offset)]
 

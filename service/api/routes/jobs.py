@@ -74,6 +74,7 @@ async def train(request: Request, session: SessionDep, runtime: RuntimeDep, resp
     upload: UploadFile | None = None
     if content_type.startswith("multipart/form-data"):
         form = await request.form(max_files=1, max_fields=4)
+        request.state.form = form  # closed below, after the upload has been copied
         raw_spec, file = form.get("spec"), form.get("file")
         if not isinstance(raw_spec, str):
             raise InvalidInput(
@@ -90,7 +91,11 @@ async def train(request: Request, session: SessionDep, runtime: RuntimeDep, resp
         spec = _parse_spec(await request.body(), ["body"])
     else:
         raise InvalidInput(f"unsupported content type {content_type!r}: send application/json or multipart/form-data")
-    job = await run_in_threadpool(_submit, session, runtime, spec, upload)
+    try:
+        job = await run_in_threadpool(_submit, session, runtime, spec, upload)
+    finally:
+        if upload is not None:
+            await request.state.form.close()
     response.headers["Location"] = f"/jobs/{job.id}"
     return job
 
@@ -100,7 +105,7 @@ def list_jobs(
     session: SessionDep,
     status: str | None = Query(None, pattern="^(queued|running|succeeded|failed|cancelled)$"),
     limit: int = Query(100, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=2**62),
 ) -> list[Job]:
     return [Job.model_validate(j) for j in jobs.list_jobs(session, status=status, limit=limit, offset=offset)]
 

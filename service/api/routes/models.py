@@ -5,6 +5,7 @@ from fastapi.responses import FileResponse
 
 from service import registry
 from service.api.deps import RuntimeDep, SessionDep
+from service.errors import NotFound
 from service.inference import inputs_to_matrix
 from service.schemas import Model, PredictRequest, PredictResponse
 
@@ -13,7 +14,7 @@ router = APIRouter(tags=["models"])
 
 @router.get("/models", response_model=list[Model])
 def list_models(
-    session: SessionDep, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)
+    session: SessionDep, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=2**62)
 ) -> list[Model]:
     return [Model.model_validate(m) for m in registry.list_all(session=session, limit=limit, offset=offset)]
 
@@ -31,6 +32,8 @@ def get_model(model_id: str, session: SessionDep) -> Model:
 def download_weights(model_id: str, session: SessionDep, runtime: RuntimeDep) -> FileResponse:
     """The trained weights as safetensors (no pickle); the scaler's mean/std are inside."""
     record = registry.get(session=session, model_id=model_id)
+    if not runtime.store.weights_path(record.id).exists():  # deleted by a concurrent request
+        raise NotFound(f"model {model_id!r} does not exist")
     return FileResponse(
         runtime.store.weights_path(record.id),
         media_type="application/octet-stream",
