@@ -11,9 +11,8 @@ from service.config import Settings
 from service.data import parse_table, sniff_format
 from service.db import DatasetRecord, JobRecord, on_commit, on_rollback
 from service.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
+from service.jobs import ACTIVE
 from service.store import Store, new_id
-
-_ACTIVE = ("queued", "running")
 
 
 def create(
@@ -64,7 +63,7 @@ def list_all(*, session: Session, limit: int = 100, offset: int = 0) -> list[Dat
 def delete(*, session: Session, store: Store, dataset_id: str) -> None:
     record = get(session=session, dataset_id=dataset_id)
     active = session.scalar(
-        select(func.count()).where(JobRecord.dataset_id == dataset_id, JobRecord.status.in_(_ACTIVE))
+        select(func.count()).where(JobRecord.dataset_id == dataset_id, JobRecord.status.in_(ACTIVE))
     )
     if active:
         raise Conflict(f"dataset {dataset_id} is used by {active} queued or running job(s); cancel them first")
