@@ -12,7 +12,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, MetaData, String, Text, create_engine, event
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
 from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql import Executable
@@ -76,6 +89,13 @@ class JobRecord(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255))
+    # The claiming worker renews this lease while it trains; a job whose lease lapsed is
+    # re-queued by the rescuer (its worker died) until ``attempts`` reaches the limit.
+    lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
+    heartbeat_at: Mapped[datetime | None]
+    checkpoint_epoch: Mapped[int | None] = mapped_column(Integer)  # last epoch saved for resuming
+    name: Mapped[str | None] = mapped_column(String(128), index=True)  # the spec's model name
+    notes: Mapped[list[Any]] = mapped_column(default=list)  # how it ran: compiled or eager, resumed, ...
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
@@ -86,8 +106,12 @@ class ModelRecord(Base):
     """Metadata of a trained ML model; its weights live in the store."""
 
     __tablename__ = "trained_models"
+    __table_args__ = (UniqueConstraint("name", "version"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    # Successful jobs under one name make versions 1, 2, ... of that model.
+    name: Mapped[str | None] = mapped_column(String(128), index=True)
+    version: Mapped[int | None] = mapped_column(Integer)
     job_id: Mapped[str] = mapped_column(String(32), index=True)
     dataset_id: Mapped[str | None] = mapped_column(String(32))
     dataset_sha256: Mapped[str] = mapped_column(String(64))
@@ -103,6 +127,8 @@ class ModelRecord(Base):
     weights_sha256: Mapped[str] = mapped_column(String(64))
     weights_bytes: Mapped[int] = mapped_column(Integer)
     torch_version: Mapped[str] = mapped_column(String(32))
+    code_version: Mapped[str | None] = mapped_column(String(64))  # trainserve's version that trained it
+    notes: Mapped[list[Any]] = mapped_column(default=list)
     device: Mapped[str] = mapped_column(String(32))
     train_seconds: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
