@@ -22,6 +22,8 @@ class Settings(BaseSettings):
 
     # Limits that keep one request or one job from taking the machine down.
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    # Every body that is not a multipart upload (JSON specs, prediction requests).
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
     max_predict_rows: int = Field(default=100_000, gt=0)
     max_epochs: int = Field(default=100_000, gt=0)
     max_parameters: int = Field(default=50_000_000, gt=0)

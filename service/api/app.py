@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -18,11 +18,12 @@ from starlette.concurrency import run_in_threadpool
 
 import service
 from service.api import errors
-from service.api.deps import require_api_key
+from service.api.guard import OPEN_PATHS, GuardSettings, RequestGuard
 from service.api.routes import datasets, jobs, models
 from service.api.runtime import Runtime
 from service.config import Settings, get_settings
 from service.db import upgrade_to_head
+from service.schemas import Error
 from service.spec import TrainSpec
 
 log = logging.getLogger(__name__)
@@ -50,27 +51,63 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.runtime = runtime
     errors.install(app)
-    protected = [Depends(require_api_key)]
+    app.add_middleware(
+        RequestGuard,
+        settings=GuardSettings(settings.api_key, settings.max_body_bytes, settings.max_upload_bytes),
+    )
     for router in (datasets.router, jobs.router, models.router):
-        app.include_router(router, dependencies=protected)
+        app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     _add_docs(app)
     _add_health(app, runtime)
-    _document_train_spec(app)
+    _complete_openapi(app, settings)
     return app
 
 
-def _document_train_spec(app: FastAPI) -> None:
-    """POST /train reads its body itself (JSON or multipart), so FastAPI cannot see the
-    TrainSpec schema; add it, with the layer/loss/optimizer models it refers to."""
+_ERROR_REF = {"$ref": "#/components/schemas/Error"}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ERROR_REF}}}
+
+
+def _complete_openapi(app: FastAPI, settings: Settings) -> None:
+    """Say in the schema what the code does outside FastAPI's view:
+
+    - POST /train reads its body itself (JSON or multipart), so FastAPI cannot see the
+      TrainSpec schema; add it, with the layer/loss/optimizer models it refers to;
+    - every error is rendered as ``Error`` (api/errors.py), not FastAPI's HTTPValidationError;
+    - the guard middleware answers 401 without the key and 413 for bodies over the limits.
+    """
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
             spec_schema = TrainSpec.model_json_schema(ref_template="#/components/schemas/{model}")
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components.update(spec_schema.pop("$defs", {}))
-            components["TrainSpec"] = spec_schema
+            components = schema.setdefault("components", {})
+            models = components.setdefault("schemas", {})
+            models.update(spec_schema.pop("$defs", {}))
+            models["TrainSpec"] = spec_schema
+            models["Error"] = Error.model_json_schema()
+            for unused in ("HTTPValidationError", "ValidationError"):
+                models.pop(unused, None)
+            if settings.api_key:
+                components["securitySchemes"] = {
+                    "bearerAuth": {"type": "http", "scheme": "bearer", "description": "TRAINSERVE_API_KEY"}
+                }
+            for path, operations in schema["paths"].items():
+                for operation in operations.values():
+                    responses = operation.setdefault("responses", {})
+                    if path in OPEN_PATHS:
+                        continue
+                    if "parameters" in operation or "requestBody" in operation:
+                        responses["422"] = _error("The request cannot be used; `errors` says where")
+                    responses["4XX"] = _error("A client error: `detail` says what was wrong")
+                    if "requestBody" in operation:
+                        responses["413"] = _error("The body is larger than the configured limit")
+                    if settings.api_key and path not in OPEN_PATHS:
+                        operation["security"] = [{"bearerAuth": []}]
+                        responses["401"] = _error("The API key is missing or wrong")
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -108,7 +145,7 @@ def _add_health(app: FastAPI, runtime: Runtime) -> None:
         """The process is up."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"])
+    @app.get("/readyz", tags=["health"], responses={503: {"description": "Something the service needs is down"}})
     def readyz() -> JSONResponse:
         """The database, the model store and the queue answer."""
         checks: dict[str, str] = {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -10,7 +9,6 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from service.api.runtime import Runtime
-from service.errors import Unauthorized
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -37,12 +35,3 @@ def get_session(runtime: RuntimeDep) -> Iterator[Session]:
 # scope="function": commit before the response is sent, so a client that reads right
 # after a 201/202 always finds what it created.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
-
-
-def require_api_key(request: Request, runtime: RuntimeDep) -> None:
-    expected = runtime.settings.api_key
-    if expected is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
-        raise Unauthorized("send the API key as 'Authorization: Bearer <key>'")

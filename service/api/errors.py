@@ -22,6 +22,11 @@ def _render(status: int, error_type: str, detail: str, errors: list[dict[str, An
     return JSONResponse({"type": error_type, "detail": detail, "errors": errors or []}, status, headers=headers)
 
 
+def error_response(exc: TrainserveError) -> JSONResponse:
+    """A domain error as a response; also used by the ASGI guard, which runs outside FastAPI."""
+    return _render(exc.status_code, exc.error_type, exc.detail, exc.errors)
+
+
 def _describe(errors: list[Any]) -> list[dict[str, Any]]:
     return [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
 
@@ -44,7 +49,7 @@ def install(app: FastAPI) -> None:
     async def domain_error(_request: Request, exc: TrainserveError) -> JSONResponse:
         if exc.status_code >= 500:
             log.error("%s: %s", exc.error_type, exc.detail)
-        return _render(exc.status_code, exc.error_type, exc.detail, exc.errors)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def request_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
