@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import BinaryIO
 
 from sqlalchemy import func, select
@@ -18,19 +19,29 @@ from service.store import Store, new_id
 def create(
     *, session: Session, store: Store, settings: Settings, upload: BinaryIO, filename: str | None
 ) -> DatasetRecord:
-    """Stream the upload to disk, parse and check it, then publish table and row together."""
-    dataset_id = new_id()
+    """Copy an upload stream to disk, then create the dataset from that file."""
     with store.temp_path(".upload") as raw:
         try:
             size, sha256 = store.receive(upload, raw, limit=settings.max_upload_bytes)
         except OverflowError:
             raise PayloadTooLarge(f"the file is larger than the limit of {settings.max_upload_bytes} bytes") from None
-        if size == 0:
-            raise InvalidInput("the file is empty", errors=[{"loc": ["file"], "msg": "the file is empty"}])
-        with open(raw, "rb") as handle:
-            fmt = sniff_format(filename, handle.read(4))
-        # An .npz decompresses; bound what it may expand to by the upload limit's worth of float64s.
-        table = parse_table(raw, fmt, max_elements=settings.max_upload_bytes // 8 * 4)
+        return create_from_file(
+            session=session, store=store, settings=settings, raw=raw, size=size, sha256=sha256, filename=filename
+        )
+
+
+def create_from_file(
+    *, session: Session, store: Store, settings: Settings, raw: Path, size: int, sha256: str, filename: str | None
+) -> DatasetRecord:
+    """Parse and check an uploaded file already on disk (size and sha256 of its bytes known),
+    then publish table and row together. ``raw`` is left for the caller to remove."""
+    if size == 0:
+        raise InvalidInput("the file is empty", errors=[{"loc": ["file"], "msg": "the file is empty"}])
+    with open(raw, "rb") as handle:
+        fmt = sniff_format(filename, handle.read(4))
+    # An .npz decompresses; bound what it may expand to by the upload limit's worth of float64s.
+    table = parse_table(raw, fmt, max_elements=settings.max_upload_bytes // 8 * 4)
+    dataset_id = new_id()
     file_sha256 = store.save_dataset(dataset_id, table)
     record = DatasetRecord(
         id=dataset_id,

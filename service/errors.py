@@ -5,6 +5,7 @@
     ├── InvalidInput (422)         a spec, upload or prediction request that cannot be used
     ├── Conflict (409)             a request that clashes with the resource's state
     ├── PayloadTooLarge (413)      an upload or prediction batch over the configured limit
+    ├── UnsupportedMediaType (415) a body in a Content-Type the endpoint does not take
     └── Unauthorized (401)         a missing or wrong API key
 
 The API renders every one of them, in one place, as ``{"type", "detail", "errors"}``;
@@ -44,6 +45,11 @@ class Conflict(TrainserveError):
 class PayloadTooLarge(TrainserveError):
     status_code = 413
     error_type = "payload_too_large"
+
+
+class UnsupportedMediaType(TrainserveError):
+    status_code = 415
+    error_type = "unsupported_media_type"
 
 
 class Unauthorized(TrainserveError):

@@ -89,10 +89,18 @@ def test_bad_upload_is_422_naming_the_problem_and_leaves_nothing(
     assert server.files("tmp") == []
 
 
-def test_upload_without_file_field_is_422(client: TrainserveClient) -> None:
-    response = client.http.post("/datasets", data={"other": "x"})
-    assert response.status_code == 422
-    assert response.json()["errors"][0]["loc"] == ["body", "file"]
+def test_upload_without_file_field_is_4xx_naming_what_is_wrong(client: TrainserveClient) -> None:
+    form = client.http.post("/datasets", data={"other": "x"})  # urlencoded, not multipart
+    assert form.status_code == 415
+    assert "multipart/form-data" in form.json()["detail"]
+    stranger = client.http.post("/datasets", files={"other": (None, "x")})
+    assert stranger.status_code == 422
+    assert stranger.json()["errors"][0]["loc"] == ["body", "other"]
+    empty = client.http.post(
+        "/datasets", content=b"--x--\r\n", headers={"content-type": "multipart/form-data; boundary=x"}
+    )
+    assert empty.status_code == 422
+    assert empty.json()["errors"][0]["loc"] == ["body", "file"]
 
 
 def test_unknown_dataset_is_404_json(server: Server) -> None:

@@ -70,6 +70,7 @@ def _announce(path: str, content_length: int, *, content_type: str, auth: bool) 
     lines = [
         f"POST {path} HTTP/1.1",
         "Host: test",
+        "Connection: close",
         f"Content-Type: {content_type}",
         f"Content-Length: {content_length}",
     ]
@@ -197,7 +198,7 @@ def _stream_until_answered(server: Server, path: str, content_type: str) -> tupl
                 except (BrokenPipeError, ConnectionResetError):
                     break
                 pending = b"%x\r\n%s\r\n" % (len(chunk_body), chunk_body)
-        sock.setblocking(True)
+        sock.settimeout(10)
         status, _, body = _read_response(sock)
     finally:
         sock.close()
@@ -245,3 +246,35 @@ def test_json_body_over_the_limit_is_413_even_with_a_valid_request(guarded: Serv
     response = httpx.post(guarded.url + "/predict", json={"model_id": "0" * 32, "inputs": inputs}, headers=AUTH)
     assert response.status_code == 413
     assert response.json()["type"] == "payload_too_large"
+
+
+def test_upload_is_streamed_into_the_store_tmp_while_it_arrives(guarded: Server) -> None:
+    """Half a file sent, the request still open: its bytes are already on disk under tmp/."""
+    first, second = b"a,b\n" + b"1,2\n" * 20_000, b"3,4\n" * 20_000
+    head = b"--x\r\nContent-Disposition: form-data; name=file; filename=s.csv\r\n\r\n"
+    tail = b"\r\n--x--\r\n"
+    with _connect(guarded) as sock:
+        sock.sendall(
+            _announce(
+                "/datasets",
+                len(head) + len(first) + len(second) + len(tail),
+                content_type="multipart/form-data; boundary=x",
+                auth=True,
+            )
+        )
+        sock.sendall(head + first)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            parts = guarded.files("tmp")
+            if parts and parts[0].stat().st_size == len(first):
+                break
+            time.sleep(0.05)
+        assert [p.name.endswith(".upload.part") for p in parts] == [True]
+        assert parts[0].read_bytes() == first
+        sock.sendall(second + tail)
+        status, _, body = _read_response(sock)
+    assert status == 201, body
+    dataset = json.loads(body)
+    assert dataset["n_rows"] == 40_000
+    assert guarded.files("tmp") == []
+    assert httpx.delete(f"{guarded.url}/datasets/{dataset['id']}", headers=AUTH).status_code == 204

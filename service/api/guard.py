@@ -71,7 +71,8 @@ class RequestGuard:
         if declared is not None and declared > limit.bytes:
             await _refuse(limit.exceeded(), scope, receive, send)
             return
-        await self._counted(scope, receive, send, limit)
+        chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+        await self._counted(scope, receive, send, limit, body_expected=chunked or bool(declared))
 
     def _authorize(self, scope: Scope, headers: dict[bytes, bytes]) -> None:
         if self._expected is None or _is_open(scope):
@@ -89,15 +90,17 @@ class RequestGuard:
         body = self.settings.max_body_bytes
         return _Limit(body, f"the request body is larger than the limit of {body} bytes")
 
-    async def _counted(self, scope: Scope, receive: Receive, send: Send, limit: _Limit) -> None:
+    async def _counted(self, scope: Scope, receive: Receive, send: Send, limit: _Limit, *, body_expected: bool) -> None:
         received = 0
         crossed = False
         started = False
+        body_done = not body_expected
 
         async def counting_receive() -> Message:
-            nonlocal received, crossed
+            nonlocal received, crossed, body_done
             message = await receive()
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > limit.bytes:
                     crossed = True
@@ -108,7 +111,13 @@ class RequestGuard:
             nonlocal started
             if crossed:  # whatever the app makes of the cut body, the client hears 413
                 return
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                if not body_done:
+                    # Answered before the body ended (an error, e.g. a file over the limit):
+                    # the server would otherwise drain the rest, however long, to keep the
+                    # connection alive.
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
         try:

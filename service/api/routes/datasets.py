@@ -1,20 +1,60 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Response, UploadFile
+from typing import Any
+
+from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from service import datasets
 from service.api.deps import RuntimeDep, SessionDep
+from service.api.runtime import Runtime
+from service.api.uploads import ReceivedFile, receive_form, require_multipart
+from service.db import DatasetRecord
+from service.errors import InvalidInput
 from service.schemas import Dataset
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
+_UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary", "description": "CSV or .npz"}},
+                }
+            }
+        },
+    }
+}
 
-@router.post("", status_code=201, response_model=Dataset)
-def upload_dataset(file: UploadFile, session: SessionDep, runtime: RuntimeDep, response: Response) -> Dataset:
-    """Upload a CSV (header row, numeric features, numeric or text label) or an .npz with X and y."""
-    record = datasets.create(
-        session=session, store=runtime.store, settings=runtime.settings, upload=file.file, filename=file.filename
+
+def create_from_upload(session: Session, runtime: Runtime, upload: ReceivedFile) -> DatasetRecord:
+    return datasets.create_from_file(
+        session=session,
+        store=runtime.store,
+        settings=runtime.settings,
+        raw=upload.path,
+        size=upload.size,
+        sha256=upload.sha256,
+        filename=upload.filename,
     )
+
+
+@router.post("", status_code=201, response_model=Dataset, openapi_extra=_UPLOAD_BODY)
+async def upload_dataset(request: Request, session: SessionDep, runtime: RuntimeDep, response: Response) -> Dataset:
+    """Upload a CSV (header row, numeric features, numeric or text label) or an .npz with X and y."""
+    require_multipart(request)
+    async with receive_form(request, runtime.store, max_file_bytes=runtime.settings.max_upload_bytes) as form:
+        if form.file is None:
+            raise InvalidInput(
+                "the multipart form needs a 'file' field holding a CSV or .npz",
+                errors=[{"loc": ["body", "file"], "msg": "field required"}],
+            )
+        record = await run_in_threadpool(create_from_upload, session, runtime, form.file)
     response.headers["Location"] = f"/datasets/{record.id}"
     return Dataset.model_validate(record)
 

@@ -6,13 +6,14 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
 from service import datasets, jobs
 from service.api.deps import RuntimeDep, SessionDep
 from service.api.errors import invalid_spec
+from service.api.routes.datasets import create_from_upload
 from service.api.runtime import Runtime
-from service.errors import InvalidInput
+from service.api.uploads import ReceivedFile, receive_form
+from service.errors import InvalidInput, UnsupportedMediaType
 from service.schemas import Job, JobDetail
 from service.spec import TrainSpec
 
@@ -45,17 +46,11 @@ def _parse_spec(raw: str | bytes, prefix: list[str | int]) -> TrainSpec:
         raise invalid_spec(exc, prefix) from None
 
 
-def _submit(session: Session, runtime: Runtime, spec: TrainSpec, upload: UploadFile | None) -> Job:
+def _submit(session: Session, runtime: Runtime, spec: TrainSpec, upload: ReceivedFile | None) -> Job:
     if upload is not None:
         if spec.dataset_id is not None:
             raise InvalidInput("send either a file or a dataset_id, not both", errors=[{"loc": ["spec", "dataset_id"]}])
-        dataset = datasets.create(
-            session=session,
-            store=runtime.store,
-            settings=runtime.settings,
-            upload=upload.file,
-            filename=upload.filename,
-        )
+        dataset = create_from_upload(session, runtime, upload)
     elif spec.dataset_id is None:
         raise InvalidInput(
             "dataset_id is required (or upload the file in a multipart request)",
@@ -71,31 +66,29 @@ def _submit(session: Session, runtime: Runtime, spec: TrainSpec, upload: UploadF
 async def train(request: Request, session: SessionDep, runtime: RuntimeDep, response: Response) -> Job:
     """Queue a training job: a JSON TrainSpec naming a dataset_id, or multipart ``file`` + ``spec``."""
     content_type = request.headers.get("content-type", "")
-    upload: UploadFile | None = None
-    if content_type.startswith("multipart/form-data"):
-        form = await request.form(max_files=1, max_fields=4)
-        request.state.form = form  # closed below, after the upload has been copied
-        raw_spec, file = form.get("spec"), form.get("file")
-        if not isinstance(raw_spec, str):
-            raise InvalidInput(
-                "the multipart form needs a 'spec' field holding the spec as JSON",
-                errors=[{"loc": ["spec"], "msg": "field required"}],
-            )
-        if not isinstance(file, UploadFile):
-            raise InvalidInput(
-                "the multipart form needs a 'file' field holding a CSV or .npz",
-                errors=[{"loc": ["file"], "msg": "field required"}],
-            )
-        spec, upload = _parse_spec(raw_spec, ["spec"]), file
-    elif content_type.startswith("application/json") or not content_type:
+    if content_type.lower().startswith("multipart/form-data"):
+        limit = runtime.settings.max_upload_bytes
+        async with receive_form(request, runtime.store, max_file_bytes=limit, text_fields=frozenset({"spec"})) as form:
+            raw_spec = form.fields.get("spec")
+            if raw_spec is None:
+                raise InvalidInput(
+                    "the multipart form needs a 'spec' field holding the spec as JSON",
+                    errors=[{"loc": ["body", "spec"], "msg": "field required"}],
+                )
+            if form.file is None:
+                raise InvalidInput(
+                    "the multipart form needs a 'file' field holding a CSV or .npz",
+                    errors=[{"loc": ["body", "file"], "msg": "field required"}],
+                )
+            spec = _parse_spec(raw_spec, ["spec"])
+            job = await run_in_threadpool(_submit, session, runtime, spec, form.file)
+    elif content_type.lower().startswith("application/json") or not content_type:
         spec = _parse_spec(await request.body(), ["body"])
+        job = await run_in_threadpool(_submit, session, runtime, spec, None)
     else:
-        raise InvalidInput(f"unsupported content type {content_type!r}: send application/json or multipart/form-data")
-    try:
-        job = await run_in_threadpool(_submit, session, runtime, spec, upload)
-    finally:
-        if upload is not None:
-            await request.state.form.close()
+        raise UnsupportedMediaType(
+            f"unsupported content type {content_type!r}: send application/json or multipart/form-data"
+        )
     response.headers["Location"] = f"/jobs/{job.id}"
     return job
 
