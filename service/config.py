@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     max_epochs: int = Field(default=100_000, gt=0)
     max_parameters: int = Field(default=50_000_000, gt=0)
     max_layer_width: int = Field(default=65_536, gt=0)
+    max_train_memory_bytes: int = Field(default=8 * 1024**3, gt=0)
     model_cache_size: int = Field(default=32, gt=0)
 
     # How often a running job writes progress and looks for a cancel request.

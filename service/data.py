@@ -169,8 +169,21 @@ def _header(row: list[str]) -> list[str]:
     return names
 
 
+def _refuse_nul_bytes(path: Path) -> None:
+    """Text never holds NUL; the csv module would take it, and numpy would drop it silently."""
+    line = 1
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            at = chunk.find(b"\x00")
+            if at >= 0:
+                line += chunk.count(b"\n", 0, at)
+                raise _bad(f"line {line} holds a NUL byte: the file is binary, not UTF-8 CSV text", line=line)
+            line += chunk.count(b"\n")
+
+
 def parse_csv(path: Path) -> Table:
     """Read a CSV with a header row. Row numbers in errors count data rows from 1."""
+    _refuse_nul_bytes(path)
     rows = _rows(path)
     header: list[str] | None = None
     for row in rows:

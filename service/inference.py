@@ -153,7 +153,9 @@ def inputs_to_matrix(inputs: list[Any], features: list[str], *, max_rows: int) -
         matrix = np.array(rows)
     except ValueError:  # ragged
         raise _explain(rows, width) from None
-    if matrix.dtype == object and matrix.ndim == 2:  # ints beyond int64: Python converts them
+    if matrix.dtype == object and matrix.ndim == 2:  # ints beyond int64, or a null among numbers
+        if not all(_is_number(value) for row in rows for value in row):
+            raise _explain(rows, width)  # astype would read None as NaN
         try:
             matrix = matrix.astype(np.float64)
         except (TypeError, ValueError, OverflowError):

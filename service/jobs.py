@@ -48,7 +48,9 @@ _HISTORY_POINTS = 1000
 
 
 def limits_of(settings: Settings) -> Limits:
-    return Limits(settings.max_epochs, settings.max_parameters, settings.max_layer_width)
+    return Limits(
+        settings.max_epochs, settings.max_parameters, settings.max_layer_width, settings.max_train_memory_bytes
+    )
 
 
 # -- the queue -----------------------------------------------------------------------------

@@ -26,7 +26,8 @@ Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a JSON "10" or true is not the number 10 or 1; a spec says what it means.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the torch class of the same name."""
@@ -179,7 +180,8 @@ class SGD(_Strict):
         return self
 
 
-Betas = tuple[Fraction, Fraction]
+# JSON has no tuples: a pair arrives as a list (and comes back from the database as one).
+Betas = Annotated[tuple[Fraction, Fraction], Field(strict=False)]
 
 
 class Adam(_Strict):
@@ -245,7 +247,7 @@ _EXAMPLE: dict[str, Any] = {
 class TrainSpec(BaseModel):
     """What to train, on which data, and how."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EXAMPLE]})
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [_EXAMPLE]})
 
     dataset_id: str | None = Field(
         default=None, description="An uploaded dataset; omit when the file travels in the same request."
@@ -310,6 +312,8 @@ class Limits:
     max_epochs: int
     max_parameters: int
     max_layer_width: int
+    # A rough upper bound on what one job may allocate (see estimate_memory_bytes).
+    max_memory_bytes: int = 8 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -357,6 +361,25 @@ def count_parameters(layers: list[Any], in_features: int) -> tuple[int, int]:
         ):
             params += 2 * width
     return params, width
+
+
+def estimate_memory_bytes(spec: TrainSpec, n_rows: int, n_columns: int, n_parameters: int) -> int:
+    """An upper-bound guess of a job's float32 memory: the table on the device plus the
+    shuffled copy the engine gathers each epoch, weights with their gradients and up to two
+    optimizer slots (Adam's moments), and each layer's activations and their gradients for
+    one batch."""
+    data = 2 * n_rows * n_columns
+    parameters = 4 * n_parameters
+    width, outputs = n_columns, n_columns
+    for layer in spec.model:
+        width = layer.out_features if isinstance(layer, Linear) else width
+        outputs += width
+    activations = 2 * min(spec.batch_size, n_rows) * outputs
+    return 4 * (data + parameters + activations)
+
+
+def _gib(n_bytes: int) -> str:
+    return f"{n_bytes / 1024**3:.2f} GiB"
 
 
 def plan_training(spec: TrainSpec, schema: TableSchema, limits: Limits) -> TrainingPlan:
@@ -434,6 +457,13 @@ def plan_training(spec: TrainSpec, schema: TableSchema, limits: Limits) -> Train
         raise _fail("the model has no trainable parameters: add a Linear layer", ["model"])
     if n_parameters > limits.max_parameters:
         raise _fail(f"the model has {n_parameters:,} parameters, the limit is {limits.max_parameters:,}", ["model"])
+    memory = estimate_memory_bytes(spec, schema.n_rows, len(features) + len(targets), n_parameters)
+    if memory > limits.max_memory_bytes:
+        raise _fail(
+            f"training would need about {_gib(memory)} (table, weights with optimizer state, and "
+            f"activations for batch_size {spec.batch_size}), the limit is {_gib(limits.max_memory_bytes)}",
+            ["batch_size"] if spec.batch_size > 1 else ["model"],
+        )
     if spec.validation_split and math.floor(schema.n_rows * spec.validation_split) < 1:
         raise _fail("validation_split leaves no validation rows for this dataset", ["validation_split"])
     if schema.n_rows - math.floor(schema.n_rows * spec.validation_split) < 1:

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from service import spec as S
 from service.data import Table, TableSchema
 from service.errors import InvalidInput
-from service.spec import Limits, TrainSpec, plan_training
+from service.spec import Limits, TrainSpec, estimate_memory_bytes, plan_training
 
 LIMITS = Limits(max_epochs=1_000, max_parameters=100_000, max_layer_width=512)
 
@@ -404,6 +404,23 @@ def test_plan_parameter_limit():
     error = plan_error(make_spec(model=model), MOONS, tight)
     assert "91,802" in error.detail
     assert first_loc(error) == ["model"]
+
+
+def test_estimated_memory_counts_table_weights_and_activations():
+    spec = make_spec(model=[linear(30), "Tanh", linear(2)], batch_size=4)  # 2*30+30 + 30*2+2 = 152 parameters
+    # 4 bytes x (2 x 4 rows x 3 columns + 4 x 152 + 2 x 4 x (3 + 30 + 30 + 2))
+    assert estimate_memory_bytes(spec, 4, 3, 152) == 4 * (24 + 608 + 520)
+
+
+def test_plan_estimated_memory_limit():
+    spec = make_spec(model=[linear(512), "Tanh", linear(2)], batch_size=4)
+    fits = Limits(max_epochs=1_000, max_parameters=100_000, max_layer_width=512, max_memory_bytes=10**6)
+    assert plan_training(spec, MOONS, fits).n_parameters == 2 * 512 + 512 + 512 * 2 + 2
+    tight = Limits(max_epochs=1_000, max_parameters=100_000, max_layer_width=512, max_memory_bytes=10_000)
+    error = plan_error(spec, MOONS, tight)
+    assert "training would need about" in error.detail
+    assert "batch_size 4" in error.detail
+    assert first_loc(error) == ["batch_size"]
 
 
 def test_plan_counts_normalisation_parameters():
