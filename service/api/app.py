@@ -103,8 +103,11 @@ def _complete_openapi(app: FastAPI, settings: Settings) -> None:
                     if "parameters" in operation or "requestBody" in operation:
                         responses["422"] = _error("The request cannot be used; `errors` says where")
                     responses["4XX"] = _error("A client error: `detail` says what was wrong")
+                    if "{" in path:
+                        responses["404"] = _error("No such resource")
                     if "requestBody" in operation:
                         responses["413"] = _error("The body is larger than the configured limit")
+                        responses["415"] = _error("The body is not in a content type this endpoint takes")
                     if settings.api_key and path not in OPEN_PATHS:
                         operation["security"] = [{"bearerAuth": []}]
                         responses["401"] = _error("The API key is missing or wrong")
