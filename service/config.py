@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     # How often a running job writes progress and looks for a cancel request.
     progress_interval_s: float = Field(default=0.5, gt=0)
     worker_threads: int = Field(default=1, ge=1)
+    # Scheduling priority a worker process gives itself (os.nice): a training job that
+    # saturates the CPU then yields it to the API answering /predict on the same machine.
+    worker_nice: int = Field(default=10, ge=0, le=19)
     # An idle worker polls the SQLite queue this often at most (Huey's own default backs
     # off to 10 s, which made an idle server take seconds to pick up a new job).
     queue_poll_max_s: float = Field(default=0.25, gt=0)

@@ -90,6 +90,8 @@ def build_queue(settings: Settings) -> JobQueue:
 
 def run_worker(settings: Settings) -> None:
     """Consume training jobs until SIGINT/SIGTERM (``trainserve worker``)."""
+    if settings.worker_nice:
+        os.nice(settings.worker_nice)
     queue = build_queue(settings)
     consumer = queue.huey.create_consumer(
         workers=settings.worker_threads,

@@ -1,0 +1,37 @@
+"""Load: hundreds of concurrent /predict calls while a worker trains, against a real server.
+
+Every answer must equal the reference taken one call at a time beforehand, and the p99
+latency while the worker saturates the CPU must stay within a generous multiple of the
+idle p99 measured in the same test (a ratio: the machine is shared and noisy).
+bench/load.py prints the figures; this test asserts them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.load import measure
+from tests.conftest import Server, start_server, stop_server
+
+CALLS = 200
+IN_FLIGHT = 25
+MAX_P99_RATIO = 10.0
+
+
+@pytest.fixture
+def loaded(tmp_path: Path) -> Iterator[Server]:
+    running = start_server(tmp_path / "load")  # one worker, at the default niceness
+    yield running
+    stop_server(running)
+
+
+def test_concurrent_predictions_stay_correct_and_fast_while_a_job_trains(loaded: Server) -> None:
+    result = measure(loaded.url, requests=CALLS, concurrency=IN_FLIGHT)
+    assert result.idle.wrong == []
+    assert result.busy.wrong == []
+    assert len(result.idle.latencies) == len(result.busy.latencies) == CALLS
+    assert result.busy_job_still_running, "the load must overlap the training job"
+    assert result.ratio < MAX_P99_RATIO, (result.idle.p99, result.busy.p99)
