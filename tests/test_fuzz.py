@@ -26,7 +26,7 @@ from schemathesis.specs.openapi.checks import (
 from service.client import TrainserveClient
 from tests.conftest import Server, moons_spec, start_server, stop_server
 
-EXAMPLES = 25  # per operation and generation mode
+EXAMPLES = 15  # per operation and generation mode
 CHECKS = [
     schemathesis.checks.not_a_server_error,
     status_code_conformance,
@@ -102,4 +102,5 @@ def test_api_conforms_to_its_schema_and_never_fails_with_5xx(fuzzed: tuple[Serve
             except Exception as exc:
                 failures.append(f"{operation.label} ({mode.value}, real ids: {bool(path_parameters)}): {exc}")
     assert not failures, "\n\n".join(failures)
-    assert calls > 20 * len(operations)
+    print(f"{calls} calls over {len(operations)} operations")
+    assert calls > 15 * len(operations)

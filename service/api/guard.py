@@ -132,7 +132,7 @@ class RequestGuard:
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:
-    # A repeated header keeps its first value: enough for the three read here.
+    # A repeated header keeps its first value: enough for the four read here.
     headers: dict[bytes, bytes] = {}
     for name, value in scope["headers"]:
         headers.setdefault(name.lower(), value)
