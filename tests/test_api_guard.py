@@ -109,6 +109,26 @@ def test_with_the_key_endpoints_answer(guarded: Server) -> None:
         ts.delete_dataset(dataset.id)
 
 
+def test_every_operation_in_the_schema_needs_the_key_but_health(guarded: Server) -> None:
+    """Walks the served schema, so an endpoint added later is covered without a new test."""
+    schema = httpx.get(guarded.url + "/openapi.json").json()
+    checked = 0
+    for path, operations in schema["paths"].items():
+        url = guarded.url + path.replace("{", "").replace("}", "")  # {model_id} -> model_id
+        for method in operations:
+            without = httpx.request(method, url, content=b"{}", headers={"content-type": "application/json"})
+            with_key = httpx.request(method, url, content=b"{}", headers={"content-type": "application/json", **AUTH})
+            if path in ("/healthz", "/readyz"):
+                assert without.status_code == 200, path
+                assert "security" not in operations[method]
+            else:
+                assert without.status_code == 401, (method, path)
+                assert operations[method]["security"] == [{"bearerAuth": []}], (method, path)
+                assert with_key.status_code != 401, (method, path)
+            checked += 1
+    assert checked >= 14
+
+
 @pytest.mark.parametrize(
     "path", ["/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/static/vendor/swagger-ui.css"]
 )
