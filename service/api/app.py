@@ -17,7 +17,7 @@ from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 import service
-from service.api import errors, metrics
+from service.api import dashboard, errors, metrics
 from service.api.deps import require_api_key
 from service.api.routes import datasets, jobs, models
 from service.api.runtime import Runtime
@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (datasets.router, jobs.router, models.router):
         app.include_router(router, dependencies=protected)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    dashboard.install(app)
     metrics.install(app, runtime)
     _add_docs(app)
     _add_health(app, runtime)
