@@ -338,11 +338,24 @@
     );
   }
 
+  // "Linear(30) Tanh Linear(2)": the spec's layers as torch names, widths in brackets.
+  function layersSummary(spec) {
+    return ((spec && spec.model) || [])
+      .map((layer) => {
+        if (typeof layer === "string") return layer;
+        const width = layer.out_features ?? layer.p;
+        return width === undefined ? layer.type : `${layer.type}(${width})`;
+      })
+      .join(" ");
+  }
+
   function modelCard(model) {
     const title = model.name ? `${model.name} v${model.version}` : shortId(model.id);
     const facts = el("dl");
     const fact = (name, value) => facts.append(el("dt", {}, name), el("dd", { title: String(value) }, String(value)));
     fact("id", model.id);
+    fact("layers", layersSummary(model.spec));
+    fact("loss", `${model.spec.loss}, ${model.spec.optimizer ? model.spec.optimizer.type : "SGD"}`);
     fact("task", model.task);
     for (const [name, value] of Object.entries(model.metrics || {})) fact(name, fmtLoss(value));
     fact("features", (model.features || []).join(", "));
