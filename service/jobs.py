@@ -232,8 +232,10 @@ class _Progress:
         self.ctx, self.job_id = ctx, job_id
         self.interval = ctx.settings.progress_interval_s
         self.last_write = 0.0
+        self.reports: list[engine.EpochReport] = []
 
     def on_epoch(self, report: engine.EpochReport) -> None:
+        self.reports.append(report)
         now = time.monotonic()
         if now - self.last_write < self.interval:
             return
@@ -248,6 +250,8 @@ class _Progress:
                     train_loss=report.train_loss,
                     val_loss=report.val_loss,
                     val_metrics=report.val_metrics,
+                    # The curve so far, for loss plots and event streams of a running job.
+                    history=_thin(self.reports),
                     updated_at=utcnow(),
                 ),
             )

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db import ModelRecord, on_commit
-from service.errors import NotFound
+from service.db import DatasetRecord, ModelRecord, on_commit
+from service.errors import Conflict, NotFound
 from service.inference import ModelCache
 from service.store import Store
 
@@ -37,3 +38,20 @@ def delete(*, session: Session, store: Store, cache: ModelCache, model_id: str) 
         store.delete_weights(model_id)
 
     on_commit(session, forget)
+
+
+def training_data(*, session: Session, store: Store, record: ModelRecord) -> tuple[np.ndarray, np.ndarray]:
+    """The feature matrix and raw targets the model was trained on (its whole dataset)."""
+    dataset = session.get(DatasetRecord, record.dataset_id) if record.dataset_id else None
+    if dataset is None:
+        raise Conflict(f"the dataset model {record.id} was trained on has been deleted")
+    table = store.load_dataset(dataset.id, dataset.file_sha256)
+    x = table.matrix(record.features)
+    if record.task == "regression":
+        return x, table.matrix(record.targets, dtype=np.float64)
+    return x, table.column(record.targets[0])
+
+
+def describe(record: ModelRecord) -> str:
+    """How a model is named to people: ``name v3``, or its id."""
+    return f"{record.name} v{record.version}" if record.name else f"model {record.id[:8]}"
