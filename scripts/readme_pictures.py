@@ -86,10 +86,12 @@ def stop_server(process: subprocess.Popen[bytes]) -> None:
 
 def train_guide_models(url: str, csv: bytes) -> tuple[str, str]:
     """Train the linear classifier, then the MLP; returns (MLP job id, MLP model id)."""
-    linear = {**guide_moons_spec(), "model": [{"type": "Linear", "out_features": 2}], "epochs": 50}
+    linear_layers = [{"type": "Linear", "out_features": 2}]
+    linear = {**guide_moons_spec(), "name": "moons-linear", "model": linear_layers, "epochs": 50}
+    mlp = {**guide_moons_spec(), "name": "moons-mlp"}
     with TrainserveClient(url, timeout=60) as ts:
         dataset = ts.upload_dataset(csv, "moons.csv")
-        for name, spec in (("linear", linear), ("2x30 Tanh MLP", guide_moons_spec())):
+        for name, spec in (("linear", linear), ("2x30 Tanh MLP", mlp)):
             job = ts.wait(ts.train({**spec, "dataset_id": dataset.id}).id, timeout=900)
             if job.status != "succeeded" or job.model_id is None:
                 raise SystemExit(f"job {job.id} ended {job.status}: {job.error}")
@@ -107,8 +109,10 @@ def screenshot_dashboard(url: str, job_id: str, model_count: int, path: Path) ->
         page.wait_for_selector(f'tr[data-job-id="{job_id}"][data-status="succeeded"]')
         page.click(f'tr[data-job-id="{job_id}"]')
         page.wait_for_selector(f"#detail-id:text('{job_id}')")
-        page.wait_for_function(f"document.querySelectorAll('.model img, .model .placeholder').length >= {model_count}")
-        page.wait_for_function("!document.querySelector('.model .placeholder:not([data-testid])')")  # plots loaded
+        cards = page.locator(".model")
+        cards.nth(model_count - 1).wait_for()
+        for i in range(model_count):  # every plot fetched and decoded
+            cards.nth(i).locator("img[data-testid=model-plot]").evaluate("img => img.decode()")
         page.screenshot(path=str(path), full_page=True)
         browser.close()
 

@@ -117,7 +117,7 @@
     const row = el(
       "tr",
       { "data-job-id": job.id },
-      el("td", {}, el("code", { title: job.id }, shortId(job.id))),
+      el("td", {}, el("code", { title: job.id }, shortId(job.id)), job.name ? el("span", { className: "name" }, job.name) : ""),
       el("td", {}, el("span", { className: "pill" })),
       el("td", {}, el("span", { className: "bar" }, el("span")), " ", el("span", { className: "epochs" })),
       el("td", { className: "train-loss" }),
@@ -338,6 +338,9 @@
     );
   }
 
+  // The spec names a loss, optimizer or layer by a string or by {"type": ...}.
+  const typeName = (item) => (typeof item === "string" ? item : item ? item.type : "");
+
   // "Linear(30) Tanh Linear(2)": the spec's layers as torch names, widths in brackets.
   function layersSummary(spec) {
     return ((spec && spec.model) || [])
@@ -355,7 +358,7 @@
     const fact = (name, value) => facts.append(el("dt", {}, name), el("dd", { title: String(value) }, String(value)));
     fact("id", model.id);
     fact("layers", layersSummary(model.spec));
-    fact("loss", `${model.spec.loss}, ${model.spec.optimizer ? model.spec.optimizer.type : "SGD"}`);
+    fact("training", `${typeName(model.spec.loss)}, ${typeName(model.spec.optimizer) || "SGD"}`);
     fact("task", model.task);
     for (const [name, value] of Object.entries(model.metrics || {})) fact(name, fmtLoss(value));
     fact("features", (model.features || []).join(", "));
