@@ -70,11 +70,17 @@ def page(browser: Browser, ui_server: Server) -> Iterator[Page]:
     opened = context.new_page()
     opened.set_default_timeout(TIMEOUT_MS)
     errors: list[str] = []
+    requested: list[str] = []
     opened.on("pageerror", lambda exc: errors.append(str(exc)))
+    opened.on("request", lambda request: requested.append(request.url))
     opened.goto(f"{ui_server.url}/ui")
     yield opened
     context.close()
     assert not errors, f"the page's script failed: {errors}"
+    # No CDN: everything the page loaded came from the server itself (plots as blob: URLs).
+    foreign = [url for url in requested if not url.startswith((f"{ui_server.url}/", "blob:", "data:"))]
+    assert not foreign, f"the page reached outside the server: {foreign}"
+    assert f"{ui_server.url}/static/ui/app.js" in requested
 
 
 @pytest.fixture(scope="module")
