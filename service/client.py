@@ -16,14 +16,14 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, TypeAdapter
 
-from service.schemas import Dataset, Job, JobDetail, Model, PredictResponse
+from service.schemas import Dataset, Job, JobDetail, JobEvent, Model, PredictResponse
 
 T = TypeVar("T")
 FileArg = str | os.PathLike[str] | bytes
@@ -47,6 +47,37 @@ def _file_part(file: FileArg, name: str | None) -> tuple[str, bytes]:
 
 def _params(**values: Any) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
+
+
+class _EventParser:
+    """Server-Sent Events wire format -> JobEvent, one line at a time."""
+
+    def __init__(self) -> None:
+        self.fields: dict[str, str] = {}
+
+    def feed(self, line: str) -> JobEvent | None:
+        if line == "":
+            fields, self.fields = self.fields, {}
+            if "data" not in fields:
+                return None
+            event_id = fields.get("id", "")
+            return JobEvent(
+                event=fields.get("event", "message"),
+                id=int(event_id) if event_id.isdigit() else None,
+                data=json.loads(fields["data"]),
+            )
+        if line.startswith(":"):  # a comment: the server's keep-alive
+            return None
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data" and "data" in self.fields:
+            value = f"{self.fields['data']}\n{value}"
+        self.fields[name] = value
+        return None
+
+
+# Reconnections in a row, without an event between them, before events() gives up.
+_EVENT_RECONNECTS = 5
 
 
 class _Calls:
@@ -145,6 +176,35 @@ class TrainserveClient:
                 raise TimeoutError(f"job {job_id} still {job.status} after {timeout}s")
             time.sleep(poll)
 
+    def events(self, job_id: str, *, last_event_id: int | None = None) -> Iterator[JobEvent]:
+        """The job's events as they happen (status, epoch, ..., end), from the first, or
+        after epoch ``last_event_id``. Ends after the ``end`` event; a dropped connection
+        is resumed where it broke off."""
+        failures = 0
+        while True:
+            headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+            try:
+                with self.http.stream("GET", f"/jobs/{job_id}/events", headers=headers) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        _Calls.read(response, None)
+                    parser = _EventParser()
+                    for line in response.iter_lines():
+                        event = parser.feed(line)
+                        if event is None:
+                            continue
+                        failures = 0
+                        last_event_id = event.id if event.id is not None else last_event_id
+                        yield event
+                        if event.event == "end":
+                            return
+            except httpx.TransportError:
+                pass
+            failures += 1  # the stream broke off before its end event
+            if failures > _EVENT_RECONNECTS:
+                raise ApiError(0, f"the event stream of job {job_id} kept breaking off")
+            time.sleep(min(2.0, 0.25 * failures))
+
     def list_models(self, *, name: str | None = None, limit: int = 100) -> list[Model]:
         """Newest first; with ``name``, that model's versions, newest version first."""
         params = _params(name=name, limit=limit)
@@ -224,6 +284,33 @@ class AsyncTrainserveClient:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job.status} after {timeout}s")
             await asyncio.sleep(poll)
+
+    async def events(self, job_id: str, *, last_event_id: int | None = None) -> AsyncIterator[JobEvent]:
+        """As ``TrainserveClient.events``, asynchronously."""
+        failures = 0
+        while True:
+            headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+            try:
+                async with self.http.stream("GET", f"/jobs/{job_id}/events", headers=headers) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        _Calls.read(response, None)
+                    parser = _EventParser()
+                    async for line in response.aiter_lines():
+                        event = parser.feed(line)
+                        if event is None:
+                            continue
+                        failures = 0
+                        last_event_id = event.id if event.id is not None else last_event_id
+                        yield event
+                        if event.event == "end":
+                            return
+            except httpx.TransportError:
+                pass
+            failures += 1
+            if failures > _EVENT_RECONNECTS:
+                raise ApiError(0, f"the event stream of job {job_id} kept breaking off")
+            await asyncio.sleep(min(2.0, 0.25 * failures))
 
     async def list_models(self, *, name: str | None = None, limit: int = 100) -> list[Model]:
         params = _params(name=name, limit=limit)

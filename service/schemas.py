@@ -117,6 +117,14 @@ class PredictResponse(BaseModel):
     classes: list[Any] | None = Field(default=None, description="Labels of the probability columns")
 
 
+class JobEvent(BaseModel):
+    """One Server-Sent Event of ``GET /jobs/{id}/events``."""
+
+    event: str = Field(description="status, epoch or end")
+    id: int | None = Field(default=None, description="The last epoch sent so far (resume with Last-Event-ID)")
+    data: dict[str, Any]
+
+
 class Error(BaseModel):
     type: str
     detail: str
