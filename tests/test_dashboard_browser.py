@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,6 +91,18 @@ def moons_csv(tmp_path_factory: pytest.TempPathFactory, moons: tuple[bytes, int]
     return path
 
 
+def train_line_pixels(page: Page) -> int:
+    """How many pixels of the loss chart have the train line's colour."""
+    count: int = page.evaluate(
+        """() => { const c = document.getElementById('loss-chart');
+                   const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                   let blue = 0; for (let i = 0; i < d.length; i += 4)
+                     if (d[i] === 0x2f && d[i + 1] === 0x6f && d[i + 2] === 0xde) blue += 1;
+                   return blue; }"""
+    )
+    return count
+
+
 def enter_key(page: Page) -> None:
     page.fill("#api-key", API_KEY)
     page.click("#key-form button[type=submit]")
@@ -127,14 +140,7 @@ def test_dashboard_asks_for_the_key_then_trains_a_model(page: Page, ui_server: S
     assert "12/12" in row.inner_text()
     # The loss chart shows the finished job's history, drawn on the canvas.
     page.wait_for_selector(f"#detail-id:text('{job_id}')")
-    drawn = page.evaluate(
-        """() => { const c = document.getElementById('loss-chart');
-                   const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-                   let blue = 0; for (let i = 0; i < d.length; i += 4)
-                     if (d[i] === 0x2f && d[i + 1] === 0x6f && d[i + 2] === 0xde) blue += 1;
-                   return blue; }"""
-    )
-    assert drawn > 100, "no train-loss line on the chart"
+    assert train_line_pixels(page) > 100, "no train-loss line on the chart"
 
     # The model appears with its decision-region plot, fetched with the key (an <img src>
     # could not send it) and decoded by the browser at the size the server drew it.
@@ -156,9 +162,17 @@ def test_dashboard_asks_for_the_key_then_trains_a_model(page: Page, ui_server: S
 
 def test_dashboard_cancels_a_running_job(page: Page, ui_server: Server, moons_csv: Path) -> None:
     enter_key(page)
-    job_id = start_run(page, moons_csv, {**guide_moons_spec(), "epochs": 50_000})
+    # The page follows the running job's epochs over its event stream (fetch, with the key).
+    with page.expect_request(lambda request: "/events" in request.url) as stream:
+        job_id = start_run(page, moons_csv, {**guide_moons_spec(), "epochs": 50_000})
+    assert stream.value.url == f"{ui_server.url}/jobs/{job_id}/events"
+    assert stream.value.headers["authorization"] == f"Bearer {API_KEY}"
     row = page.locator(f'tr[data-job-id="{job_id}"]')
     page.wait_for_selector(f'tr[data-job-id="{job_id}"][data-status="running"]')
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while train_line_pixels(page) < 50:  # the curve grows while the job runs
+        assert time.monotonic() < deadline, "the running job's loss curve was never drawn"
+        page.wait_for_timeout(200)
     row.locator("button[data-action=cancel]").click()
     page.wait_for_selector(f'tr[data-job-id="{job_id}"][data-status="cancelled"]')
     assert row.locator("button[data-action=cancel]").is_hidden()

@@ -12,6 +12,7 @@
   const $ = (id) => document.getElementById(id);
   const state = {
     rows: new Map(), // job id -> <tr>
+    jobs: new Map(), // job id -> the job as GET /jobs listed it last
     live: new Map(), // job id -> [[epoch, train_loss, val_loss]] seen while polling a running job
     history: new Map(), // job id -> the final history of an ended job (it never changes)
     selected: null,
@@ -160,6 +161,7 @@
     const body = $("job-rows");
     const seen = new Set();
     let succeeded = 0;
+    state.jobs = new Map(jobs.map((job) => [job.id, job]));
     for (const job of jobs) {
       seen.add(job.id);
       let row = state.rows.get(job.id);
@@ -209,22 +211,43 @@
   async function refreshDetail() {
     const id = state.selected;
     if (!id) return;
-    let job = state.detail && state.detail.id === id ? state.detail : null;
-    if (!job || ACTIVE.has(job.status) || !state.history.has(id)) {
+    const known = state.detail && state.detail.id === id ? state.detail : null;
+    const listed = state.jobs.get(id);
+    const ended = listed ? !ACTIVE.has(listed.status) : known && !ACTIVE.has(known.status);
+    // Fetch the job when it is new here, when it has just ended (for its final history),
+    // and while it runs unless its event stream is bringing the epochs.
+    const needed = !known || (ended && !state.history.has(id)) || (!ended && stream.jobId !== id);
+    let job = known;
+    if (needed) {
       job = await apiJson(`/jobs/${encodeURIComponent(id)}`);
       if (!ACTIVE.has(job.status)) state.history.set(id, job.history || []);
     }
     if (state.selected !== id) return; // another job was picked while this one loaded
-    state.detail = job;
+    state.detail = listed && !needed ? { ...job, ...listed } : job;
+    if (ACTIVE.has(state.detail.status)) follow(id);
+    renderDetail();
+  }
+
+  function chartHistory(job) {
+    if (state.history.has(job.id)) return state.history.get(job.id);
+    const fetched = job.history || [];
+    const live = state.live.get(job.id) || [];
+    const lastOf = (points) => (points.length ? points[points.length - 1][0] : 0);
+    return lastOf(live) >= lastOf(fetched) ? live : fetched;
+  }
+
+  function renderDetail() {
+    const job = state.detail;
+    if (!job) return;
     $("job-detail").hidden = false;
     $("detail-id").textContent = job.id;
     const pill = $("detail-status");
     pill.className = `pill ${job.status}`;
     pill.textContent = job.status;
-    const history = job.history && job.history.length ? job.history : state.live.get(id) || [];
-    drawLoss($("loss-chart"), history, job.epochs);
+    drawLoss($("loss-chart"), chartHistory(job), job.epochs);
     const parts = [];
-    if (job.spec && job.spec.name) parts.push(`name ${job.spec.name}`);
+    const name = job.name || (job.spec && job.spec.name);
+    if (name) parts.push(`name ${name}`);
     if (job.device) parts.push(`device ${job.device}`);
     if (job.model_id) parts.push(`model ${job.model_id}`);
     if (job.val_metrics) {
@@ -233,6 +256,73 @@
     const text = $("detail-text");
     text.textContent = [parts.join(" · "), job.error || ""].filter(Boolean).join("\n");
     text.classList.toggle("error", job.status === "failed");
+  }
+
+  // -- live epochs of the selected job: GET /jobs/{id}/events (Server-Sent Events) --------
+  // EventSource cannot send an Authorization header, so the stream is read with fetch.
+  // Where it is unavailable the detail falls back to polling GET /jobs/{id}.
+
+  const stream = { jobId: null, controller: null, refused: new Set(), retryAt: 0 };
+
+  function follow(id) {
+    if (stream.jobId === id || stream.refused.has(id) || Date.now() < stream.retryAt) return;
+    stream.controller?.abort();
+    const controller = new AbortController();
+    Object.assign(stream, { jobId: id, controller });
+    readEvents(id, controller.signal)
+      .catch(() => {
+        stream.retryAt = Date.now() + 2000; // a dropped connection: poll, then try again
+      })
+      .finally(() => {
+        if (stream.controller === controller) Object.assign(stream, { jobId: null, controller: null });
+      });
+  }
+
+  async function readEvents(id, signal) {
+    const response = await api(`/jobs/${encodeURIComponent(id)}/events`, {
+      signal,
+      headers: { Accept: "text/event-stream" },
+    });
+    if (!response.ok || !response.body) {
+      stream.refused.add(id);
+      return;
+    }
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value.replace(/\r\n?/g, "\n");
+      for (let cut = buffer.indexOf("\n\n"); cut >= 0; cut = buffer.indexOf("\n\n")) {
+        onEvent(id, parseEvent(buffer.slice(0, cut)));
+        buffer = buffer.slice(cut + 2);
+      }
+    }
+  }
+
+  function parseEvent(block) {
+    let name = "message";
+    const data = [];
+    for (const line of block.split("\n")) {
+      if (line.startsWith("event:")) name = line.slice(6).trim();
+      else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+    }
+    return { name, data: data.length ? JSON.parse(data.join("\n")) : null };
+  }
+
+  function onEvent(id, event) {
+    if (event.name === "epoch") {
+      const { epoch, train_loss: train, val_loss: val } = event.data;
+      const points = state.live.get(id) || [];
+      if (!points.length || points[points.length - 1][0] < epoch) points.push([epoch, train, val]);
+      state.live.set(id, points);
+      if (state.detail && state.detail.id === id) {
+        Object.assign(state.detail, { epoch, train_loss: train, val_loss: val });
+        renderDetail();
+      }
+    } else if (event.name === "end" || event.name === "status") {
+      refreshJobs().catch(() => {});
+    }
   }
 
   // -- the loss chart (canvas, no library) --------------------------------------------------
