@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -138,3 +139,27 @@ def test_queue_depth_counts_jobs_waiting_for_a_worker(idle_server: Server, moons
     assert value(after_cancel, "trainserve_jobs", status="cancelled") == 1
     assert value(after_cancel, "trainserve_training_throughput_jobs") == 0
     assert value(after_cancel, "trainserve_training_samples_per_second") == 0
+
+
+def test_an_event_stream_is_timed_to_its_first_byte(idle_server: Server, moons: tuple[bytes, int]) -> None:
+    """A stream lasts as long as its client watches: its latency is how fast it started."""
+    with TrainserveClient(idle_server.url, timeout=60) as ts:
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+        job = ts.train(moons_spec(dataset.id))  # no worker: it stays queued, the stream stays open
+    opened = time.monotonic()
+    with httpx.stream("GET", f"{idle_server.url}/jobs/{job.id}/events", timeout=30) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        lines = stream.iter_lines()
+        assert any(line.startswith("event: status") for line in lines)
+        time.sleep(3)
+    held = time.monotonic() - opened
+
+    labels = {"method": "GET", "route": "/jobs/{job_id}/events"}
+    deadline = time.monotonic() + 30
+    samples = scrape(idle_server)
+    while not value(samples, "trainserve_http_request_duration_seconds_count", **labels):
+        assert time.monotonic() < deadline, "the closed stream was never counted"
+        time.sleep(0.2)  # the server notices the client left at its next poll
+        samples = scrape(idle_server)
+    assert value(samples, "trainserve_http_requests_total", **labels, status="200") == 1
+    assert value(samples, "trainserve_http_request_duration_seconds_sum", **labels) < held / 2
