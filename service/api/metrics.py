@@ -11,13 +11,15 @@ Two kinds of figures:
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from fastapi import APIRouter, Depends, FastAPI, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import service
@@ -93,15 +95,27 @@ class RequestMetrics:
     a client watched, not how fast the server answered.
     """
 
-    def __init__(self, app: ASGIApp, *, requests: Counter, latency: Histogram) -> None:
+    def __init__(
+        self, app: ASGIApp, *, requests: Counter, latency: Histogram, templates: Callable[[], Iterable[str]]
+    ) -> None:
         self.app, self.requests, self.latency = app, requests, latency
+        self._templates = templates
+        self._compiled: list[tuple[re.Pattern[str], str]] | None = None
 
-    @staticmethod
-    def _template(scope: Scope) -> str:
+    def _template(self, scope: Scope) -> str:
         # The router leaves the route it picked in the scope (also on a 405); a Mount's
         # path covers every file under it.
-        route = scope.get("route")
-        return str(getattr(route, "path", None) or UNMATCHED)
+        path = getattr(scope.get("route"), "path", None)
+        if path:
+            return str(path)
+        # Answered before routing (a guard in front of the router refused it): find the
+        # template by the API's own paths, compiled as the router compiles them.
+        if self._compiled is None:
+            self._compiled = [(compile_path(template)[0], template) for template in self._templates()]
+        for regex, template in self._compiled:
+            if regex.match(scope.get("path", "")):
+                return template
+        return UNMATCHED
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -146,7 +160,9 @@ def install(app: FastAPI, runtime: Runtime) -> None:
         registry=registry,
     )
     registry.register(ServiceCollector(runtime))
-    app.add_middleware(RequestMetrics, requests=requests, latency=latency)
+    app.add_middleware(
+        RequestMetrics, requests=requests, latency=latency, templates=lambda: [*app.openapi()["paths"], "/ui"]
+    )
 
     router = APIRouter(tags=["health"])
 
