@@ -8,7 +8,10 @@ saves into ``docs/images/``:
 - ``decision-regions.png``: ``GET /models/{id}/plot.png`` of the MLP, as the server draws it;
 - ``dashboard.png``: the ``/ui`` page in Debian's headless Chromium, with both jobs and models.
 
-    .venv/bin/python scripts/readme_pictures.py            # needs /usr/bin/chromium
+    .venv/bin/python scripts/readme_pictures.py
+
+It needs Debian's Chromium (``apt-get install chromium``) and playwright (in the ``test``
+extra), which drives that browser and downloads none.
 
 Exits non-zero when a job fails or the server draws no plot.
 """
