@@ -226,3 +226,18 @@ def test_api_key_from_flag_or_environment(keyed_server: Server) -> None:
     from_env = cli("models", url=None, env={"TRAINSERVE_URL": keyed_server.url, "TRAINSERVE_API_KEY": "k" * 24})
     assert from_env.returncode == 0, from_env.stderr
     assert from_env.stdout.startswith("MODEL")
+
+
+def test_export_saves_an_archive_torch_loads(
+    server: Server, client: TrainserveClient, moons_model: str, tmp_path: Path
+) -> None:
+    import torch
+
+    archive = tmp_path / "moons.pt2"
+    result = cli("export", "cli-moons:1", "--format", "torch.export", "-o", archive, url=server.url)
+    assert result.returncode == 0, result.stderr
+    module = torch.export.load(archive).module()
+    with torch.inference_mode():
+        probabilities = module(torch.tensor([[0.0, 1.0], [1.0, -0.5]])).flatten().tolist()
+    expected = client.predict(moons_model, [[0.0, 1.0], [1.0, -0.5]]).probabilities or []
+    assert probabilities == pytest.approx([p for row in expected for p in row], abs=1e-6)
