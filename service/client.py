@@ -219,6 +219,21 @@ class TrainserveClient:
     def delete_model(self, model_id: str) -> None:
         self._send(None, method="DELETE", url=f"/models/{model_id}")
 
+    def loss_plot(self, job_id: str, *, width: int = 800, height: int = 600) -> bytes:
+        """The job's train/validation loss curve as PNG bytes."""
+        params = {"width": width, "height": height}
+        return self._send(bytes, method="GET", url=f"/jobs/{job_id}/loss.png", params=params)  # type: ignore[no-any-return]
+
+    def model_plot(self, model_id: str, *, width: int = 800, height: int = 600) -> bytes:
+        """Decision regions, fitted curve or predicted-vs-actual, as PNG bytes."""
+        params = {"width": width, "height": height}
+        return self._send(bytes, method="GET", url=f"/models/{model_id}/plot.png", params=params)  # type: ignore[no-any-return]
+
+    def export_model(self, model_id: str, format: str = "torchscript") -> bytes:
+        """The model as a TorchScript archive or a torch.export program (``format``)."""
+        params = {"format": format}
+        return self._send(bytes, method="GET", url=f"/models/{model_id}/export", params=params)  # type: ignore[no-any-return]
+
     def predict(self, model_id: str, inputs: list[Any]) -> PredictResponse:
         body = {"model_id": model_id, "inputs": inputs}
         return self._send(PredictResponse, method="POST", url="/predict", json=body)  # type: ignore[no-any-return]
@@ -324,6 +339,18 @@ class AsyncTrainserveClient:
 
     async def delete_model(self, model_id: str) -> None:
         await self._send(None, method="DELETE", url=f"/models/{model_id}")
+
+    async def loss_plot(self, job_id: str, *, width: int = 800, height: int = 600) -> bytes:
+        params = {"width": width, "height": height}
+        return await self._send(bytes, method="GET", url=f"/jobs/{job_id}/loss.png", params=params)  # type: ignore[no-any-return]
+
+    async def model_plot(self, model_id: str, *, width: int = 800, height: int = 600) -> bytes:
+        params = {"width": width, "height": height}
+        return await self._send(bytes, method="GET", url=f"/models/{model_id}/plot.png", params=params)  # type: ignore[no-any-return]
+
+    async def export_model(self, model_id: str, format: str = "torchscript") -> bytes:
+        params = {"format": format}
+        return await self._send(bytes, method="GET", url=f"/models/{model_id}/export", params=params)  # type: ignore[no-any-return]
 
     async def predict(self, model_id: str, inputs: list[Any]) -> PredictResponse:
         body = {"model_id": model_id, "inputs": inputs}

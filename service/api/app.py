@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 import service
 from service.api import dashboard, errors, metrics
 from service.api.deps import require_api_key
-from service.api.routes import datasets, events, jobs, models, plots
+from service.api.routes import datasets, events, export, jobs, models, plots
 from service.api.runtime import Runtime
 from service.config import Settings, get_settings
 from service.db import upgrade_to_head
@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = runtime
     errors.install(app)
     protected = [Depends(require_api_key)]
-    for router in (datasets.router, jobs.router, events.router, models.router, plots.router):
+    for router in (datasets.router, jobs.router, events.router, models.router, plots.router, export.router):
         app.include_router(router, dependencies=protected)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     dashboard.install(app)
