@@ -1,19 +1,17 @@
-"""Make the README's pictures with the project itself: a real server trains the guide's models.
+"""Make the README's dashboard picture with the project itself: a real server trains the guide's models.
 
 Starts ``trainserve serve`` (API + one worker) on a free port in a scratch folder, trains
 the guide's two make_moons classifiers with the guide's own settings (the 2x30 Tanh MLP,
-300 epochs, and the linear ``Linear(2,2)``, 50 epochs; SGD lr 0.001, batch size 1), then
-saves into ``docs/images/``:
-
-- ``decision-regions.png``: ``GET /models/{id}/plot.png`` of the MLP, as the server draws it;
-- ``dashboard.png``: the ``/ui`` page in Debian's headless Chromium, with both jobs and models.
+300 epochs, and the linear ``Linear(2,2)``, 50 epochs; SGD lr 0.001, batch size 1), checks
+that the server draws their decision regions (``GET /models/{id}/plot.png``), then saves
+``docs/images/dashboard.png``: the ``/ui`` page in Debian's headless Chromium, with both
+jobs, the MLP's loss curve, and both models with their plots.
 
     .venv/bin/python scripts/readme_pictures.py
 
 It needs Debian's Chromium (``apt-get install chromium``) and playwright (in the ``test``
-extra), which drives that browser and downloads none.
-
-Exits non-zero when a job fails or the server draws no plot.
+extra), which drives that browser and downloads none. Exits non-zero when a job fails or
+the server draws no plot.
 """
 
 from __future__ import annotations
@@ -130,16 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         process, url = start_server(Path(scratch))
         try:
             job_id, model_id = train_guide_models(url, to_csv(x, y).encode())
-            screenshot_dashboard(url, job_id, 2, args.out / "dashboard.png")
             plot = httpx.get(f"{url}/models/{model_id}/plot.png", timeout=120)
             if plot.status_code != 200 or plot.headers.get("content-type") != "image/png":
                 print(f"the server drew no plot: GET /models/{{id}}/plot.png answered {plot.status_code}")
                 return 1
-            (args.out / "decision-regions.png").write_bytes(plot.content)
+            screenshot_dashboard(url, job_id, 2, args.out / "dashboard.png")
         finally:
             stop_server(process)
-    for name in ("decision-regions.png", "dashboard.png"):
-        print(f"wrote {args.out / name} ({(args.out / name).stat().st_size} bytes)")
+    print(f"wrote {args.out / 'dashboard.png'} ({(args.out / 'dashboard.png').stat().st_size} bytes)")
     return 0
 
 
