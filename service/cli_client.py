@@ -255,9 +255,11 @@ def resolve_model(client: TrainserveClient, reference: str) -> Model:
 
 def _number(text: str) -> Any:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         return text  # the server names the row and column it cannot use
+    # JSON has no NaN or infinity: send the text, which the server refuses by row and column.
+    return value if math.isfinite(value) else text
 
 
 def _chunks(rows: Iterator[dict[str, str]], size: int) -> Iterator[list[dict[str, str]]]:

@@ -43,9 +43,9 @@ def check_whole_run(events: list[JobEvent], epochs: int) -> None:
 
 
 def test_a_run_streams_status_every_epoch_and_end(client: TrainserveClient, dataset_id: str) -> None:
-    job = client.train(moons_spec(dataset_id, epochs=25, batch_size=8, validation_split=0.2))
+    job = client.train(moons_spec(dataset_id, epochs=12, batch_size=16, validation_split=0.2))
     events = list(client.events(job.id))
-    check_whole_run(events, 25)
+    check_whole_run(events, 12)
     final = client.get_job(job.id)
     assert events[-1].data["model_id"] == final.model_id
     assert events[-2].data["model_id"] == final.model_id

@@ -127,6 +127,12 @@ def test_predict_regression_and_its_errors(server: Server, tmp_path: Path) -> No
     bad = cli("predict", model_id, rows, url=server.url)
     assert bad.returncode == 2
     assert "data row 3" in bad.stderr
+    assert "'oops' is not a number" in bad.stderr
+
+    rows.write_text("x\n1.0\nnan\n")  # JSON has no NaN: refused by row, not sent as invalid JSON
+    not_finite = cli("predict", model_id, rows, url=server.url)
+    assert not_finite.returncode == 2
+    assert "data row 2" in not_finite.stderr
 
     rows.write_text("z\n1.0\n")
     missing = cli("predict", model_id, rows, url=server.url)
