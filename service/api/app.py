@@ -17,9 +17,9 @@ from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 import service
-from service.api import errors
+from service.api import dashboard, errors, metrics
 from service.api.guard import OPEN_PATHS, GuardSettings, RequestGuard
-from service.api.routes import datasets, jobs, models
+from service.api.routes import datasets, events, export, jobs, models, plots
 from service.api.runtime import Runtime
 from service.config import Settings, get_settings
 from service.db import upgrade_to_head
@@ -51,13 +51,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.runtime = runtime
     errors.install(app)
+    # Added before the metrics middleware, which so wraps it and counts its 401s and 413s.
     app.add_middleware(
         RequestGuard,
         settings=GuardSettings(settings.api_key, settings.max_body_bytes, settings.max_upload_bytes),
     )
-    for router in (datasets.router, jobs.router, models.router):
+    for router in (datasets.router, jobs.router, events.router, models.router, plots.router, export.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    dashboard.install(app)
+    metrics.install(app, runtime)
     _add_docs(app)
     _add_health(app, runtime)
     _complete_openapi(app, settings)

@@ -23,8 +23,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api.errors import error_response
 from service.errors import InvalidInput, PayloadTooLarge, TrainserveError, Unauthorized
 
-# Reachable without the key: liveness/readiness, and what the docs page needs to load.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# Reachable without the key: liveness/readiness, and the pages that hold no data (the docs
+# and the dashboard, whose script sends the key the user types in) with their assets.
+OPEN_PATHS = frozenset(
+    {"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/ui", "/ui/"}
+)
 OPEN_PREFIXES = ("/static/",)
 # Room for the multipart boundaries, part headers and the spec field beside the file.
 MULTIPART_OVERHEAD = 1024 * 1024
