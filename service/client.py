@@ -45,6 +45,10 @@ def _file_part(file: FileArg, name: str | None) -> tuple[str, bytes]:
     return name or path.name, path.read_bytes()
 
 
+def _params(**values: Any) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
 class _Calls:
     """Request builders and response readers shared by both clients."""
 
@@ -123,8 +127,8 @@ class TrainserveClient:
     def get_job(self, job_id: str) -> JobDetail:
         return self._send(JobDetail, method="GET", url=f"/jobs/{job_id}")  # type: ignore[no-any-return]
 
-    def list_jobs(self, status: str | None = None) -> list[Job]:
-        params = {"status": status} if status else {}
+    def list_jobs(self, status: str | None = None, *, name: str | None = None, limit: int = 100) -> list[Job]:
+        params = _params(status=status, name=name, limit=limit)
         return self._send(list[Job], method="GET", url="/jobs", params=params)  # type: ignore[no-any-return]
 
     def cancel_job(self, job_id: str) -> Job:
@@ -141,8 +145,10 @@ class TrainserveClient:
                 raise TimeoutError(f"job {job_id} still {job.status} after {timeout}s")
             time.sleep(poll)
 
-    def list_models(self) -> list[Model]:
-        return self._send(list[Model], method="GET", url="/models")  # type: ignore[no-any-return]
+    def list_models(self, *, name: str | None = None, limit: int = 100) -> list[Model]:
+        """Newest first; with ``name``, that model's versions, newest version first."""
+        params = _params(name=name, limit=limit)
+        return self._send(list[Model], method="GET", url="/models", params=params)  # type: ignore[no-any-return]
 
     def get_model(self, model_id: str) -> Model:
         return self._send(Model, method="GET", url=f"/models/{model_id}")  # type: ignore[no-any-return]
@@ -202,8 +208,8 @@ class AsyncTrainserveClient:
     async def get_job(self, job_id: str) -> JobDetail:
         return await self._send(JobDetail, method="GET", url=f"/jobs/{job_id}")  # type: ignore[no-any-return]
 
-    async def list_jobs(self, status: str | None = None) -> list[Job]:
-        params = {"status": status} if status else {}
+    async def list_jobs(self, status: str | None = None, *, name: str | None = None, limit: int = 100) -> list[Job]:
+        params = _params(status=status, name=name, limit=limit)
         return await self._send(list[Job], method="GET", url="/jobs", params=params)  # type: ignore[no-any-return]
 
     async def cancel_job(self, job_id: str) -> Job:
@@ -219,8 +225,9 @@ class AsyncTrainserveClient:
                 raise TimeoutError(f"job {job_id} still {job.status} after {timeout}s")
             await asyncio.sleep(poll)
 
-    async def list_models(self) -> list[Model]:
-        return await self._send(list[Model], method="GET", url="/models")  # type: ignore[no-any-return]
+    async def list_models(self, *, name: str | None = None, limit: int = 100) -> list[Model]:
+        params = _params(name=name, limit=limit)
+        return await self._send(list[Model], method="GET", url="/models", params=params)  # type: ignore[no-any-return]
 
     async def get_model(self, model_id: str) -> Model:
         return await self._send(Model, method="GET", url=f"/models/{model_id}")  # type: ignore[no-any-return]

@@ -55,8 +55,12 @@ def load_predictor(
     return cache.get(record, generation=generation)
 
 
-def list_all(*, session: Session, limit: int = 100, offset: int = 0) -> list[ModelRecord]:
-    query = select(ModelRecord).order_by(ModelRecord.created_at.desc(), ModelRecord.id)
+def list_all(*, session: Session, name: str | None = None, limit: int = 100, offset: int = 0) -> list[ModelRecord]:
+    """Newest first; with ``name``, that model's versions, newest version first."""
+    if name is None:
+        query = select(ModelRecord).order_by(ModelRecord.created_at.desc(), ModelRecord.id)
+    else:
+        query = select(ModelRecord).where(ModelRecord.name == name).order_by(ModelRecord.version.desc())
     return list(session.scalars(query.limit(limit).offset(offset)))
 
 
