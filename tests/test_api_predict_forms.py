@@ -136,7 +136,9 @@ def test_npy_single_row_and_fortran_order(client: TrainserveClient, model_id: st
 
 def _bad_npy_bodies() -> Iterator[object]:
     good = _npy(ROWS[:4])
-    yield pytest.param(_npy(np.array([[1.0, "a"]], dtype=object), pickled=True), "'|O' is not supported", id="object-dtype-pickle")
+    yield pytest.param(
+        _npy(np.array([[1.0, "a"]], dtype=object), pickled=True), "'|O' is not supported", id="object-dtype-pickle"
+    )
     yield pytest.param(_npy(ROWS[:4, :1]), "does not fit the model", id="wrong-width")
     yield pytest.param(_npy(np.zeros((2, 2, 2), np.float32)), "does not fit the model", id="3-d")
     yield pytest.param(_npy(np.zeros((0, 2), np.float32)), "empty", id="empty")

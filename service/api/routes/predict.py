@@ -169,7 +169,8 @@ async def predict(request: Request) -> Response:
             if inline
             else await run_in_threadpool(parse, parsed, predictor, max_rows=max_rows)
         )
-        headers = _model_headers(predictor)
+        # A JSON answer names its model in the body; headers cost time on the hot path.
+        headers = _model_headers(predictor) if content_type == NPY_MEDIA_TYPE else {}
         if batcher.accepts(predictor, len(x)):
             settled = True
             outcome, batch_rows = await batcher.infer(predictor, x)
