@@ -327,7 +327,7 @@ PREDICTIONS = {
     "no model_id": Case(
         422, "model_id", lambda _w: {"method": "POST", "url": "/predict", "json": {"inputs": [[1, 2]]}}
     ),
-    "unknown field": Case(422, "extra", predict([[1.0, 2.0]], temperature=2)),
+    "unknown field": Case(422, "unknown field 'temperature'", predict([[1.0, 2.0]], temperature=2)),
     "too many rows": Case(
         413,
         f"{PREDICT_ROWS + 1} rows in one request, the limit is {PREDICT_ROWS}",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
@@ -19,11 +21,11 @@ from starlette.concurrency import run_in_threadpool
 import service
 from service.api import dashboard, errors, metrics
 from service.api.guard import OPEN_PATHS, GuardSettings, RequestGuard
-from service.api.routes import datasets, events, export, jobs, models, plots
+from service.api.routes import datasets, events, export, jobs, models, plots, predict
 from service.api.runtime import Runtime
 from service.config import Settings, get_settings
 from service.db import upgrade_to_head
-from service.schemas import Error
+from service.schemas import Error, PredictRequest
 from service.spec import TrainSpec
 
 log = logging.getLogger(__name__)
@@ -36,8 +38,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        torch.set_num_threads(settings.predict_threads)  # this process only predicts; see config
         await run_in_threadpool(upgrade_to_head, settings.resolved_database_url)
         runtime.store.ensure()
+        # Everything imported and built so far (torch alone is hundreds of thousands of
+        # objects) lives as long as the process: keep it out of the cyclic collector's
+        # full passes, which otherwise ran during large requests and made parsing a
+        # 65,536-row JSON body 9x slower (measured).
+        gc.freeze()
         yield
         runtime.engine.dispose()
 
@@ -56,6 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         RequestGuard,
         settings=GuardSettings(settings.api_key, settings.max_body_bytes, settings.max_upload_bytes),
     )
+    # /predict first: routes are matched in order, and it is the one called most.
+    app.include_router(predict.router)
     for router in (datasets.router, jobs.router, events.router, models.router, plots.router, export.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -91,6 +101,8 @@ def _complete_openapi(app: FastAPI, settings: Settings) -> None:
             models = components.setdefault("schemas", {})
             models.update(spec_schema.pop("$defs", {}))
             models["TrainSpec"] = spec_schema
+            # POST /predict also reads its body itself (JSON, .npy or CSV).
+            models["PredictRequest"] = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             models["Error"] = Error.model_json_schema()
             for unused in ("HTTPValidationError", "ValidationError"):
                 models.pop(unused, None)
