@@ -353,6 +353,7 @@ def _save(
                     val_metrics=last.val_metrics,
                     history=_thin(result.history),
                     device=result.device,
+                    notes=result.notes,
                     finished_at=now,
                     updated_at=now,
                 ),
@@ -378,6 +379,7 @@ def _save(
                         torch_version=torch.__version__,
                         device=result.device,
                         train_seconds=result.train_seconds,
+                        notes=result.notes,
                     )
                 )
     except BaseException:

@@ -59,6 +59,9 @@ class Job(_Out):
     started_at: UTCDateTime | None
     finished_at: UTCDateTime | None
     spec: dict[str, Any]
+    notes: list[str] = Field(
+        default_factory=list, description="How it ran: which training loop, resumed, stopped early"
+    )
 
 
 class JobDetail(Job):
@@ -85,6 +88,7 @@ class Model(_Out):
     train_seconds: float
     created_at: UTCDateTime
     spec: dict[str, Any]
+    notes: list[str] = Field(default_factory=list, description="How it was trained: training loop, early stopping")
 
 
 _INPUTS_SCHEMA = {

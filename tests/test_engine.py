@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from service import engine
@@ -400,6 +401,149 @@ def test_checkpoints_come_no_more_often_than_asked():
     assert taken == []
     fit(x, y, epochs=3, on_checkpoint=taken.append, checkpoint_every_s=0.0)
     assert len(taken) == 3 * (7 + 1)  # after each of 7 batches an epoch, and at each epoch's end
+
+
+# -- schedulers, early stopping, clipping, Dropout and BatchNorm ------------------------------------------
+
+
+def final_lr(x: np.ndarray, y: np.ndarray, **fields: Any) -> float:
+    taken: list[engine.Checkpoint] = []
+    fit(x, y, **fields, on_checkpoint=taken.append, checkpoint_every_s=0.0)
+    return float(taken[-1].meta["optimizer"]["param_groups"][0]["lr"])
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "expected"),
+    [
+        ({"type": "StepLR", "step_size": 2, "gamma": 0.5}, 0.1 * 0.5**3),  # after 6 epochs: 3 decays
+        ({"type": "MultiStepLR", "milestones": [1, 4], "gamma": 0.1}, 0.1 * 0.01),
+        ({"type": "ExponentialLR", "gamma": 0.9}, 0.1 * 0.9**6),
+        ({"type": "CosineAnnealingLR", "T_max": 6}, 0.0),
+        ({"type": "LinearLR", "start_factor": 0.5, "total_iters": 4}, 0.1),
+    ],
+)
+def test_schedulers_step_once_an_epoch_like_torch(scheduler, expected):
+    x, y = moons(64)
+    lr = final_lr(x, y, epochs=6, optimizer={"type": "SGD", "lr": 0.1}, scheduler=scheduler)
+    assert lr == pytest.approx(expected, abs=1e-12)
+
+
+def test_reduce_on_plateau_watches_the_training_loss_without_a_validation_split():
+    x, y = moons(64)
+    # lr 0 never improves the loss: every epoch past the patience halves the rate.
+    fields = {"optimizer": {"type": "SGD", "lr": 1e-30}, "epochs": 4}
+    scheduler = {"type": "ReduceLROnPlateau", "patience": 0, "factor": 0.5, "threshold": 0.5}
+    assert final_lr(x, y, **fields, scheduler=scheduler) == pytest.approx(1e-30 * 0.5**3)
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "loc"),
+    [
+        ({"type": "CyclicLR"}, ("scheduler",)),
+        ({"type": "StepLR"}, ("scheduler", "StepLR", "step_size")),
+        ({"type": "StepLR", "step_size": 0}, ("scheduler", "StepLR", "step_size")),
+        ({"type": "MultiStepLR", "milestones": [5, 2]}, ("scheduler", "MultiStepLR", "milestones")),
+        ({"type": "ReduceLROnPlateau", "factor": 1.5}, ("scheduler", "ReduceLROnPlateau", "factor")),
+        ({"type": "ExponentialLR", "gamma": 0.9, "verbose": True}, ("scheduler", "ExponentialLR", "verbose")),
+    ],
+)
+def test_bad_schedulers_are_refused_naming_the_field(scheduler, loc):
+    with pytest.raises(ValidationError) as info:
+        S.TrainSpec.model_validate({"model": [linear(2)], "loss": "MSELoss", "scheduler": scheduler})
+    assert info.value.errors()[0]["loc"] == loc
+
+
+def test_early_stopping_needs_a_validation_split():
+    x, y = moons()
+    spec = S.TrainSpec.model_validate({"model": CLASSIFIER, "loss": "CrossEntropyLoss", "early_stopping": {}})
+    with pytest.raises(InvalidInput) as info:
+        plan_for(spec, x, y)
+    assert info.value.errors[0]["loc"] == ["early_stopping"]
+    assert "validation_split" in info.value.detail
+
+
+def test_early_stopping_stops_on_a_plateau_and_keeps_the_best_weights():
+    x, y = moons()
+    fields: dict[str, Any] = {
+        "epochs": 200,
+        "optimizer": {"type": "Adam", "lr": 0.05},
+        "validation_split": 0.3,
+        "early_stopping": {"patience": 3, "min_delta": 0.001},
+    }
+    _, _, result = fit(x, y, **fields)
+    assert result.stopped_epoch is not None
+    assert result.best_epoch is not None
+    assert len(result.history) == result.stopped_epoch < 200
+    assert result.stopped_epoch - result.best_epoch >= 3
+    best = result.history[result.best_epoch - 1]
+    # No later epoch beat the best by min_delta; the best beat every earlier one.
+    assert all(r.val_loss > best.val_loss - 0.001 for r in result.history[result.best_epoch :])
+    assert all(r.val_loss > best.val_loss for r in result.history[: result.best_epoch - 1])
+    assert result.metrics["val_loss"] == pytest.approx(best.val_loss, rel=1e-6)  # the saved weights are the best's
+    assert any(f"best epoch {result.best_epoch}" in note for note in result.notes)
+
+    fields["early_stopping"] = {"patience": 3, "min_delta": 0.001, "restore_best_weights": False}
+    _, _, last = fit(x, y, **fields)
+    assert last.stopped_epoch == result.stopped_epoch
+    assert last.metrics["val_loss"] == pytest.approx(last.history[-1].val_loss, rel=1e-6)
+
+
+def test_clip_grad_norm_bounds_every_update():
+    x, y = wave(64)
+    fields: dict[str, Any] = {
+        "model": [linear(8), "Tanh", linear(1)],
+        "loss": "MSELoss",
+        "optimizer": {"type": "SGD", "lr": 1.0},
+        "epochs": 1,
+        "batch_size": 64,  # one step: the change in weights is lr * the clipped gradient
+        "standardize": False,
+    }
+    spec, plan, result = fit(x, y, **fields, clip_grad_norm=0.01)
+    with torch.random.fork_rng():
+        torch.manual_seed(spec.seed)
+        initial = engine.TabularNet(spec.model, plan.in_features).net.state_dict()
+    trained = result.module.net.state_dict()
+    change = torch.sqrt(sum(((trained[k] - initial[k]) ** 2).sum() for k in initial))
+    assert 0 < float(change) <= 0.01 * 1.0001
+    _, _, unclipped = fit(x, y, **fields)
+    free = unclipped.module.net.state_dict()
+    assert float(torch.sqrt(sum(((free[k] - initial[k]) ** 2).sum() for k in initial))) > 0.1
+
+
+def test_dropout_is_off_when_evaluating_and_predicting():
+    x, y = moons()
+    model = [linear(32), {"type": "Dropout", "p": 0.5}, "ReLU", linear(2)]
+    _, _, result = fit(x, y, model=model, epochs=20, validation_split=0.2)
+    assert result.metrics["train_accuracy"] > 0.9
+    assert torch.equal(predict_raw(result.module, x), predict_raw(result.module, x))
+    # A train-mode pass drops units: the answers differ from the saved model's.
+    result.module.train()
+    with torch.no_grad():
+        assert not torch.equal(result.module(torch.from_numpy(x)), predict_raw(result.module.eval(), x))
+
+
+def test_batchnorm_learns_running_statistics_and_predicts_single_rows():
+    x, y = moons()
+    model = [linear(16), {"type": "BatchNorm1d"}, "ReLU", linear(2)]
+    _, _, result = fit(x, y, model=model, epochs=10)
+    norm = result.module.net[1]
+    assert not torch.equal(norm.running_mean, torch.zeros(16))
+    assert int(norm.num_batches_tracked) == 10 * 7
+    batch = predict_raw(result.module, x)
+    one_by_one = torch.cat([predict_raw(result.module, x[i : i + 1]) for i in range(5)])
+    torch.testing.assert_close(one_by_one, batch[:5])
+    assert result.metrics["train_accuracy"] > 0.9
+
+
+def test_batchnorm_with_batch_size_one_is_refused_at_submit():
+    x, y = moons()
+    spec = S.TrainSpec.model_validate(
+        {"model": [linear(8), {"type": "BatchNorm1d"}, linear(2)], "loss": "CrossEntropyLoss", "batch_size": 1}
+    )
+    with pytest.raises(InvalidInput) as info:
+        plan_for(spec, x, y)
+    assert info.value.errors[0]["loc"] == ["batch_size"]
+    assert "BatchNorm1d" in info.value.detail
 
 
 # -- every allow-listed building block ----------------------------------------------------------------
