@@ -15,12 +15,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from service import native
 from service import spec as S
 
 _LAYERS: dict[str, type[nn.Module]] = {
@@ -447,6 +448,15 @@ class _Hooks:
             self.next_checkpoint = time.monotonic() + self.checkpoint_every_s
 
 
+class Steps(Protocol):
+    """Runs batches ``start`` to ``stop`` of an epoch's rows, adding each step's loss to ``loss_sum``."""
+
+    name: str
+    chunk_steps: int  # steps per call: checkpoints and polls fall between calls
+
+    def run(self, xe: torch.Tensor, ye: torch.Tensor, start: int, stop: int, loss_sum: torch.Tensor) -> None: ...
+
+
 class EagerSteps:
     """The guide's step, one batch at a time: zero_grad, forward, loss, backward, (clip), step."""
 
@@ -572,14 +582,25 @@ def choose_steps(
     loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
-) -> tuple[EagerSteps, list[str]]:
+) -> tuple[Steps, list[str]]:
     """The fastest loop this spec can run on, and a note saying which one it is and why."""
-    return EagerSteps(spec, net, loss_fn, optimizer), ["training loop: eager PyTorch"]
+    reason = native.unsupported_reason(spec, plan.n_parameters, device)
+    if reason is None:
+        try:
+            started = time.perf_counter()
+            steps = native.NativeSteps(spec, plan.in_features, plan.task, net, optimizer)
+            how = "from the on-disk cache" if steps.cached else f"compiled in {time.perf_counter() - started:.2f} s"
+            return steps, [
+                f"training loop: native (the whole step as generated C, {steps.chunk_steps} steps per call; {how})"
+            ]
+        except native.NativeUnavailable as exc:
+            reason = str(exc)
+    return EagerSteps(spec, net, loss_fn, optimizer), [f"training loop: eager PyTorch ({reason})"]
 
 
 def _loop(
     run: _Run,
-    steps: EagerSteps,
+    steps: Steps,
     loss_fn: nn.Module,
     xt: torch.Tensor,
     yt: torch.Tensor,
