@@ -280,7 +280,7 @@ class _Program:
                 self.emit(f"      {dout}[j] = (a < {bt} ? e / {bt} : s) / {count};")
         else:
             assert isinstance(loss, S.BCEWithLogitsLoss)
-            self.emit("      total += (p > 0.0f ? p : 0.0f) - p * t + log1pf(expf(-a));")
+            self.emit("      total += (p > 0.0f ? p : 0.0f) - p * t + log1pf(expf(-fabsf(p)));")
             self.emit(f"      {dout}[j] = (sigm(p) - t) / {count};")
         self.emit("    }")
         self.emit(f"    float loss = total / {count};")
