@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import struct
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -318,11 +319,54 @@ def parse_table(path: Path, fmt: Literal["csv", "npz"], *, max_elements: int) ->
 
 
 def write_table(table: Table, handle: io.BufferedWriter) -> None:
-    """Serialise a table as an uncompressed .npz (no pickles: loadable with allow_pickle=False)."""
+    """Serialise a table as an uncompressed .npz (no pickles: loadable with allow_pickle=False).
+
+    Uncompressed on purpose: each column is stored as a plain .npy inside the zip, so
+    ``read_table`` can memory-map it instead of reading it.
+    """
     np.savez(handle, names=np.array(table.names, dtype=np.str_), **{f"c{i}": c for i, c in enumerate(table.columns)})  # type: ignore[arg-type]
 
 
-def read_table(path: Path) -> Table:
+def _mapped_members(path: Path) -> dict[str, np.ndarray] | None:
+    """Every array of an uncompressed .npz, memory-mapped read-only; None if any member can't be."""
+    arrays: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
+                return None
+            raw.seek(info.header_offset)
+            local = raw.read(30)
+            if local[:4] != b"PK\x03\x04":
+                return None
+            name_length, extra_length = struct.unpack("<HH", local[26:30])
+            raw.seek(info.header_offset + 30 + name_length + extra_length)
+            version = np.lib.format.read_magic(raw)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(raw)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(raw)
+            else:
+                return None
+            if dtype.hasobject:
+                return None
+            key = info.filename[: -len(".npy")]
+            if math.prod(shape) == 0:
+                arrays[key] = np.empty(shape, dtype=dtype)
+                continue
+            offset = raw.tell()
+            if fortran:
+                arrays[key] = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F")
+            else:
+                arrays[key] = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="C")
+    return arrays
+
+
+def read_table(path: Path, *, mmap: bool = True) -> Table:
+    """Load a stored table; with ``mmap`` its columns are read-only views of the file, paged in on use."""
+    mapped = _mapped_members(path) if mmap else None
+    if mapped is not None:
+        names = [str(n) for n in mapped["names"].tolist()]
+        return Table(names, [mapped[f"c{i}"] for i in range(len(names))])
     with np.load(path, allow_pickle=False) as archive:
         names = archive["names"].tolist()
         return Table(names, [archive[f"c{i}"] for i in range(len(names))])

@@ -193,13 +193,15 @@ class _Program:
         bs, n_layers = spec.batch_size, len(spec.model)
         self.emit(_PRELUDE)
         self.emit(
-            "void train_steps(float **P_, float **S_, const float *X, const void *Yv, long n, long start, long stop,"
-            " double lr, float *loss_sum, int *fresh) {"
+            "void train_steps(float **P_, float **S_, const float *X, const void *Yv, const int64_t *idx,"
+            " const float *mean, const float *sd, long n, long start, long stop, double lr, float *loss_sum,"
+            " int *fresh) {"
         )
         for i, (name, _) in enumerate(self.params):
             self.emit(f"  float *{name} = P_[{i}];")
         ys = "const int64_t *Y = (const int64_t *)Yv;" if self.task == "classification" else "const float *Y = Yv;"
         self.emit(f"  {ys}")
+        self.emit(f"  float *h0 = malloc(sizeof(float) * {bs * widths[0]}); long *rows = malloc(sizeof(long) * {bs});")
         for k in range(1, n_layers + 1):
             self.emit(f"  float *h{k} = malloc(sizeof(float) * {bs * widths[k]});")
             self.emit(f"  float *d{k} = malloc(sizeof(float) * {bs * widths[k]});")
@@ -207,7 +209,12 @@ class _Program:
             self.emit(f"  float *g{name} = malloc(sizeof(float) * {size});")
         self.emit("  for (long b = start; b < stop; b++) {")
         self.emit(f"    long r0 = b * {bs}; int m = (int)(n - r0 < {bs} ? n - r0 : {bs});")
-        self.emit(f"    const float *h0 = X + r0 * {widths[0]};")
+        # Gather the batch's rows and standardise them as the module's scaler would: (x - mean) / std.
+        self.emit("    for (int r = 0; r < m; r++) {")
+        self.emit("      long row = idx ? idx[r0 + r] : r0 + r; rows[r] = row;")
+        f = widths[0]
+        self.emit(f"      for (int i = 0; i < {f}; i++) h0[r * {f} + i] = (X[row * {f} + i] - mean[i]) / sd[i];")
+        self.emit("    }")
         self._forward()
         self._loss()
         self._backward()
@@ -216,6 +223,7 @@ class _Program:
         self._update()
         self.emit("    *fresh = 0;")
         self.emit("  }")
+        self.emit("  free(h0); free(rows);")
         for k in range(1, n_layers + 1):
             self.emit(f"  free(h{k}); free(d{k});")
         for name, _ in self.params:
@@ -250,7 +258,7 @@ class _Program:
             self.emit(f"      const float *z = {out} + r * {width}; float *dz = {dout} + r * {width};")
             self.emit(f"      float mx = z[0]; for (int c = 1; c < {width}; c++) if (z[c] > mx) mx = z[c];")
             self.emit(f"      float se = 0.0f; for (int c = 0; c < {width}; c++) se += expf(z[c] - mx);")
-            self.emit("      float lse = mx + logf(se); long t = Y[r0 + r]; float all = 0.0f;")
+            self.emit("      float lse = mx + logf(se); long t = Y[rows[r]]; float all = 0.0f;")
             self.emit(f"      for (int c = 0; c < {width}; c++) {{")
             self.emit(f"        all += z[c] - lse; dz[c] = (expf(z[c] - lse) - {ls} / {width}.0f) / (float)m;")
             self.emit("      }")
@@ -261,7 +269,9 @@ class _Program:
             return
         count = f"(float)(m * {width})"
         self.emit(f"    for (int j = 0; j < m * {width}; j++) {{")
-        self.emit(f"      float p = {out}[j], t = Y[r0 * {width} + j], e = p - t, a = fabsf(e);")
+        self.emit(
+            f"      float p = {out}[j], t = Y[rows[j / {width}] * {width} + j % {width}], e = p - t, a = fabsf(e);"
+        )
         self.emit("      float s = (e > 0.0f) - (e < 0.0f);")
         if isinstance(loss, S.MSELoss):
             self.emit(f"      total += e * e; {dout}[j] = 2.0f * e / {count};")
@@ -460,6 +470,9 @@ def load(source: str) -> tuple[ctypes.CDLL, bool]:
             ctypes.POINTER(ctypes.c_void_p),
             ctypes.c_void_p,
             ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
             ctypes.c_long,
             ctypes.c_long,
             ctypes.c_long,
@@ -497,11 +510,13 @@ class NativeSteps:
     name = "native"
     chunk_steps = CHUNK_STEPS
 
-    def __init__(self, spec: S.TrainSpec, in_features: int, task: S.Task, net: nn.Module, optimizer: Any) -> None:
+    def __init__(self, spec: S.TrainSpec, in_features: int, task: S.Task, model: nn.Module, optimizer: Any) -> None:
         source, slots = generate(spec, in_features, task)
         self.library, self.cached = load(source)
         self.optimizer = optimizer
-        params = list(net.parameters())
+        scaler = model.get_submodule("scaler")
+        self.mean, self.std = scaler.get_buffer("mean"), scaler.get_buffer("std")
+        params = list(model.get_submodule("net").parameters())
         if any(p.dtype != torch.float32 or not p.is_contiguous() for p in params):
             raise NativeUnavailable("generated code needs contiguous float32 weights")
         self.fresh = ctypes.c_int(_init_state(optimizer, slots))
@@ -511,15 +526,28 @@ class NativeSteps:
         self.state_ptrs = (ctypes.c_void_p * max(len(states), 1))(*[t.data_ptr() for t in states])
         self._keep = (params, states)
 
-    def run(self, xe: torch.Tensor, ye: torch.Tensor, start: int, stop: int, loss_sum: torch.Tensor) -> None:
+    def run(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        order: torch.Tensor | None,
+        start: int,
+        stop: int,
+        loss_sum: torch.Tensor,
+    ) -> None:
         lr = float(self.optimizer.param_groups[0]["lr"])
+        if not (x.is_contiguous() and y.is_contiguous() and (order is None or order.is_contiguous())):
+            raise ValueError("the native loop needs contiguous data")  # the engine's loop never hands it other
         with torch.no_grad():
             self.library.train_steps(
                 self.param_ptrs,
                 self.state_ptrs,
-                xe.data_ptr(),
-                ye.data_ptr(),
-                len(xe),
+                x.data_ptr(),
+                y.data_ptr(),
+                None if order is None else order.data_ptr(),
+                self.mean.data_ptr(),
+                self.std.data_ptr(),
+                len(x) if order is None else len(order),
                 start,
                 stop,
                 lr,
