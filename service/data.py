@@ -10,10 +10,11 @@ from __future__ import annotations
 import csv
 import io
 import math
+import mmap
 import struct
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +57,8 @@ class TableSchema:
 class Table:
     names: list[str]
     columns: list[np.ndarray]
+    # Columns memory-mapped from a stored file: index -> (the mapping, byte offset, byte length).
+    mapped: dict[int, tuple[mmap.mmap, int, int]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_rows(self) -> int:
@@ -68,8 +71,19 @@ class Table:
         """The named numeric columns side by side, as one C-contiguous array."""
         out: np.ndarray = np.empty((self.n_rows, len(names)), dtype=dtype)
         for j, name in enumerate(names):
-            out[:, j] = self.column(name)
+            index = self.names.index(name)
+            out[:, j] = self.columns[index]
+            self._release(index)
         return out
+
+    def _release(self, index: int) -> None:
+        """Drop a mapped column's pages from this process (the OS page cache keeps them): once
+        copied into a matrix they would only double the job's resident memory."""
+        if index not in self.mapped or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        mapping, offset, length = self.mapped[index]
+        start = offset - offset % mmap.PAGESIZE
+        mapping.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
 
     def schema(self) -> TableSchema:
         return TableSchema(self.n_rows, [_describe(n, c) for n, c in zip(self.names, self.columns, strict=False)])
@@ -327,11 +341,16 @@ def write_table(table: Table, handle: io.BufferedWriter) -> None:
     np.savez(handle, names=np.array(table.names, dtype=np.str_), **{f"c{i}": c for i, c in enumerate(table.columns)})  # type: ignore[arg-type]
 
 
-def _mapped_members(path: Path) -> dict[str, np.ndarray] | None:
-    """Every array of an uncompressed .npz, memory-mapped read-only; None if any member can't be."""
+def _mapped_members(path: Path) -> tuple[dict[str, np.ndarray], dict[str, tuple[mmap.mmap, int, int]]] | None:
+    """Every array of an uncompressed .npz as a read-only view of one memory mapping of the file,
+    with where each lies in it; None if any member can't be mapped."""
     arrays: dict[str, np.ndarray] = {}
-    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
-        for info in archive.infolist():
+    where: dict[str, tuple[mmap.mmap, int, int]] = {}
+    with open(path, "rb") as raw:
+        mapping = mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ)
+        with zipfile.ZipFile(raw) as archive:
+            infos = archive.infolist()
+        for info in infos:
             if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
                 return None
             raw.seek(info.header_offset)
@@ -349,24 +368,21 @@ def _mapped_members(path: Path) -> dict[str, np.ndarray] | None:
                 return None
             if dtype.hasobject:
                 return None
-            key = info.filename[: -len(".npy")]
-            if math.prod(shape) == 0:
-                arrays[key] = np.empty(shape, dtype=dtype)
-                continue
-            offset = raw.tell()
-            if fortran:
-                arrays[key] = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F")
-            else:
-                arrays[key] = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="C")
-    return arrays
+            key, count, offset = info.filename[: -len(".npy")], math.prod(shape), raw.tell()
+            flat = np.frombuffer(mapping, dtype=dtype, count=count, offset=offset)
+            arrays[key] = flat if flat.shape == shape else flat.reshape(shape, order="F" if fortran else "C")
+            where[key] = (mapping, offset, count * dtype.itemsize)
+    return arrays, where
 
 
-def read_table(path: Path, *, mmap: bool = True) -> Table:
-    """Load a stored table; with ``mmap`` its columns are read-only views of the file, paged in on use."""
-    mapped = _mapped_members(path) if mmap else None
-    if mapped is not None:
-        names = [str(n) for n in mapped["names"].tolist()]
-        return Table(names, [mapped[f"c{i}"] for i in range(len(names))])
+def read_table(path: Path, *, memory_map: bool = True) -> Table:
+    """Load a stored table; with ``memory_map`` its columns are read-only views of the file, paged in on use."""
+    members = _mapped_members(path) if memory_map else None
+    if members is not None:
+        arrays, where = members
+        names = [str(n) for n in arrays["names"].tolist()]
+        columns = [arrays[f"c{i}"] for i in range(len(names))]
+        return Table(names, columns, {i: where[f"c{i}"] for i in range(len(names))})
     with np.load(path, allow_pickle=False) as archive:
         names = archive["names"].tolist()
         return Table(names, [archive[f"c{i}"] for i in range(len(names))])

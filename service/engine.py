@@ -52,7 +52,7 @@ _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "RMSprop": torch.optim.RMSprop,
     "Adagrad": torch.optim.Adagrad,
 }
-_EVAL_CHUNK = 65_536
+_EVAL_CHUNK = 8_192  # rows per evaluation forward pass: bounds activation memory
 _STATS_CHUNK = 65_536
 
 

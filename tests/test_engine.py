@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import typing
+import warnings
 from types import SimpleNamespace
 from typing import Any
 
@@ -666,6 +667,39 @@ def test_compiled_steps_are_cached_on_disk(tmp_path, monkeypatch):
     native._loaded.clear()  # as a new worker process would start
     _, cached = native.load(source)
     assert cached
+
+
+# -- devices and precision -------------------------------------------------------------------------------
+
+
+def test_bf16_autocast_trains_in_the_eager_loop_and_says_so():
+    x, y = moons()
+    _, _, result = fit(x, y, autocast="bf16", epochs=20)
+    assert result.loop == "eager"
+    assert "autocast runs in eager PyTorch" in result.notes[0]
+    assert "autocast: forward and loss in bf16" in result.notes
+    assert result.metrics["train_accuracy"] > 0.9
+    assert all(p.dtype == torch.float32 for p in result.module.parameters())  # weights stay float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_keeps_the_data_on_the_device_and_never_syncs_per_step():
+    x, y = moons(512)
+    epochs, steps_per_epoch = 3, 512 // 8
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            _, _, result = fit(x, y, device="cuda", autocast="bf16", epochs=epochs, batch_size=8)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) <= epochs * 8 < epochs * steps_per_epoch  # a few per epoch (its loss), none per step
+    assert result.device.startswith("cuda")
+    assert result.loop == "eager"
+    assert result.metrics["train_accuracy"] > 0.9
+    assert all(t.device.type == "cpu" for t in result.module.state_dict().values())  # saved from the CPU
 
 
 # -- every allow-listed building block ----------------------------------------------------------------
