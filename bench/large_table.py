@@ -126,6 +126,9 @@ def child_engine(path: Path) -> dict[str, Any]:
     table = read_table(path)  # memory-mapped, as the worker loads it
     spec = TrainSpec.model_validate(spec_dict())
     plan = plan_training(spec, table.schema(), Limits(10**6, 10**9, 10**6))
+    # The first optimizer a process builds imports torch._dynamo (seconds); the bare loop pays that
+    # before its clock starts, and a worker once per process, not per job: keep it out of both.
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     started = time.perf_counter()
     trained: list[float] = []
     result = engine.train(
