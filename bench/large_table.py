@@ -92,7 +92,7 @@ def make_table(path: Path, rows: int) -> None:
 
 def child_bare(path: Path) -> dict[str, float]:
     before = rss_bytes()
-    table = read_table(path, memory_map=False)
+    table = read_table(path)
     x = torch.from_numpy(table.matrix([f"x{j}" for j in range(FEATURES)]))
     y = torch.from_numpy(table.matrix(["y"]))
     del table

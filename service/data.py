@@ -86,7 +86,11 @@ class Table:
         mapping.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
 
     def schema(self) -> TableSchema:
-        return TableSchema(self.n_rows, [_describe(n, c) for n, c in zip(self.names, self.columns, strict=False)])
+        described = []
+        for index, (name, values) in enumerate(zip(self.names, self.columns, strict=False)):
+            described.append(_describe(name, values))
+            self._release(index)
+        return TableSchema(self.n_rows, described)
 
 
 def _bad(msg: str, **where: Any) -> InvalidInput:
