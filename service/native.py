@@ -438,6 +438,26 @@ def _compiler() -> str:
     raise NativeUnavailable("no C compiler (cc, gcc or clang) on this worker")
 
 
+def _compile(compiler: str, source: str, folder: Path, library: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as work:
+            c_file, so_file = Path(work) / "step.c", Path(work) / "step.so"
+            c_file.write_text(source)
+            done = subprocess.run(
+                [compiler, *_CFLAGS, "-o", str(so_file), str(c_file), "-lm"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            if done.returncode != 0:
+                raise NativeUnavailable(f"compiling the training step failed: {done.stderr.strip()[:500]}")
+            os.replace(so_file, library)  # atomic: a concurrent worker sees all of it or none
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NativeUnavailable(f"compiling the training step in {folder} failed: {exc}") from None
+
+
 def load(source: str) -> tuple[ctypes.CDLL, bool]:
     """The compiled library for ``source`` (from the disk cache when there), and whether it was cached."""
     compiler = _compiler()
@@ -449,20 +469,11 @@ def load(source: str) -> tuple[ctypes.CDLL, bool]:
         library = folder / f"step-{key}.so"
         cached = library.exists()
         if not cached:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=folder) as work:
-                c_file, so_file = Path(work) / "step.c", Path(work) / "step.so"
-                c_file.write_text(source)
-                done = subprocess.run(
-                    [compiler, *_CFLAGS, "-o", str(so_file), str(c_file), "-lm"],
-                    capture_output=True,
-                    text=True,
-                    timeout=120,
-                    check=False,
-                )
-                if done.returncode != 0:
-                    raise NativeUnavailable(f"compiling the training step failed: {done.stderr.strip()[:500]}")
-                os.replace(so_file, library)  # atomic: a concurrent worker sees all of it or none
+            _compile(compiler, source, folder, library)
+        try:
+            lib = ctypes.CDLL(str(library))
+        except OSError as exc:
+            raise NativeUnavailable(f"loading the compiled training step failed: {exc}") from None
         lib = ctypes.CDLL(str(library))
         lib.train_steps.restype = None
         lib.train_steps.argtypes = [

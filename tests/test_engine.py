@@ -669,6 +669,16 @@ def test_compiled_steps_are_cached_on_disk(tmp_path, monkeypatch):
     assert cached
 
 
+def test_an_unwritable_cache_falls_back_to_the_eager_loop(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("TRAINSERVE_NATIVE_CACHE_DIR", str(blocker / "cache"))
+    x, y = moons()
+    _, _, result = fit(x, y, epochs=1, model=[linear(5), "SiLU", linear(2)], batch_size=3)
+    assert result.loop == "eager"
+    assert "compiling the training step" in result.notes[0]
+
+
 # -- devices and precision -------------------------------------------------------------------------------
 
 
