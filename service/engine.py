@@ -208,6 +208,12 @@ _SCHEDULER_REBUILT = frozenset({"milestones"})
 CHECKPOINT_FORMAT = 1
 
 
+def warm_up() -> None:
+    """Pay torch's one-off costs before the first job rather than inside it: the first
+    optimizer a process builds imports torch._dynamo, a second or more on a small machine."""
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)])
+
+
 def build_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> Any:
     return None if scheduler is None else _SCHEDULERS[scheduler.type](optimizer, **scheduler.kwargs())
 

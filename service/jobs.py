@@ -215,6 +215,7 @@ class WorkerContext:
         store = Store(settings.resolved_store_dir)
         store.ensure()
         sessions = make_session_factory(make_engine(settings.resolved_database_url))
+        engine.warm_up()
         return cls(settings, sessions, store, worker_name(os.getpid()))
 
 
