@@ -20,9 +20,11 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 from huey import Huey, SqliteHuey
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+import service
 from service import engine
 from service.config import Settings
 from service.data import Table, TableSchema
@@ -110,10 +112,14 @@ def get_job(session: Session, job_id: str) -> JobRecord:
     return job
 
 
-def list_jobs(session: Session, *, status: str | None = None, limit: int = 100, offset: int = 0) -> list[JobRecord]:
+def list_jobs(
+    session: Session, *, status: str | None = None, name: str | None = None, limit: int = 100, offset: int = 0
+) -> list[JobRecord]:
     query = select(JobRecord).order_by(JobRecord.created_at.desc(), JobRecord.id).limit(limit).offset(offset)
     if status is not None:
         query = query.where(JobRecord.status == status)
+    if name is not None:
+        query = query.where(JobRecord.name == name)
     return list(session.scalars(query))
 
 
@@ -128,6 +134,7 @@ def submit(session: Session, queue: JobQueue, spec: TrainSpec, dataset: DatasetR
         dataset_id=dataset.id,
         epochs=spec.epochs,
         history=[],
+        name=spec.name,
     )
     session.add(job)
     session.flush()
@@ -226,8 +233,10 @@ class _Progress:
         self.ctx, self.job_id = ctx, job_id
         self.interval = ctx.settings.progress_interval_s
         self.last_write = 0.0
+        self.reports: list[engine.EpochReport] = []
 
     def on_epoch(self, report: engine.EpochReport) -> None:
+        self.reports.append(report)
         now = time.monotonic()
         if now - self.last_write < self.interval:
             return
@@ -242,6 +251,8 @@ class _Progress:
                     train_loss=report.train_loss,
                     val_loss=report.val_loss,
                     val_metrics=report.val_metrics,
+                    # The curve so far, for loss plots and event streams of a running job.
+                    history=_thin(self.reports),
                     updated_at=utcnow(),
                 ),
             )
@@ -339,53 +350,85 @@ def _save(
     weights_sha256, weights_bytes = ctx.store.save_weights(model_id, result.module.state_dict(), metadata)
     last = result.history[-1]
     now = utcnow()
+    job_values = {
+        "status": SUCCEEDED,
+        "model_id": model_id,
+        "epoch": last.epoch,
+        "train_loss": last.train_loss,
+        "val_loss": last.val_loss,
+        "val_metrics": last.val_metrics,
+        "history": _thin(result.history),
+        "device": result.device,
+        "notes": result.notes,
+        "finished_at": now,
+        "updated_at": now,
+    }
+    # Lineage: which data, which spec, which code made this model.
+    model_values = {
+        "id": model_id,
+        "name": spec.name,
+        "job_id": job_id,
+        "dataset_id": dataset.id,
+        "dataset_sha256": dataset.sha256,
+        "spec": spec.model_dump(mode="json"),
+        "task": plan.task,
+        "features": plan.features,
+        "targets": plan.targets,
+        "classes": plan.classes,
+        "input_mean": result.input_mean,
+        "input_std": result.input_std,
+        "metrics": result.metrics,
+        "n_parameters": plan.n_parameters,
+        "weights_sha256": weights_sha256,
+        "weights_bytes": weights_bytes,
+        "torch_version": torch.__version__,
+        "code_version": f"trainserve {service.__version__}",
+        "device": result.device,
+        "train_seconds": result.train_seconds,
+        "notes": result.notes,
+    }
     try:
-        with ctx.sessions.begin() as session:
-            finished = rows_changed(
-                session,
-                update(JobRecord)
-                .where(JobRecord.id == job_id, JobRecord.status == RUNNING, JobRecord.cancel_requested.is_(False))
-                .values(
-                    status=SUCCEEDED,
-                    model_id=model_id,
-                    epoch=last.epoch,
-                    train_loss=last.train_loss,
-                    val_loss=last.val_loss,
-                    val_metrics=last.val_metrics,
-                    history=_thin(result.history),
-                    device=result.device,
-                    notes=result.notes,
-                    finished_at=now,
-                    updated_at=now,
-                ),
-            )
-            if finished:
-                session.add(
-                    ModelRecord(
-                        id=model_id,
-                        job_id=job_id,
-                        dataset_id=dataset.id,
-                        dataset_sha256=dataset.sha256,
-                        spec=spec.model_dump(mode="json"),
-                        task=plan.task,
-                        features=plan.features,
-                        targets=plan.targets,
-                        classes=plan.classes,
-                        input_mean=result.input_mean,
-                        input_std=result.input_std,
-                        metrics=result.metrics,
-                        n_parameters=plan.n_parameters,
-                        weights_sha256=weights_sha256,
-                        weights_bytes=weights_bytes,
-                        torch_version=torch.__version__,
-                        device=result.device,
-                        train_seconds=result.train_seconds,
-                        notes=result.notes,
-                    )
-                )
+        # Two workers finishing jobs under one name at once may both pick the same next
+        # version; the unique (name, version) constraint refuses the second, which retries.
+        for attempt in range(_VERSION_ATTEMPTS):
+            try:
+                finished = _record_success(ctx, job_id, job_values, model_values)
+                break
+            except IntegrityError:
+                if spec.name is None or attempt == _VERSION_ATTEMPTS - 1:
+                    raise
+                log.info("job %s: a concurrent job took the version of %r; retrying", job_id, spec.name)
     except BaseException:
         ctx.store.delete_weights(model_id)
         raise
     if not finished:  # cancelled in the last instant: keep no model for it
         ctx.store.delete_weights(model_id)
         _finish(ctx, job_id, CANCELLED, error="cancelled while running")
+
+
+_VERSION_ATTEMPTS = 5
+
+
+def next_version(session: Session, name: str) -> int:
+    """The version the next model saved under ``name`` gets: 1 for a new name."""
+    latest = session.scalar(select(func.max(ModelRecord.version)).where(ModelRecord.name == name))
+    return (latest or 0) + 1
+
+
+def _record_success(ctx: WorkerContext, job_id: str, job_values: dict[str, Any], model_values: dict[str, Any]) -> int:
+    """Mark the job succeeded and add its model row in one transaction; 0 if it was cancelled."""
+    with ctx.sessions.begin() as session:
+        # The job row is written first: on SQLite that takes the write lock, so the version
+        # read below already sees every other worker's committed models.
+        finished = rows_changed(
+            session,
+            update(JobRecord)
+            .where(JobRecord.id == job_id, JobRecord.status == RUNNING, JobRecord.cancel_requested.is_(False))
+            .values(**job_values),
+        )
+        if finished:
+            name = model_values["name"]
+            version = next_version(session, name) if name is not None else None
+            session.add(ModelRecord(**model_values, version=version))
+            session.flush()  # a taken (name, version) fails here, inside the retry loop
+    return finished
