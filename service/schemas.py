@@ -106,16 +106,22 @@ _INPUTS_SCHEMA = {
 
 
 class PredictRequest(BaseModel):
+    """Name the model by ``model_id``, or by ``name`` (the newest version) and optionally ``version``."""
+
     model_config = ConfigDict(extra="forbid")
 
-    model_id: str
-    # Checked by inference.inputs_to_matrix with numpy: faster than per-element pydantic
+    model_id: str | None = None
+    name: str | None = None
+    version: int | None = Field(default=None, ge=1)
+    # Read by service.prediction_io, checked by inference.inputs_to_matrix with numpy: faster than per-element pydantic
     # validation, and its errors name the row and column.
     inputs: Annotated[list[Any], WithJsonSchema(_INPUTS_SCHEMA)]
 
 
 class PredictResponse(BaseModel):
     model_id: str
+    name: str | None = None
+    version: int | None = None
     predictions: list[Any]
     probabilities: list[list[float]] | None = None
     classes: list[Any] | None = Field(default=None, description="Labels of the probability columns")

@@ -104,6 +104,8 @@ def save_and_load(tmp_path, spec: S.TrainSpec, plan: S.TrainingPlan, result: eng
         targets=plan.targets,
         task=plan.task,
         classes=plan.classes,
+        name=None,
+        version=None,
     )
     return Predictor.load(store, record)  # type: ignore[arg-type]
 

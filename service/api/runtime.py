@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
+from service.batching import MicroBatcher
 from service.config import Settings
 from service.db import make_engine, make_session_factory
 from service.inference import ModelCache
@@ -22,6 +23,7 @@ class Runtime:
     store: Store
     queue: JobQueue
     models: ModelCache
+    batcher: MicroBatcher
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
@@ -33,5 +35,10 @@ class Runtime:
             sessions=make_session_factory(engine),
             store=store,
             queue=build_queue(settings),
-            models=ModelCache(store, settings.model_cache_size),
+            models=ModelCache(store, settings.model_cache_size, revalidate_s=settings.model_cache_revalidate_s),
+            batcher=MicroBatcher(
+                enabled=settings.predict_batching,
+                max_wait_s=settings.predict_batch_wait_ms / 1000,
+                max_rows=settings.predict_batch_max_rows,
+            ),
         )
