@@ -1,0 +1,171 @@
+"""Crashes and restarts against real processes: kill -9 of a worker or of the whole server,
+a stolen lease, SIGTERM drain, the per-job time limit.
+
+Leases are short here (2 s, renewed every 0.67 s, rescued every 0.3 s) so that a dead
+worker's job comes back within seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+
+from service.client import TrainserveClient
+from service.db import JobRecord, make_engine, make_session_factory, utcnow
+from service.schemas import JobDetail
+from tests.conftest import Server, moons_spec, start_server, stop_server
+
+FAST_LEASE = {
+    "TRAINSERVE_LEASE_SECONDS": "2",
+    "TRAINSERVE_RESCUE_INTERVAL_SECONDS": "0.3",
+}
+
+
+def slow_spec(dataset_id: str, epochs: int = 40, **overrides: object) -> dict[str, object]:
+    """A job that runs a few seconds (200 steps an epoch), long enough to be killed mid-way."""
+    return moons_spec(dataset_id, epochs=epochs, batch_size=1, optimizer="SGD", seed=3, **overrides)
+
+
+def wait_for(check: Callable[[], JobDetail | None], *, timeout: float = 60, what: str = "") -> JobDetail:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found is not None:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def running_at_epoch(ts: TrainserveClient, job_id: str, *, attempt: int, epoch: int = 3) -> JobDetail:
+    """Wait until the job's ``attempt``-th claim is running and past ``epoch``."""
+
+    def check() -> JobDetail | None:
+        job = ts.get_job(job_id)
+        assert job.status in ("queued", "running"), (job.status, job.error)
+        return job if job.status == "running" and job.attempts == attempt and job.epoch >= epoch else None
+
+    return wait_for(check, what=f"attempt {attempt} of job {job_id} to pass epoch {epoch}")
+
+
+def worker_pid(job: JobDetail) -> int:
+    assert job.worker is not None
+    return int(job.worker.rsplit(":", 1)[1])
+
+
+@pytest.fixture
+def faulty(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Start servers on a data dir; every one started is stopped at the end."""
+    started: list[Server] = []
+
+    def start(data_dir: Path | None = None, **env: str) -> Server:
+        server = start_server(data_dir or tmp_path / "data", env={**FAST_LEASE, **env})
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        stop_server(server)
+
+
+def test_killed_worker_job_is_requeued_and_succeeds(faulty: Callable[..., Server], moons: tuple[bytes, int]) -> None:
+    server = faulty()
+    with TrainserveClient(server.url, timeout=30) as ts:
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+        job = ts.train(slow_spec(dataset.id))
+        first = running_at_epoch(ts, job.id, attempt=1)
+        assert first.lease_expires_at is not None
+        assert first.heartbeat_at is not None
+        os.kill(worker_pid(first), signal.SIGKILL)
+
+        final = ts.wait(job.id, timeout=120)
+        assert final.status == "succeeded", final.error
+        assert final.attempts == 2
+        assert worker_pid(final) != worker_pid(first)  # the supervisor's new worker finished it
+        assert any("stopped renewing its lease" in note for note in final.notes), final.notes
+        assert final.lease_expires_at is None
+        assert ts.predict(final.model_id or "", [[0.0, 0.5]]).predictions
+        assert len(server.files("weights")) == 1
+
+
+def test_server_killed_whole_then_restarted_finishes_the_job(
+    faulty: Callable[..., Server], moons: tuple[bytes, int], tmp_path: Path
+) -> None:
+    server = faulty()
+    with TrainserveClient(server.url, timeout=30) as ts:
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+        job = ts.train(slow_spec(dataset.id))
+        running_at_epoch(ts, job.id, attempt=1)
+    os.killpg(server.process.pid, signal.SIGKILL)  # API, worker, everything: a power cut
+    server.process.wait()
+
+    again = faulty(server.data_dir)
+    with TrainserveClient(again.url, timeout=30) as ts:
+        final = ts.wait(job.id, timeout=120)
+        assert final.status == "succeeded", final.error
+        assert final.attempts == 2
+        assert ts.get_dataset(dataset.id).sha256 == dataset.sha256
+        assert len(ts.list_models()) == 1
+
+
+def test_job_that_keeps_losing_its_worker_fails_after_max_attempts(
+    faulty: Callable[..., Server], moons: tuple[bytes, int]
+) -> None:
+    server = faulty(TRAINSERVE_MAX_ATTEMPTS="2")
+    with TrainserveClient(server.url, timeout=30) as ts:
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+        job = ts.train(slow_spec(dataset.id, epochs=100_000))
+        for attempt in (1, 2):
+            os.kill(worker_pid(running_at_epoch(ts, job.id, attempt=attempt, epoch=1)), signal.SIGKILL)
+        final = ts.wait(job.id, timeout=60)
+        assert final.status == "failed"
+        assert final.attempts == 2
+        assert final.error is not None
+        assert "lease expired" in final.error
+        assert "TRAINSERVE_MAX_ATTEMPTS" in final.error
+        assert final.model_id is None
+        # the worker that replaced the dead ones takes the next job
+        assert ts.wait(ts.train(moons_spec(dataset.id, epochs=1)).id, timeout=60).status == "succeeded"
+
+
+def test_worker_whose_lease_was_taken_stops_and_writes_nothing(
+    faulty: Callable[..., Server], moons: tuple[bytes, int]
+) -> None:
+    server = faulty()
+    with TrainserveClient(server.url, timeout=30) as ts:
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+        job = ts.train(slow_spec(dataset.id, epochs=100_000))
+        running_at_epoch(ts, job.id, attempt=1)
+
+        # What a rescuer and a second worker would do while the first one is stuck: give
+        # the job to another worker (a new attempt with its own lease) in the shared database.
+        sessions = make_session_factory(make_engine(f"sqlite:///{server.data_dir / 'trainserve.db'}"))
+        with sessions.begin() as session:
+            session.execute(
+                update(JobRecord)
+                .where(JobRecord.id == job.id)
+                .values(
+                    worker="elsewhere:1",
+                    attempts=JobRecord.attempts + 1,
+                    lease_expires_at=utcnow() + timedelta(hours=1),
+                    updated_at=utcnow(),
+                )
+            )
+        stolen = ts.get_job(job.id)
+
+        # The old worker notices within a renewal (lease/3) and stops training: with one
+        # worker, the next job can only run once it has.
+        quick = ts.wait(ts.train(moons_spec(dataset.id, epochs=1)).id, timeout=60)
+        assert quick.status == "succeeded", quick.error
+        time.sleep(1.0)  # more than a renewal interval: any late write would show now
+
+        after = ts.get_job(job.id)
+        assert after.model_dump() == stolen.model_dump()  # not one field written by the old worker
+        assert len(server.files("weights")) == 1  # only the quick job's model
+        assert "after losing the lease" in server.log()
