@@ -23,12 +23,15 @@ def _serve(args: argparse.Namespace) -> int:
     from service.api.app import create_app
     from service.db import make_engine, make_session_factory, upgrade_to_head
     from service.jobs import Rescuer, build_queue, expire_leases_of, requeue_queued, worker_name
+    from service.orphans import sweep
+    from service.store import Store
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # Migrate before any worker starts, so workers never see an old schema.
     upgrade_to_head(settings.resolved_database_url)
     sessions = make_session_factory(make_engine(settings.resolved_database_url))
+    sweep(sessions, Store(settings.resolved_store_dir), grace_seconds=settings.orphan_grace_seconds)
     queue = build_queue(settings)
     # A job that was running when the service stopped keeps its lease until it runs out,
     # then the rescuer re-queues it: this process cannot know whether a worker on another
@@ -106,11 +109,21 @@ class _WorkerSupervisor:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from service.db import upgrade_to_head
+    from service.db import make_engine, make_session_factory, upgrade_to_head
     from service.jobs import run_worker
+    from service.orphans import sweep
+    from service.store import Store
 
     settings = get_settings()
     upgrade_to_head(settings.resolved_database_url)
+    if not args.exit_with_parent:  # a worker that `serve` started: serve has swept already
+        engine = make_engine(settings.resolved_database_url)
+        sweep(
+            make_session_factory(engine),
+            Store(settings.resolved_store_dir),
+            grace_seconds=settings.orphan_grace_seconds,
+        )
+        engine.dispose()
     run_worker(settings, exit_with_parent=args.exit_with_parent)
     return 0
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 import json
 import logging
-import math
 import os
 import signal
 import socket
@@ -426,10 +425,16 @@ class StopReason(enum.Enum):
     TIME_LIMIT = "time limit"
 
 
+@dataclass(frozen=True)
+class TimeLimit:
+    seconds: float
+    source: str  # which setting set it, for the error message
+
+
 class _Attempt:
     """One claim of a job by this worker: its lease, progress writes, and why it should stop."""
 
-    def __init__(self, ctx: WorkerContext, job: JobRecord, *, time_limit: float) -> None:
+    def __init__(self, ctx: WorkerContext, job: JobRecord, *, time_limit: TimeLimit) -> None:
         self.ctx, self.job_id, self.time_limit = ctx, job.id, time_limit
         self.lease = Lease(ctx.sessions, job.id, ctx.name, job.attempts, ctx.settings.lease_seconds)
         self.interval = ctx.settings.progress_interval_s
@@ -463,7 +468,7 @@ class _Attempt:
             return StopReason.CANCELLED
         if self.ctx.draining.is_set():
             return StopReason.DRAINING
-        if time.monotonic() - self.started > self.time_limit:
+        if time.monotonic() - self.started > self.time_limit.seconds:
             return StopReason.TIME_LIMIT
         return None
 
@@ -542,8 +547,11 @@ def run_job(ctx: WorkerContext, job_id: str) -> None:
         return
     job, dataset = claim
     spec_limit = job.spec.get("max_seconds")
-    time_limit = min(ctx.settings.max_job_seconds, spec_limit or math.inf)
-    attempt = _Attempt(ctx, job, time_limit=time_limit)
+    if spec_limit is not None and spec_limit < ctx.settings.max_job_seconds:
+        limit = TimeLimit(spec_limit, f"the spec's max_seconds of {spec_limit:g} seconds")
+    else:
+        limit = TimeLimit(ctx.settings.max_job_seconds, "TRAINSERVE_MAX_JOB_SECONDS")
+    attempt = _Attempt(ctx, job, time_limit=limit)
     attempt.lease.start()
     try:
         _run_claimed(ctx, attempt, job, dataset)
@@ -591,8 +599,8 @@ def _stopped(attempt: _Attempt) -> None:
     elif reason is StopReason.TIME_LIMIT:
         attempt.finish(
             FAILED,
-            error=f"the job trained longer than its limit of {attempt.time_limit:g} seconds "
-            "(the spec's max_seconds, or the server's TRAINSERVE_MAX_JOB_SECONDS)",
+            error=f"the job trained longer than its limit of {attempt.time_limit.seconds:g} seconds "
+            f"({attempt.time_limit.source})",
         )
     elif reason is StopReason.DRAINING:
         attempt.hand_back(f"attempt {attempt.lease.attempt}: worker {attempt.ctx.name} stopped; handed back")

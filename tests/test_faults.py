@@ -7,19 +7,23 @@ worker's job comes back within seconds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import update
 
 from service.client import TrainserveClient
 from service.db import JobRecord, make_engine, make_session_factory, utcnow
 from service.schemas import JobDetail
+from service.store import new_id
 from tests.conftest import Server, moons_spec, start_server, stop_server
 
 FAST_LEASE = {
@@ -169,3 +173,145 @@ def test_worker_whose_lease_was_taken_stops_and_writes_nothing(
         assert after.model_dump() == stolen.model_dump()  # not one field written by the old worker
         assert len(server.files("weights")) == 1  # only the quick job's model
         assert "after losing the lease" in server.log()
+
+
+def test_job_over_its_time_limit_fails_naming_the_limit(
+    faulty: Callable[..., Server], moons: tuple[bytes, int]
+) -> None:
+    server = faulty(TRAINSERVE_MAX_JOB_SECONDS="2")
+    with TrainserveClient(server.url, timeout=30) as ts:
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+        too_long = ts.http.post("/train", json=slow_spec(dataset.id, max_seconds=3))
+        assert too_long.status_code == 422
+        assert too_long.json()["errors"][0]["loc"] == ["max_seconds"]
+        assert "TRAINSERVE_MAX_JOB_SECONDS" in too_long.json()["detail"]
+
+        by_server = ts.train(slow_spec(dataset.id, epochs=100_000))
+        by_spec = ts.train(slow_spec(dataset.id, epochs=100_000, max_seconds=0.5))
+        ended = ts.wait(by_server.id, timeout=60)
+        assert ended.status == "failed"
+        assert ended.error == "the job trained longer than its limit of 2 seconds (TRAINSERVE_MAX_JOB_SECONDS)"
+        ended = ts.wait(by_spec.id, timeout=60)
+        assert ended.status == "failed"
+        assert ended.error is not None
+        assert "limit of 0.5 seconds (the spec's max_seconds" in ended.error
+        assert ended.model_id is None
+        assert server.files("weights") == []
+
+
+def test_upload_killed_midway_leaves_no_dataset_and_no_file(faulty: Callable[..., Server], tmp_path: Path) -> None:
+    spool = tmp_path / "spool"  # where the server's multipart parser may spill the body
+    spool.mkdir()
+    server = faulty(TMPDIR=str(spool))
+    boundary = "trainserveboundary"
+    sent = threading.Event()
+
+    def body() -> Iterator[bytes]:
+        yield f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.csv"\r\n\r\n'.encode()
+        yield b"x0,x1,label\n"
+        row = b"0.25,0.5,1\n" * 50_000  # ~0.5 MB a chunk, never finished
+        for i in range(10_000):
+            yield row
+            if i == 8:
+                sent.set()
+            time.sleep(0.01)
+
+    def upload() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(
+                f"{server.url}/datasets",
+                content=body(),
+                headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+                timeout=60,
+            )
+
+    uploader = threading.Thread(target=upload, daemon=True)
+    uploader.start()
+    assert sent.wait(60)
+    os.killpg(server.process.pid, signal.SIGKILL)
+    server.process.wait()
+    uploader.join(30)
+
+    again = faulty(server.data_dir, TMPDIR=str(spool), TRAINSERVE_ORPHAN_GRACE_SECONDS="0")
+    with TrainserveClient(again.url) as ts:
+        assert ts.list_datasets() == []
+    assert again.files("datasets") == []
+    assert again.files("tmp") == []
+    assert list(spool.iterdir()) == []
+
+
+def test_start_sweeps_old_orphans_and_spares_young_files(
+    faulty: Callable[..., Server], moons: tuple[bytes, int]
+) -> None:
+    server = faulty()
+    with TrainserveClient(server.url) as ts:
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+        model_id = ts.wait(ts.train(moons_spec(dataset.id, epochs=2)).id).model_id
+    stop_server(server)
+
+    store = server.store_dir
+    two_hours_ago = time.time() - 7200
+    debris = [
+        store / "tmp" / f"{new_id()}.safetensors.part",  # a weights write cut short
+        store / "tmp" / f"{new_id()}.upload.part",  # an upload cut short
+        store / "weights" / f"{new_id()}.safetensors",  # weights whose model row never committed
+        store / "datasets" / f"{new_id()}.npz",  # a table whose dataset row never committed
+        store / "checkpoints" / f"{new_id()}.safetensors",  # a checkpoint of no live job
+    ]
+    young = [store / "tmp" / f"{new_id()}.upload.part", store / "weights" / f"{new_id()}.safetensors"]
+    for path in debris + young:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"partial")
+    for path in debris:
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    owned = [store / "weights" / f"{model_id}.safetensors", store / "datasets" / f"{dataset.id}.npz"]
+    for path in owned:
+        os.utime(path, (two_hours_ago, two_hours_ago))
+
+    again = faulty(server.data_dir)  # default grace: one hour
+    assert not [p for p in debris if p.exists()]
+    assert all(p.exists() for p in young)  # maybe another node's write in progress
+    assert all(p.exists() for p in owned)
+    assert "orphan file(s)" in again.log()
+
+
+def test_models_and_datasets_survive_a_crash_byte_for_byte_and_corruption_is_named(
+    faulty: Callable[..., Server], moons: tuple[bytes, int]
+) -> None:
+    server = faulty()
+    rows = [[0.0, 0.5], [1.0, -0.5], [-1.0, 1.0]]
+    with TrainserveClient(server.url) as ts:
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+        used, spare = (ts.wait(ts.train(moons_spec(dataset.id, epochs=3, seed=s)).id).model_id or "" for s in (1, 2))
+        before = ts.predict(used, rows)
+        weights = {m: ts.download_weights(m) for m in (used, spare)}
+        table = (server.store_dir / "datasets" / f"{dataset.id}.npz").read_bytes()
+    os.killpg(server.process.pid, signal.SIGKILL)
+    server.process.wait()
+
+    again = faulty(server.data_dir)
+    with TrainserveClient(again.url) as ts:
+        assert ts.predict(used, rows) == before
+        assert {m: ts.download_weights(m) for m in (used, spare)} == weights
+        assert (again.store_dir / "datasets" / f"{dataset.id}.npz").read_bytes() == table
+        assert ts.get_dataset(dataset.id).sha256 == dataset.sha256
+
+        corrupt(again.store_dir / "weights" / f"{spare}.safetensors")
+        response = ts.http.post("/predict", json={"model_id": spare, "inputs": rows})
+        assert response.status_code == 500
+        assert response.json()["type"] == "integrity_error"
+        assert spare in response.json()["detail"]
+        assert "sha256" in response.json()["detail"]
+
+        corrupt(again.store_dir / "datasets" / f"{dataset.id}.npz")
+        job = ts.wait(ts.train(moons_spec(dataset.id, epochs=1)).id)
+        assert job.status == "failed"
+        assert job.error is not None
+        assert dataset.id in job.error
+        assert "sha256" in job.error
+
+
+def corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
