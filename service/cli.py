@@ -48,8 +48,12 @@ def _serve(args: argparse.Namespace) -> int:
             drain_timeout=settings.drain_timeout_seconds,
         )
         supervisor.start()
+    # uvicorn stops on SIGINT/SIGTERM once the requests in flight are answered, then raises
+    # the signal again for the handler it found; with the default one, the process would
+    # die right there, before its workers hand their jobs back.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, lambda signum, _frame: log.info("received %s", signal.Signals(signum).name))
     try:
-        # uvicorn stops on SIGINT/SIGTERM after the requests in flight are answered.
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     finally:
         if supervisor is not None:

@@ -315,3 +315,58 @@ def corrupt(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def job_row(server: Server, job_id: str) -> JobRecord:
+    sessions = make_session_factory(make_engine(f"sqlite:///{server.data_dir / 'trainserve.db'}"))
+    with sessions() as session:
+        row = session.get(JobRecord, job_id)
+        assert row is not None
+        return row
+
+
+def test_sigterm_answers_requests_in_flight_hands_the_job_back_and_a_restart_finishes_it(
+    faulty: Callable[..., Server], moons: tuple[bytes, int]
+) -> None:
+    server = faulty()
+    with TrainserveClient(server.url, timeout=30) as ts:
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+        job = ts.train(slow_spec(dataset.id))
+        running_at_epoch(ts, job.id, attempt=1)
+
+    started = threading.Event()
+    answers: list[httpx.Response] = []
+
+    def slow_body() -> Iterator[bytes]:  # an upload still arriving when SIGTERM comes
+        boundary = b"--b\r\n"
+        yield boundary + b'Content-Disposition: form-data; name="file"; filename="m.csv"\r\n\r\n'
+        started.set()
+        for line in moons[0].splitlines(keepends=True):
+            yield line
+            time.sleep(0.005)
+        yield b"\r\n--b--\r\n"
+
+    def upload() -> None:
+        headers = {"content-type": "multipart/form-data; boundary=b"}
+        answers.append(httpx.post(f"{server.url}/datasets", content=slow_body(), headers=headers, timeout=60))
+
+    uploader = threading.Thread(target=upload)
+    uploader.start()
+    assert started.wait(30)
+    server.process.send_signal(signal.SIGTERM)
+    uploader.join(60)
+    assert server.process.wait(60) == 0
+    assert answers[0].status_code == 201, answers[0].text
+
+    drained = job_row(server, job.id)
+    assert drained.status == "queued"
+    assert drained.attempts == 0  # a preemption costs no attempt
+    assert drained.worker is None
+    assert any("handed back" in note for note in drained.notes), drained.notes
+
+    again = faulty(server.data_dir)
+    with TrainserveClient(again.url, timeout=30) as ts:
+        final = ts.wait(job.id, timeout=120)
+        assert final.status == "succeeded", final.error
+        assert final.attempts == 1
+        assert len(ts.list_datasets()) == 2  # the upload that was in flight was kept
