@@ -421,7 +421,6 @@ class Lease:
 class StopReason(enum.Enum):
     CANCELLED = "cancelled"
     LEASE_LOST = "lease lost"
-    DRAINING = "draining"
     TIME_LIMIT = "time limit"
 
 
@@ -439,7 +438,7 @@ class _Attempt:
         self.lease = Lease(ctx.sessions, job.id, ctx.name, job.attempts, ctx.settings.lease_seconds)
         self.interval = ctx.settings.progress_interval_s
         self.last_write = 0.0
-        self.started = time.monotonic()
+        self.started = time.monotonic()  # moved back by the training time a checkpoint carries
         self.stop_reason: StopReason | None = None
 
     def on_epoch(self, report: engine.EpochReport) -> None:
@@ -466,8 +465,6 @@ class _Attempt:
             return StopReason.LEASE_LOST
         if row.cancel_requested:
             return StopReason.CANCELLED
-        if self.ctx.draining.is_set():
-            return StopReason.DRAINING
         if time.monotonic() - self.started > self.time_limit.seconds:
             return StopReason.TIME_LIMIT
         return None
@@ -475,6 +472,39 @@ class _Attempt:
     def should_stop(self) -> bool:
         self.stop_reason = self._why_stop()
         return self.stop_reason is not None
+
+    def should_preempt(self) -> bool:
+        return self.ctx.draining.is_set()
+
+    @property
+    def trained_seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def resume_point(self) -> engine.Checkpoint | None:
+        """The job's last checkpoint, if a previous attempt left one; noted on the job."""
+        stored = self.ctx.store.load_checkpoint(self.job_id)
+        if stored is None:
+            return None
+        tensors, meta = stored
+        checkpoint = engine.Checkpoint(int(meta["epoch"]), tensors, meta["engine"])
+        self.started -= float(meta.get("trained_seconds", 0.0))  # the time limit spans attempts
+        self.note(f"resumed from epoch {checkpoint.epoch} on attempt {self.lease.attempt}")
+        return checkpoint
+
+    def save_checkpoint(self, checkpoint: engine.Checkpoint) -> None:
+        """Publish a checkpoint, only while this worker still owns the job (fenced like every write)."""
+        meta = {"epoch": checkpoint.epoch, "engine": checkpoint.meta, "trained_seconds": self.trained_seconds}
+        with self.ctx.sessions.begin() as session:
+
+            def still_owned() -> bool:
+                return self.lease.update(session, checkpoint_epoch=checkpoint.epoch)
+
+            self.ctx.store.save_checkpoint(self.job_id, checkpoint.tensors, meta, publish_if=still_owned)
+
+    def note(self, note: str) -> None:
+        with self.ctx.sessions.begin() as session:
+            notes = session.scalar(select(JobRecord.notes).where(JobRecord.id == self.job_id))
+            self.lease.update(session, notes=_append(notes, note))
 
     def finish(self, status: str, **values: Any) -> bool:
         """End the job (fenced by the lease): False if this worker no longer owns it."""
@@ -496,6 +526,8 @@ class _Attempt:
             )
         if released:
             self.ctx.queue.enqueue(self.job_id)
+        else:  # lost the job meanwhile: its checkpoint is the next owner's now
+            log.warning("job %s: could not hand it back, the lease was lost", self.job_id)
 
 
 def _thin(history: list[engine.EpochReport]) -> list[list[Any]]:
@@ -566,44 +598,72 @@ def _run_claimed(ctx: WorkerContext, attempt: _Attempt, job: JobRecord, dataset:
         spec = TrainSpec.model_validate(job.spec)
         table = ctx.store.load_dataset(dataset.id, dataset.file_sha256)
         plan = plan_training(spec, table.schema(), limits_of(ctx.settings))
-        result = engine.train(
-            spec,
-            plan,
-            table.matrix(plan.features),
-            _targets(table, plan),
-            on_epoch=attempt.on_epoch,
-            should_stop=attempt.should_stop,
-            check_every_s=ctx.settings.progress_interval_s,
+        x, y = table.matrix(plan.features), _targets(table, plan)
+        result = _train(ctx, attempt, spec, plan, x, y)
+    except engine.TrainingPreempted as preempted:
+        attempt.hand_back(
+            f"attempt {attempt.lease.attempt}: worker {ctx.name} stopped; handed back at epoch "
+            f"{preempted.checkpoint.epoch} with a checkpoint"
         )
+        return
     except engine.TrainingCancelled:
-        _stopped(attempt)
+        _stopped(ctx, attempt)
         return
     except (TrainserveError, engine.DeviceUnavailable, FloatingPointError) as exc:
-        attempt.finish(FAILED, error=str(exc))
+        _end_attempt(ctx, attempt, FAILED, error=str(exc))
         return
     except Exception as exc:  # a worker must record every failure, not die on it
         log.exception("job %s failed", job.id)
-        attempt.finish(FAILED, error=f"{type(exc).__name__}: {exc}")
+        _end_attempt(ctx, attempt, FAILED, error=f"{type(exc).__name__}: {exc}")
         return
     try:
         _save(ctx, attempt, dataset, spec, plan, result)
     except Exception as exc:
         log.exception("job %s: saving the model failed", job.id)
-        attempt.finish(FAILED, error=f"saving the model failed: {type(exc).__name__}: {exc}")
+        _end_attempt(ctx, attempt, FAILED, error=f"saving the model failed: {type(exc).__name__}: {exc}")
+    else:
+        ctx.store.delete_checkpoint(job.id)
 
 
-def _stopped(attempt: _Attempt) -> None:
+def _train(
+    ctx: WorkerContext, attempt: _Attempt, spec: TrainSpec, plan: TrainingPlan, x: np.ndarray, y: np.ndarray
+) -> engine.TrainedModel:
+    """Train, resuming from the job's checkpoint when an earlier attempt left one."""
+    resume = attempt.resume_point()
+    options: dict[str, Any] = {
+        "on_epoch": attempt.on_epoch,
+        "should_stop": attempt.should_stop,
+        "check_every_s": ctx.settings.progress_interval_s,
+        "on_checkpoint": attempt.save_checkpoint,
+        "checkpoint_every_s": ctx.settings.checkpoint_seconds,
+        "should_preempt": attempt.should_preempt,
+    }
+    try:
+        return engine.train(spec, plan, x, y, resume=resume, **options)
+    except engine.CheckpointMismatch:  # taken for another spec or dataset shape: not ours to use
+        ctx.store.delete_checkpoint(attempt.job_id)
+        attempt.note("the checkpoint did not match this job; started over")
+        return engine.train(spec, plan, x, y, **options)
+
+
+def _end_attempt(ctx: WorkerContext, attempt: _Attempt, status: str, **values: Any) -> None:
+    """End the job; its checkpoint goes too, unless the job belongs to another worker now."""
+    if attempt.finish(status, **values):
+        ctx.store.delete_checkpoint(attempt.job_id)
+
+
+def _stopped(ctx: WorkerContext, attempt: _Attempt) -> None:
     reason = attempt.stop_reason
     if reason is StopReason.CANCELLED:
-        attempt.finish(CANCELLED, error="cancelled while running")
+        _end_attempt(ctx, attempt, CANCELLED, error="cancelled while running")
     elif reason is StopReason.TIME_LIMIT:
-        attempt.finish(
+        _end_attempt(
+            ctx,
+            attempt,
             FAILED,
             error=f"the job trained longer than its limit of {attempt.time_limit.seconds:g} seconds "
             f"({attempt.time_limit.source})",
         )
-    elif reason is StopReason.DRAINING:
-        attempt.hand_back(f"attempt {attempt.lease.attempt}: worker {attempt.ctx.name} stopped; handed back")
     else:  # the lease is lost: the job belongs to the rescuer or another worker now
         log.warning("job %s: stopped after losing the lease; nothing written", attempt.job_id)
 
@@ -624,12 +684,14 @@ def _save(
     now = utcnow()
     try:
         with ctx.sessions.begin() as session:
+            notes = session.scalar(select(JobRecord.notes).where(JobRecord.id == job_id)) or []
             finished = rows_changed(
                 session,
                 update(JobRecord)
                 .where(*attempt.lease.owned(), JobRecord.cancel_requested.is_(False))
                 .values(
                     status=SUCCEEDED,
+                    notes=[*notes, *result.notes],
                     model_id=model_id,
                     epoch=last.epoch,
                     train_loss=last.train_loss,
@@ -663,6 +725,7 @@ def _save(
                         torch_version=torch.__version__,
                         device=result.device,
                         train_seconds=result.train_seconds,
+                        notes=result.notes,
                     )
                 )
     except BaseException:
@@ -670,4 +733,4 @@ def _save(
         raise
     if not finished:  # cancelled in the last instant, or the lease is gone: keep no model
         ctx.store.delete_weights(model_id)
-        attempt.finish(CANCELLED, error="cancelled while running")  # fenced: a lost lease writes nothing
+        _end_attempt(ctx, attempt, CANCELLED, error="cancelled while running")  # fenced: a lost lease writes nothing

@@ -13,7 +13,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -151,15 +151,27 @@ class Store:
     def checkpoint_path(self, job_id: str) -> Path:
         return self.checkpoints / f"{_checked(job_id)}.safetensors"
 
-    def save_checkpoint(self, job_id: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    def save_checkpoint(
+        self,
+        job_id: str,
+        tensors: dict[str, torch.Tensor],
+        meta: dict[str, Any],
+        *,
+        publish_if: Callable[[], bool] = lambda: True,
+    ) -> bool:
         """Replace the job's checkpoint atomically: tensors as safetensors, ``meta`` as JSON
-        inside the file's metadata (no pickle)."""
+        inside the file's metadata (no pickle). ``publish_if`` is asked once the file is
+        written, just before it replaces the old one; False discards it. Returns whether it
+        was published."""
         payload = save_safetensors(
             {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, {_META_KEY: json.dumps(meta)}
         )
         with self.temp_path(".ckpt") as tmp:
             tmp.write_bytes(payload)
+            if not publish_if():
+                return False
             self._publish(tmp, self.checkpoint_path(job_id))
+        return True
 
     def load_checkpoint(self, job_id: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """The job's last checkpoint, or None when it has none (or only an unreadable one)."""

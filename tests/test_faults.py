@@ -8,6 +8,7 @@ worker's job comes back within seconds.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import threading
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from safetensors.numpy import load as load_safetensors
 from sqlalchemy import update
 
 from service.client import TrainserveClient
@@ -78,24 +80,52 @@ def faulty(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         stop_server(server)
 
 
-def test_killed_worker_job_is_requeued_and_succeeds(faulty: Callable[..., Server], moons: tuple[bytes, int]) -> None:
-    server = faulty()
+def tensors_sha256(weights: bytes) -> str:
+    """sha256 over a safetensors file's tensors (its metadata names the model and job)."""
+    tensors = load_safetensors(weights)
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].tobytes())
+    return digest.hexdigest()
+
+
+def test_killed_worker_job_resumes_from_its_checkpoint_and_ends_as_if_never_killed(
+    faulty: Callable[..., Server], moons: tuple[bytes, int]
+) -> None:
+    server = faulty(TRAINSERVE_CHECKPOINT_SECONDS="0.3")
     with TrainserveClient(server.url, timeout=30) as ts:
         dataset = ts.upload_dataset(moons[0], "moons.csv")
         job = ts.train(slow_spec(dataset.id))
-        first = running_at_epoch(ts, job.id, attempt=1)
+        first = running_at_epoch(ts, job.id, attempt=1, epoch=5)
         assert first.lease_expires_at is not None
         assert first.heartbeat_at is not None
-        os.kill(worker_pid(first), signal.SIGKILL)
+
+        def has_checkpoint() -> JobDetail | None:
+            current = ts.get_job(job.id)
+            return current if (current.checkpoint_epoch or 0) >= 3 else None
+
+        checkpointed = wait_for(has_checkpoint, what="a checkpoint after epoch 3")
+        os.kill(worker_pid(checkpointed), signal.SIGKILL)
 
         final = ts.wait(job.id, timeout=120)
         assert final.status == "succeeded", final.error
         assert final.attempts == 2
         assert worker_pid(final) != worker_pid(first)  # the supervisor's new worker finished it
         assert any("stopped renewing its lease" in note for note in final.notes), final.notes
+        resumed = [note for note in final.notes if note.startswith("resumed from epoch")]
+        assert resumed, final.notes
+        assert int(resumed[0].split()[3]) >= 3  # it did not start over
+        assert resumed[0].endswith("on attempt 2")
         assert final.lease_expires_at is None
-        assert ts.predict(final.model_id or "", [[0.0, 0.5]]).predictions
-        assert len(server.files("weights")) == 1
+        assert server.files("checkpoints") == []  # gone with the job's end
+
+        uninterrupted = ts.wait(ts.train(slow_spec(dataset.id)).id, timeout=120)
+        assert uninterrupted.attempts == 1
+        assert tensors_sha256(ts.download_weights(final.model_id or "")) == tensors_sha256(
+            ts.download_weights(uninterrupted.model_id or "")
+        )
+        assert len(server.files("weights")) == 2
 
 
 def test_server_killed_whole_then_restarted_finishes_the_job(
@@ -362,11 +392,14 @@ def test_sigterm_answers_requests_in_flight_hands_the_job_back_and_a_restart_fin
     assert drained.status == "queued"
     assert drained.attempts == 0  # a preemption costs no attempt
     assert drained.worker is None
-    assert any("handed back" in note for note in drained.notes), drained.notes
+    assert any("handed back at epoch" in note for note in drained.notes), drained.notes
+    assert drained.checkpoint_epoch is not None
+    assert (server.store_dir / "checkpoints" / f"{job.id}.safetensors").exists()
 
     again = faulty(server.data_dir)
     with TrainserveClient(again.url, timeout=30) as ts:
         final = ts.wait(job.id, timeout=120)
         assert final.status == "succeeded", final.error
         assert final.attempts == 1
+        assert f"resumed from epoch {drained.checkpoint_epoch} on attempt 1" in final.notes
         assert len(ts.list_datasets()) == 2  # the upload that was in flight was kept
