@@ -60,11 +60,14 @@ class Job(_Out):
     )
     heartbeat_at: UTCDateTime | None = Field(default=None, description="The worker's last lease renewal")
     checkpoint_epoch: int | None = Field(default=None, description="Epoch of the last checkpoint saved to resume from")
-    notes: list[str] = Field(default_factory=list, description="How it ran: re-queued, resumed, handed back, ...")
     created_at: UTCDateTime
     started_at: UTCDateTime | None
     finished_at: UTCDateTime | None
     spec: dict[str, Any]
+    notes: list[str] = Field(
+        default_factory=list,
+        description="How it ran: which training loop, re-queued, resumed, handed back, stopped early",
+    )
 
 
 class JobDetail(Job):
@@ -91,6 +94,7 @@ class Model(_Out):
     train_seconds: float
     created_at: UTCDateTime
     spec: dict[str, Any]
+    notes: list[str] = Field(default_factory=list, description="How it was trained: training loop, early stopping")
 
 
 _INPUTS_SCHEMA = {
