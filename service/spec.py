@@ -360,6 +360,11 @@ class TrainSpec(BaseModel):
     autocast: Literal["bf16"] | None = Field(
         default=None, description="Mixed precision on CUDA: forward and loss under torch.autocast(bfloat16)."
     )
+    max_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="Fail the job if it trains longer than this; at most the server's TRAINSERVE_MAX_JOB_SECONDS.",
+    )
 
     @field_validator("loss", "optimizer", "scheduler", mode="before")
     @classmethod
@@ -406,6 +411,7 @@ class Limits:
     max_epochs: int
     max_parameters: int
     max_layer_width: int
+    max_job_seconds: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -459,6 +465,12 @@ def plan_training(spec: TrainSpec, schema: TableSchema, limits: Limits) -> Train
     """Check ``spec`` against the dataset it names; raise InvalidInput naming the field."""
     if spec.epochs > limits.max_epochs:
         raise _fail(f"epochs is {spec.epochs}, the limit is {limits.max_epochs}", ["epochs"])
+    if spec.max_seconds is not None and spec.max_seconds > limits.max_job_seconds:
+        raise _fail(
+            f"max_seconds is {spec.max_seconds:g}, the server's limit (TRAINSERVE_MAX_JOB_SECONDS) is "
+            f"{limits.max_job_seconds:g}",
+            ["max_seconds"],
+        )
     for i, layer in enumerate(spec.model):
         if isinstance(layer, Linear) and layer.out_features > limits.max_layer_width:
             raise _fail(
