@@ -54,12 +54,21 @@ class Job(_Out):
     device: str | None
     error: str | None
     cancel_requested: bool
-    attempts: int
+    attempts: int = Field(description="How many times a worker claimed it (a worker that died costs one)")
     worker: str | None = Field(description="host:pid of the worker process that ran it")
+    lease_expires_at: UTCDateTime | None = Field(
+        default=None, description="While running: when the job goes back to the queue unless its worker renews"
+    )
+    heartbeat_at: UTCDateTime | None = Field(default=None, description="The worker's last lease renewal")
+    checkpoint_epoch: int | None = Field(default=None, description="Epoch of the last checkpoint saved to resume from")
     created_at: UTCDateTime
     started_at: UTCDateTime | None
     finished_at: UTCDateTime | None
     spec: dict[str, Any]
+    notes: list[str] = Field(
+        default_factory=list,
+        description="How it ran: which training loop, re-queued, resumed, handed back, stopped early",
+    )
 
 
 class JobDetail(Job):
@@ -89,6 +98,7 @@ class Model(_Out):
     train_seconds: float
     created_at: UTCDateTime
     spec: dict[str, Any]
+    notes: list[str] = Field(default_factory=list, description="How it was trained: training loop, early stopping")
 
 
 _INPUTS_SCHEMA = {
