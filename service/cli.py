@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from service.config import get_settings
+from service.config import DEVICE_PATTERN, get_settings
 
 log = logging.getLogger("trainserve")
 
@@ -32,8 +32,10 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers:
         sessions = make_session_factory(make_engine(settings.resolved_database_url))
         queue = build_queue(settings)
-        # This machine's workers are all ours: nothing can still be running from before.
-        stale = recover(sessions, queue)
+        # With the embedded SQLite database this machine's workers are all there are, so
+        # nothing can still be running from before. A shared database has workers on other
+        # machines: their running jobs are theirs, and only queued ones are put back.
+        stale = recover(sessions, queue, fail_running=settings.embedded_database)
         if stale:
             log.warning("%d job(s) were running when the service last stopped; marked failed", stale)
         supervisor = _WorkerSupervisor(args.workers, lambda pid: recover(sessions, queue, worker=worker_name(pid)))
@@ -89,14 +91,27 @@ class _WorkerSupervisor:
                 child.kill()
 
 
-def _worker(_args: argparse.Namespace) -> int:
+def _worker(args: argparse.Namespace) -> int:
     from service.db import upgrade_to_head
     from service.jobs import run_worker
 
     settings = get_settings()
+    if args.device:
+        settings = settings.model_copy(update={"worker_device": args.device})
     upgrade_to_head(settings.resolved_database_url)
+    log.info(
+        "worker on queue %r, training specs with device 'auto' on %s",
+        settings.queue_name,
+        settings.worker_device or "the first visible GPU, else the CPU",
+    )
     run_worker(settings)
     return 0
+
+
+def _device(value: str) -> str:
+    if not DEVICE_PATTERN.match(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device: use cpu, cuda, cuda:N or mps")
+    return value
 
 
 def _migrate(_args: argparse.Namespace) -> int:
@@ -116,7 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="worker processes to start beside the API (0: API only)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(run=_serve)
-    worker = commands.add_parser("worker", help="run a training worker only")
+    worker = commands.add_parser("worker", help="run a training worker only (one per GPU)")
+    worker.add_argument(
+        "--device",
+        type=_device,
+        default=None,
+        help="where specs with device 'auto' train, e.g. cuda:1 (default: TRAINSERVE_WORKER_DEVICE, "
+        "else the first GPU that CUDA_VISIBLE_DEVICES leaves visible, else the CPU)",
+    )
     worker.set_defaults(run=_worker)
     migrate = commands.add_parser("migrate", help="upgrade the database schema to the newest version")
     migrate.set_defaults(run=_migrate)

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
-from huey import Huey, SqliteHuey
+from huey import Huey, PostgresHuey, RedisHuey, SqliteHuey
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -38,7 +38,7 @@ from service.db import (
 )
 from service.errors import Conflict, InvalidInput, NotFound, TrainserveError
 from service.spec import Limits, TrainingPlan, TrainSpec, plan_training
-from service.store import Store, new_id
+from service.store import Store, new_id, open_store
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,27 @@ class JobQueue:
         self.train_task(job_id)
 
 
-def _huey_for(url: str) -> Huey:
+def huey_for(url: str, name: str) -> Huey:
+    """The Huey instance a queue URL names: a SQLite file (embedded), Redis or Postgres (shared)."""
     parsed = urlparse(url)
-    if parsed.scheme == "sqlite":
-        return SqliteHuey("trainserve", filename=parsed.path, results=False, utc=True)
-    raise ValueError(f"unsupported queue URL scheme {parsed.scheme!r} (expected sqlite:///path)")
+    scheme = parsed.scheme.split("+")[0]
+    if scheme == "sqlite":
+        return SqliteHuey(name, filename=parsed.path, results=False, utc=True)
+    if scheme in ("redis", "rediss", "unix"):
+        # Blocking pops (BRPOP): an idle worker wakes the moment a job is pushed.
+        return RedisHuey(name, url=url, results=False, utc=True, blocking=True, read_timeout=1)
+    if scheme in ("postgresql", "postgres"):
+        # psycopg takes libpq's URL, without SQLAlchemy's "+driver" part. Workers LISTEN for
+        # new jobs and take one with SELECT ... FOR UPDATE SKIP LOCKED: each entry goes to one worker.
+        dsn = parsed._replace(scheme="postgresql").geturl()
+        return PostgresHuey(name, dsn=dsn, results=False, utc=True, blocking=True, read_timeout=1)
+    raise ValueError(
+        f"unsupported queue URL scheme {parsed.scheme!r} (expected sqlite:///path, redis://host or postgresql://host/db)"
+    )
 
 
 def build_queue(settings: Settings) -> JobQueue:
-    huey = _huey_for(settings.resolved_queue_url)
+    huey = huey_for(settings.resolved_queue_url, settings.queue_name)
     context: dict[str, WorkerContext] = {}
 
     @huey.task(name="trainserve.train")  # type: ignore[untyped-decorator]
@@ -156,21 +168,30 @@ def _end(session: Session, job_id: str, current: str, status: str, **values: Any
     )
 
 
-def recover(sessions: sessionmaker, queue: JobQueue, *, worker: str | None = None) -> int:  # type: ignore[type-arg]
-    """Fail the ``running`` jobs of a worker that is gone (every worker's, at start-up) and
-    put ``queued`` jobs back on the queue; a duplicate queue entry is harmless because a
-    worker claims a job with a compare-and-set. Returns how many running jobs were failed."""
+def recover(
+    sessions: sessionmaker,  # type: ignore[type-arg]
+    queue: JobQueue,
+    *,
+    worker: str | None = None,
+    fail_running: bool = True,
+) -> int:
+    """Fail the ``running`` jobs of a worker that is gone (every worker's, at start-up, unless
+    ``fail_running`` is False) and put ``queued`` jobs back on the queue; a duplicate queue
+    entry is harmless because a worker claims a job with a compare-and-set. Returns how many
+    running jobs were failed."""
     now = utcnow()
+    failed = 0
     with sessions.begin() as session:
-        stale = update(JobRecord).where(JobRecord.status == RUNNING)
-        if worker is not None:
-            stale = stale.where(JobRecord.worker == worker)
-        failed = rows_changed(
-            session,
-            stale.values(
-                status=FAILED, error="the worker stopped while running this job", finished_at=now, updated_at=now
-            ),
-        )
+        if fail_running:
+            stale = update(JobRecord).where(JobRecord.status == RUNNING)
+            if worker is not None:
+                stale = stale.where(JobRecord.worker == worker)
+            failed = rows_changed(
+                session,
+                stale.values(
+                    status=FAILED, error="the worker stopped while running this job", finished_at=now, updated_at=now
+                ),
+            )
         queued = list(session.scalars(select(JobRecord.id).where(JobRecord.status == QUEUED)))
     for job_id in queued:
         queue.enqueue(job_id)
@@ -212,7 +233,7 @@ class WorkerContext:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WorkerContext:
-        store = Store(settings.resolved_store_dir)
+        store = open_store(settings)
         store.ensure()
         sessions = make_session_factory(make_engine(settings.resolved_database_url))
         return cls(settings, sessions, store, worker_name(os.getpid()))
@@ -272,6 +293,15 @@ def _targets(table: Table, plan: TrainingPlan) -> np.ndarray:
     return table.column(plan.targets[0])
 
 
+def on_this_worker(spec: TrainSpec, settings: Settings) -> TrainSpec:
+    """The spec to train here: "auto" means the device this worker was started for
+    (``trainserve worker --device cuda:1``), if any; otherwise the engine's choice, which
+    honours ``CUDA_VISIBLE_DEVICES``. The job and the model keep the spec as sent."""
+    if spec.device == "auto" and settings.worker_device:
+        return spec.model_copy(update={"device": settings.worker_device})
+    return spec
+
+
 def run_job(ctx: WorkerContext, job_id: str) -> None:
     """Claim a queued job, train it, save the model; every outcome lands in the job row."""
     with ctx.sessions.begin() as session:
@@ -300,7 +330,7 @@ def run_job(ctx: WorkerContext, job_id: str) -> None:
         plan = plan_training(spec, table.schema(), limits_of(ctx.settings))
         progress = _Progress(ctx, job_id)
         result = engine.train(
-            spec,
+            on_this_worker(spec, ctx.settings),
             plan,
             table.matrix(plan.features),
             _targets(table, plan),

@@ -118,7 +118,11 @@ def _add_health(app: FastAPI, runtime: Runtime) -> None:
             checks["database"] = "ok"
         except Exception as exc:
             checks["database"] = f"error: {exc}"
-        checks["store"] = "ok" if runtime.store.weights.is_dir() else "error: store folder missing"
+        try:
+            runtime.store.check()
+            checks["store"] = "ok"
+        except Exception as exc:
+            checks["store"] = f"error: {exc}"
         try:
             runtime.queue.huey.pending_count()
             checks["queue"] = "ok"

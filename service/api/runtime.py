@@ -11,7 +11,7 @@ from service.config import Settings
 from service.db import make_engine, make_session_factory
 from service.inference import ModelCache
 from service.jobs import JobQueue, build_queue
-from service.store import Store
+from service.store import Store, open_store
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Runtime:
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
         engine = make_engine(settings.resolved_database_url)
-        store = Store(settings.resolved_store_dir)
+        store = open_store(settings)
         return cls(
             settings=settings,
             engine=engine,
