@@ -64,6 +64,12 @@ class JobQueue:
     def enqueue(self, job_id: str) -> None:
         self.train_task(job_id)
 
+    def close(self) -> None:
+        """Close the queue's connection (SQLite and Postgres keep one open; Redis pools)."""
+        close = getattr(self.huey.storage, "close", None)
+        if close is not None:
+            close()
+
 
 def huey_for(url: str, name: str) -> Huey:
     """The Huey instance a queue URL names: a SQLite file (embedded), Redis or Postgres (shared)."""

@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runtime.store.ensure()
         yield
         runtime.engine.dispose()
+        runtime.queue.close()
 
     app = FastAPI(
         title="trainserve",
