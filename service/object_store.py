@@ -40,14 +40,20 @@ class ObjectStore(Store):
         """Where a file of the local layout (``datasets/<id>.npz``...) lives remotely."""
         return f"{self.remote_root}/{local.parent.name}/{local.name}"
 
+    @property
+    def _marker(self) -> str:
+        # Object stores have no folders: an empty prefix cannot be told from a missing one,
+        # so the store marks its root with a small object that readiness checks look for.
+        return f"{self.remote_root}/trainserve-store"
+
     def ensure(self) -> None:
         super().ensure()
-        if not self.fs.exists(self.remote_root):
-            self.fs.makedirs(self.remote_root, exist_ok=True)
+        if not self.fs.exists(self._marker):
+            self.fs.pipe_file(self._marker, b"a trainserve model store: datasets/ and weights/, named by id\n")
 
     def check(self) -> None:
         self.fs.invalidate_cache(self.remote_root)  # ask the server, not fsspec's listing cache
-        self.fs.ls(self.remote_root, detail=False)
+        self.fs.info(self._marker)
 
     def _fetch(self, path: Path, expected_sha256: str) -> Path:
         """This node's copy of a stored file, downloaded and checked on first use."""
