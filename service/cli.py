@@ -122,6 +122,24 @@ def _migrate(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(_args: argparse.Namespace) -> int:
+    from service.api.runtime import Runtime
+
+    try:
+        runtime = Runtime.from_settings(get_settings())
+    except Exception as exc:  # a queue on Postgres or SQLite connects as soon as it is built
+        print(f"error: {exc}")
+        return 1
+    try:
+        checks = runtime.check()
+    finally:
+        runtime.engine.dispose()
+        runtime.queue.close()
+    for name, result in checks.items():
+        print(f"{name}: {result}")
+    return 0 if all(result == "ok" for result in checks.values()) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(run=_worker)
     migrate = commands.add_parser("migrate", help="upgrade the database schema to the newest version")
     migrate.set_defaults(run=_migrate)
+    check = commands.add_parser(
+        "check", help="exit 0 when the database, queue and model store answer (a worker's health check)"
+    )
+    check.set_defaults(run=_check)
     return parser
 
 

@@ -13,7 +13,6 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 import service
@@ -112,22 +111,6 @@ def _add_health(app: FastAPI, runtime: Runtime) -> None:
     @app.get("/readyz", tags=["health"])
     def readyz() -> JSONResponse:
         """The database, the model store and the queue answer."""
-        checks: dict[str, str] = {}
-        try:
-            with runtime.engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
-            checks["database"] = "ok"
-        except Exception as exc:
-            checks["database"] = f"error: {exc}"
-        try:
-            runtime.store.check()
-            checks["store"] = "ok"
-        except Exception as exc:
-            checks["store"] = f"error: {exc}"
-        try:
-            runtime.queue.huey.pending_count()
-            checks["queue"] = "ok"
-        except Exception as exc:
-            checks["queue"] = f"error: {exc}"
+        checks = runtime.check()
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503)
