@@ -22,29 +22,43 @@ def _serve(args: argparse.Namespace) -> int:
 
     from service.api.app import create_app
     from service.db import make_engine, make_session_factory, upgrade_to_head
-    from service.jobs import build_queue, recover, worker_name
+    from service.jobs import Rescuer, build_queue, expire_leases_of, requeue_queued, worker_name
+    from service.orphans import sweep
+    from service.store import open_store
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # Migrate before any worker starts, so workers never see an old schema.
     upgrade_to_head(settings.resolved_database_url)
+    sessions = make_session_factory(make_engine(settings.resolved_database_url))
+    sweep(sessions, open_store(settings), grace_seconds=settings.orphan_grace_seconds)
+    queue = build_queue(settings)
+    # A job that was running when the service stopped keeps its lease until it runs out,
+    # then the rescuer re-queues it: this process cannot know whether a worker on another
+    # machine still runs it. Queued jobs go back on the queue at once.
+    rescuer = Rescuer(sessions, queue, settings)
+    rescuer.rescue_now()
+    requeue_queued(sessions, queue)
+    rescuer.start()
     supervisor = None
     if args.workers:
-        sessions = make_session_factory(make_engine(settings.resolved_database_url))
-        queue = build_queue(settings)
-        # With the embedded SQLite database this machine's workers are all there are, so
-        # nothing can still be running from before. A shared database has workers on other
-        # machines: their running jobs are theirs, and only queued ones are put back.
-        stale = recover(sessions, queue, fail_running=settings.embedded_database)
-        if stale:
-            log.warning("%d job(s) were running when the service last stopped; marked failed", stale)
-        supervisor = _WorkerSupervisor(args.workers, lambda pid: recover(sessions, queue, worker=worker_name(pid)))
+        supervisor = _WorkerSupervisor(
+            args.workers,
+            on_death=lambda pid: expire_leases_of(sessions, worker_name(pid)),
+            drain_timeout=settings.drain_timeout_seconds,
+        )
         supervisor.start()
+    # uvicorn stops on SIGINT/SIGTERM once the requests in flight are answered, then raises
+    # the signal again for the handler it found; with the default one, the process would
+    # die right there, before its workers hand their jobs back.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, lambda signum, _frame: log.info("received %s", signal.Signals(signum).name))
     try:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     finally:
         if supervisor is not None:
             supervisor.stop()
+        rescuer.stop()
     return 0
 
 
@@ -55,15 +69,17 @@ class _WorkerSupervisor:
     worker saturates the CPU or GPU.
     """
 
-    def __init__(self, count: int, on_death: Callable[[int], object]) -> None:
+    def __init__(self, count: int, *, on_death: Callable[[int], object], drain_timeout: float) -> None:
         self.count = count
         self.on_death = on_death
+        self.drain_timeout = drain_timeout
         self.children: list[subprocess.Popen[bytes]] = []
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "service", "worker"], env=os.environ.copy())
+        command = [sys.executable, "-m", "service", "worker", "--exit-with-parent"]
+        return subprocess.Popen(command, env=os.environ.copy())
 
     def start(self) -> None:
         self.children = [self._spawn() for _ in range(self.count)]
@@ -75,25 +91,32 @@ class _WorkerSupervisor:
             for i, child in enumerate(self.children):
                 if child.poll() is not None and not self._stopping.is_set():
                     log.warning("worker %s exited with %s; starting a new one", child.pid, child.returncode)
-                    self.on_death(child.pid)  # its running job, if any, will never finish
+                    try:
+                        self.on_death(child.pid)  # its lease can end now: nobody will renew it
+                    except Exception:
+                        log.exception("could not end the leases of worker %s", child.pid)
                     self.children[i] = self._spawn()
 
     def stop(self) -> None:
+        """Ask every worker to hand its running job back (SIGTERM drains), then wait."""
         self._stopping.set()
         for child in self.children:
             if child.poll() is None:
-                child.send_signal(signal.SIGINT)  # Huey: finish or abandon the task, then exit
-        deadline = time.monotonic() + 10
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.drain_timeout
         for child in self.children:
             try:
                 child.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                log.warning("worker %s did not drain in %.0f s; killing it", child.pid, self.drain_timeout)
                 child.kill()
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from service.db import upgrade_to_head
+    from service.db import make_engine, make_session_factory, upgrade_to_head
     from service.jobs import run_worker
+    from service.orphans import sweep
+    from service.store import open_store
 
     settings = get_settings()
     if args.device:
@@ -104,7 +127,15 @@ def _worker(args: argparse.Namespace) -> int:
         settings.queue_name,
         settings.worker_device or "the first visible GPU, else the CPU",
     )
-    run_worker(settings)
+    if not args.exit_with_parent:  # a worker that `serve` started: serve has swept already
+        engine = make_engine(settings.resolved_database_url)
+        sweep(
+            make_session_factory(engine),
+            open_store(settings),
+            grace_seconds=settings.orphan_grace_seconds,
+        )
+        engine.dispose()
+    run_worker(settings, exit_with_parent=args.exit_with_parent)
     return 0
 
 
@@ -149,13 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="worker processes to start beside the API (0: API only)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(run=_serve)
-    worker = commands.add_parser("worker", help="run a training worker only (one per GPU)")
+    worker = commands.add_parser(
+        "worker", help="run a training worker only, one per GPU (SIGTERM/SIGINT: hand the job back, exit)"
+    )
     worker.add_argument(
         "--device",
         type=_device,
         default=None,
         help="where specs with device 'auto' train, e.g. cuda:1 (default: TRAINSERVE_WORKER_DEVICE, "
         "else the first GPU that CUDA_VISIBLE_DEVICES leaves visible, else the CPU)",
+    )
+    worker.add_argument(
+        "--exit-with-parent", action="store_true", help="drain and exit when the process that started it dies"
     )
     worker.set_defaults(run=_worker)
     migrate = commands.add_parser("migrate", help="upgrade the database schema to the newest version")

@@ -52,6 +52,24 @@ class Settings(BaseSettings):
     # off to 10 s, which made an idle server take seconds to pick up a new job).
     queue_poll_max_s: float = Field(default=0.25, gt=0)
 
+    # Crash recovery. A worker holds a lease on its running job and renews it every
+    # lease/3 seconds; a job whose lease lapsed lost its worker (killed, machine gone) and
+    # is re-queued by the rescuer, which every worker and every `serve` process runs, up
+    # to max_attempts claims in all.
+    lease_seconds: float = Field(default=30.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    rescue_interval_seconds: float = Field(default=5.0, gt=0)
+    # A running job saves a checkpoint this often, so a re-queued job resumes near where
+    # its last worker stopped instead of from epoch 0.
+    checkpoint_seconds: float = Field(default=60.0, gt=0)
+    # No job trains longer than this (a spec may ask for less with max_seconds).
+    max_job_seconds: float = Field(default=72 * 3600.0, gt=0)
+    # Files under the store's tmp/ (and weights/checkpoints without a row) older than
+    # this are debris of a crash; younger ones may be another node's write in progress.
+    orphan_grace_seconds: float = Field(default=3600.0, ge=0)
+    # How long `serve` waits for its workers to checkpoint and hand back their jobs on stop.
+    drain_timeout_seconds: float = Field(default=30.0, gt=0)
+
     @field_validator("api_key")
     @classmethod
     def _refuse_weak_key(cls, value: str | None) -> str | None:
@@ -62,11 +80,6 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'trainserve.db').resolve()}"
-
-    @property
-    def embedded_database(self) -> bool:
-        """SQLite: one machine's database, so every worker that uses it runs on this machine."""
-        return self.resolved_database_url.startswith("sqlite")
 
     @property
     def resolved_queue_url(self) -> str:

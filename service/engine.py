@@ -9,6 +9,8 @@ the device, read back once per epoch rather than once per step.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable
@@ -177,6 +179,22 @@ def evaluate(net: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tenso
 
 # -- training ------------------------------------------------------------------------------
 
+_SCHEDULERS: dict[str, Any] = {
+    "StepLR": torch.optim.lr_scheduler.StepLR,
+    "MultiStepLR": torch.optim.lr_scheduler.MultiStepLR,
+    "ExponentialLR": torch.optim.lr_scheduler.ExponentialLR,
+    "CosineAnnealingLR": torch.optim.lr_scheduler.CosineAnnealingLR,
+    "LinearLR": torch.optim.lr_scheduler.LinearLR,
+    "ReduceLROnPlateau": torch.optim.lr_scheduler.ReduceLROnPlateau,
+}
+# Scheduler state the constructor rebuilds from the spec; JSON would mangle it (MultiStepLR's Counter).
+_SCHEDULER_REBUILT = frozenset({"milestones"})
+CHECKPOINT_FORMAT = 1
+
+
+def build_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> Any:
+    return None if scheduler is None else _SCHEDULERS[scheduler.type](optimizer, **scheduler.kwargs())
+
 
 @dataclass(frozen=True)
 class EpochReport:
@@ -196,6 +214,35 @@ class TrainedModel:
     input_mean: list[float] | None
     input_std: list[float] | None
     notes: list[str] = field(default_factory=list)
+    loop: str = "eager"  # which training loop ran: "eager" or "native" (generated code)
+    stopped_epoch: int | None = None  # early stopping: the epoch after which training stopped
+    best_epoch: int | None = None  # early stopping: the epoch with the lowest validation loss
+
+
+@dataclass
+class Checkpoint:
+    """A training run's whole state at a step or epoch boundary; enough to continue bit for bit.
+
+    ``tensors`` (CPU, contiguous, unshared: safetensors can save them) hold the weights,
+    optimizer state, random-generator states and the epoch's running loss; ``meta``
+    (JSON-serialisable) holds the position, history, scheduler and early-stopping state.
+    """
+
+    epoch: int  # epochs fully completed (for progress display)
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+
+class TrainingPreempted(Exception):
+    """Raised after ``on_checkpoint`` got a fresh checkpoint, because ``should_preempt`` said so."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        super().__init__(f"training preempted after {checkpoint.epoch} epoch(s), step {checkpoint.meta['step']}")
+        self.checkpoint = checkpoint
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint taken for another spec or dataset than the run asked to resume."""
 
 
 def split_indices(n_rows: int, validation_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -211,6 +258,224 @@ def _standardization(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), std.astype(np.float32)
 
 
+def _fingerprint(spec: S.TrainSpec, n_rows: int, n_features: int) -> str:
+    """What a checkpoint must agree on to be resumed: the spec (device aside) and the data's shape."""
+    fields = spec.model_dump(mode="json", exclude={"device", "compile"})
+    blob = json.dumps([fields, n_rows, n_features], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _to_json(value: Any) -> Any:
+    """Scheduler and optimizer state as strict JSON: non-finite floats and tuples tagged."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": repr(value)}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_to_json(v) for v in value]}
+    if isinstance(value, list):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    if isinstance(value, dict):
+        if set(value) == {"__float__"}:
+            return float(value["__float__"])
+        if set(value) == {"__tuple__"}:
+            return tuple(_from_json(v) for v in value["__tuple__"])
+        return {k: _from_json(v) for k, v in value.items()}
+    return value
+
+
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+class _EarlyStopping:
+    def __init__(self, config: S.EarlyStopping) -> None:
+        self.config = config
+        self.best_loss = math.inf
+        self.best_epoch: int | None = None
+        self.bad_epochs = 0
+        self.best_weights: dict[str, torch.Tensor] | None = None
+
+    def update(self, epoch: int, val_loss: float, net: nn.Module) -> bool:
+        """Record one epoch's validation loss; True when patience has run out."""
+        if val_loss < self.best_loss - self.config.min_delta:
+            self.best_loss, self.best_epoch, self.bad_epochs = val_loss, epoch, 0
+            if self.config.restore_best_weights:
+                self.best_weights = {k: _cpu_copy(v) for k, v in net.state_dict().items()}
+            return False
+        self.bad_epochs += 1
+        return self.bad_epochs >= self.config.patience
+
+
+class _Run:
+    """Everything a training run changes as it goes, and so everything a checkpoint captures."""
+
+    def __init__(
+        self,
+        spec: S.TrainSpec,
+        net: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        device: torch.device,
+        fingerprint: str,
+    ) -> None:
+        self.spec, self.net, self.optimizer, self.scheduler = spec, net, optimizer, scheduler
+        self.device, self.fingerprint = device, fingerprint
+        self.epoch = 0  # epochs completed
+        self.step = 0  # batches completed in epoch ``epoch + 1``
+        self.loss_sum = torch.zeros((), device=device)  # their losses, summed on the device
+        self.generator = torch.Generator().manual_seed(spec.seed)  # draws each epoch's shuffle
+        self.epoch_start_shuffle = self.generator.get_state()  # before this epoch's draw
+        self.history: list[EpochReport] = []
+        self.early = _EarlyStopping(spec.early_stopping) if spec.early_stopping else None
+        self.stopped_epoch: int | None = None
+
+    def checkpoint(self) -> Checkpoint:
+        tensors = {f"net.{k}": _cpu_copy(v) for k, v in self.net.state_dict().items()}
+        optim = self.optimizer.state_dict()
+        optim_plain: dict[str, dict[str, Any]] = {}
+        for index, state in optim["state"].items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer.{index}.{key}"] = _cpu_copy(value)
+                else:
+                    optim_plain.setdefault(str(index), {})[key] = value
+        tensors["rng.torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        # Mid-epoch, the generator's state from before the epoch's draw, so resuming redraws the same order.
+        shuffle = self.epoch_start_shuffle if self.step else self.generator.get_state()
+        tensors["rng.shuffle"] = shuffle.clone()
+        tensors["loss_sum"] = _cpu_copy(self.loss_sum)
+        early: dict[str, Any] | None = None
+        if self.early is not None:
+            early = {
+                "best_loss": self.early.best_loss,
+                "best_epoch": self.early.best_epoch,
+                "bad_epochs": self.early.bad_epochs,
+            }
+            for k, v in (self.early.best_weights or {}).items():
+                tensors[f"best.{k}"] = v.clone()
+        scheduler = None
+        if self.scheduler is not None:
+            scheduler = {k: v for k, v in self.scheduler.state_dict().items() if k not in _SCHEDULER_REBUILT}
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": self.fingerprint,
+            "step": self.step,
+            "history": [[r.epoch, r.train_loss, r.val_loss, r.val_metrics] for r in self.history],
+            "optimizer": {"param_groups": optim["param_groups"], "state": optim_plain},
+            "scheduler": scheduler,
+            "early_stopping": early,
+            "stopped_epoch": self.stopped_epoch,
+        }
+        return Checkpoint(self.epoch, tensors, _to_json(meta))
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        meta = _from_json(checkpoint.meta)
+        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("fingerprint") != self.fingerprint:
+            raise CheckpointMismatch("the checkpoint was taken for another spec or dataset than this run")
+        tensors = checkpoint.tensors
+        self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        for index, plain in meta["optimizer"]["state"].items():
+            state.setdefault(int(index), {}).update(plain)
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+        if self.scheduler is not None and meta["scheduler"] is not None:
+            self.scheduler.load_state_dict({**self.scheduler.state_dict(), **meta["scheduler"]})
+        torch.set_rng_state(tensors["rng.torch"])
+        if self.device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        self.generator.set_state(tensors["rng.shuffle"])
+        self.epoch, self.step = checkpoint.epoch, int(meta["step"])
+        self.loss_sum = tensors["loss_sum"].to(self.device, copy=True)
+        self.history = [EpochReport(e, t, v, m) for e, t, v, m in meta["history"]]
+        self.stopped_epoch = meta["stopped_epoch"]
+        if self.early is not None and meta["early_stopping"] is not None:
+            early = meta["early_stopping"]
+            self.early.best_loss, self.early.best_epoch = early["best_loss"], early["best_epoch"]
+            self.early.bad_epochs = early["bad_epochs"]
+            best = {k[5:]: v.clone() for k, v in tensors.items() if k.startswith("best.")}
+            self.early.best_weights = best or None
+
+
+class _Hooks:
+    """Polls the caller's stop/preempt callbacks and hands out checkpoints on a clock."""
+
+    def __init__(
+        self,
+        run: _Run,
+        should_stop: Callable[[], bool] | None,
+        check_every_s: float,
+        should_preempt: Callable[[], bool] | None,
+        on_checkpoint: Callable[[Checkpoint], None] | None,
+        checkpoint_every_s: float | None,
+    ) -> None:
+        self.run, self.should_stop, self.should_preempt = run, should_stop, should_preempt
+        self.on_checkpoint, self.check_every_s, self.checkpoint_every_s = (
+            on_checkpoint,
+            check_every_s,
+            checkpoint_every_s,
+        )
+        now = time.monotonic()
+        self.next_check = now + check_every_s
+        self.next_checkpoint = now + (checkpoint_every_s or 0.0)
+
+    def at_boundary(self) -> None:
+        now = time.monotonic()
+        if now >= self.next_check:
+            if self.should_stop is not None and self.should_stop():
+                raise TrainingCancelled
+            if self.should_preempt is not None and self.should_preempt():
+                checkpoint = self.run.checkpoint()
+                if self.on_checkpoint is not None:
+                    self.on_checkpoint(checkpoint)
+                raise TrainingPreempted(checkpoint)
+            self.next_check = time.monotonic() + self.check_every_s
+        if self.on_checkpoint is not None and self.checkpoint_every_s is not None and now >= self.next_checkpoint:
+            self.on_checkpoint(self.run.checkpoint())
+            self.next_checkpoint = time.monotonic() + self.checkpoint_every_s
+
+
+class EagerSteps:
+    """The guide's step, one batch at a time: zero_grad, forward, loss, backward, (clip), step."""
+
+    name = "eager"
+    chunk_steps = 1  # a checkpoint may fall between any two steps
+
+    def __init__(self, spec: S.TrainSpec, net: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.net, self.loss_fn, self.optimizer = net, loss_fn, optimizer
+        self.batch_size, self.clip = spec.batch_size, spec.clip_grad_norm
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        self.autocast = spec.autocast == "bf16"
+
+    def run(self, xe: torch.Tensor, ye: torch.Tensor, start: int, stop: int, loss_sum: torch.Tensor) -> None:
+        bs = self.batch_size
+        for b in range(start, stop):
+            xb, yb = xe[b * bs : (b + 1) * bs], ye[b * bs : (b + 1) * bs]
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.autocast:
+                with torch.autocast(xb.device.type, dtype=torch.bfloat16):
+                    loss = self.loss_fn(self.net(xb), yb)
+            else:
+                loss = self.loss_fn(self.net(xb), yb)
+            loss.backward()
+            if self.clip is not None:
+                nn.utils.clip_grad_norm_(self.params, self.clip)
+            self.optimizer.step()
+            loss_sum += loss.detach()
+
+
 def train(
     spec: S.TrainSpec,
     plan: S.TrainingPlan,
@@ -220,11 +485,19 @@ def train(
     on_epoch: Callable[[EpochReport], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     check_every_s: float = 0.5,
+    resume: Checkpoint | None = None,
+    on_checkpoint: Callable[[Checkpoint], None] | None = None,
+    checkpoint_every_s: float | None = None,
+    should_preempt: Callable[[], bool] | None = None,
 ) -> TrainedModel:
     """Train the spec's network on feature matrix ``x`` and raw labels ``y``.
 
-    ``on_epoch`` receives each epoch's losses; ``should_stop`` is polled about every
-    ``check_every_s`` seconds, and a True answer raises TrainingCancelled.
+    ``on_epoch`` receives each epoch's losses. ``should_stop`` and ``should_preempt`` are
+    polled about every ``check_every_s`` seconds: the first answering True raises
+    TrainingCancelled; the second hands a fresh checkpoint to ``on_checkpoint`` and raises
+    TrainingPreempted. ``on_checkpoint`` also gets one every ``checkpoint_every_s`` seconds
+    when that is set. ``resume`` continues from such a checkpoint; on CPU the result is the
+    same, bit for bit, as a run that was never interrupted.
     """
     started = time.perf_counter()
     device = resolve_device(spec.device)
@@ -251,13 +524,28 @@ def train(
         net = model.net.to(device)
         loss_fn = build_loss(spec.loss)
         optimizer = build_optimizer(spec.optimizer, net.parameters())
-        history = _loop(spec, net, loss_fn, optimizer, xt, yt, xv, yv, plan.task, on_epoch, should_stop, check_every_s)
+        scheduler = build_scheduler(spec.scheduler, optimizer)
+        run = _Run(spec, net, optimizer, scheduler, device, _fingerprint(spec, len(x), plan.in_features))
+        if resume is not None:
+            run.restore(resume)
+        steps, notes = choose_steps(spec, plan, net, loss_fn, optimizer, device)
+        hooks = _Hooks(run, should_stop, check_every_s, should_preempt, on_checkpoint, checkpoint_every_s)
+        _loop(run, steps, loss_fn, xt, yt, xv, yv, plan.task, on_epoch, hooks)
+        if run.early is not None and run.early.best_weights is not None:
+            net.load_state_dict(run.early.best_weights)
         metrics = {f"train_{k}": v for k, v in evaluate(net, loss_fn, xt, yt, plan.task).items()}
         if xv is not None and yv is not None:
             metrics.update({f"val_{k}": v for k, v in evaluate(net, loss_fn, xv, yv, plan.task).items()})
 
     if not all(math.isfinite(v) for v in metrics.values()):
         raise FloatingPointError("the trained model's metrics are not finite; try a smaller learning rate")
+    best_epoch = run.early.best_epoch if run.early is not None else None
+    if run.stopped_epoch is not None:
+        notes.append(f"early stopping: stopped after epoch {run.stopped_epoch}; best epoch {best_epoch}")
+    if run.early is not None and run.early.best_weights is not None:
+        notes.append(f"early stopping: the saved weights are epoch {best_epoch}'s")
+    if resume is not None:
+        notes.append(f"resumed from a checkpoint after epoch {resume.epoch}, step {resume.meta['step']}")
     model.scaler.mean.copy_(torch.from_numpy(mean))
     model.scaler.std.copy_(torch.from_numpy(std))
     model.net = net.cpu()
@@ -265,56 +553,63 @@ def train(
     return TrainedModel(
         module=model,
         metrics=metrics,
-        history=history,
+        history=run.history,
         device=str(device),
         train_seconds=time.perf_counter() - started,
         input_mean=mean.tolist() if spec.standardize else None,
         input_std=std.tolist() if spec.standardize else None,
+        notes=notes,
+        loop=steps.name,
+        stopped_epoch=run.stopped_epoch,
+        best_epoch=best_epoch,
     )
 
 
-def _loop(
+def choose_steps(
     spec: S.TrainSpec,
+    plan: S.TrainingPlan,
     net: nn.Module,
     loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> tuple[EagerSteps, list[str]]:
+    """The fastest loop this spec can run on, and a note saying which one it is and why."""
+    return EagerSteps(spec, net, loss_fn, optimizer), ["training loop: eager PyTorch"]
+
+
+def _loop(
+    run: _Run,
+    steps: EagerSteps,
+    loss_fn: nn.Module,
     xt: torch.Tensor,
     yt: torch.Tensor,
     xv: torch.Tensor | None,
     yv: torch.Tensor | None,
     task: S.Task,
     on_epoch: Callable[[EpochReport], None] | None,
-    should_stop: Callable[[], bool] | None,
-    check_every_s: float,
-) -> list[EpochReport]:
+    hooks: _Hooks,
+) -> None:
+    spec, net = run.spec, run.net
     n = len(xt)
     # BatchNorm cannot normalise a batch of one: drop such a trailing batch.
     if any(isinstance(m, nn.BatchNorm1d) for m in net.modules()) and n % spec.batch_size == 1:
         n -= 1
-    generator = torch.Generator().manual_seed(spec.seed)
-    history: list[EpochReport] = []
-    next_check = time.monotonic() + check_every_s
-    for epoch in range(1, spec.epochs + 1):
+    n_batches = -(-n // spec.batch_size)
+    while run.epoch < spec.epochs and run.stopped_epoch is None:
+        epoch = run.epoch + 1
         net.train()
+        run.epoch_start_shuffle = run.generator.get_state()
         if spec.shuffle:
-            order = torch.randperm(len(xt), generator=generator)[:n].to(xt.device)
+            order = torch.randperm(len(xt), generator=run.generator)[:n].to(xt.device)
             xe, ye = xt[order], yt[order]
         else:
             xe, ye = xt[:n], yt[:n]
-        total = torch.zeros((), device=xt.device)
-        batches = 0
-        for xb, yb in zip(torch.split(xe, spec.batch_size), torch.split(ye, spec.batch_size), strict=True):
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(net(xb), yb)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-            batches += 1
-            if should_stop is not None and time.monotonic() >= next_check:
-                if should_stop():
-                    raise TrainingCancelled
-                next_check = time.monotonic() + check_every_s
-        train_loss = float(total) / max(batches, 1)
+        while run.step < n_batches:
+            stop = min(n_batches, run.step + steps.chunk_steps)
+            steps.run(xe, ye, run.step, stop, run.loss_sum)
+            run.step = stop
+            hooks.at_boundary()
+        train_loss = float(run.loss_sum) / max(n_batches, 1)
         if not math.isfinite(train_loss):
             raise FloatingPointError(
                 f"the training loss became {train_loss} at epoch {epoch}; try a smaller learning rate"
@@ -323,7 +618,15 @@ def _loop(
         if xv is not None and yv is not None:
             val = evaluate(net, loss_fn, xv, yv, task)
             report = EpochReport(epoch, train_loss, val.pop("loss"), val)
-        history.append(report)
+        run.history.append(report)
+        run.epoch, run.step = epoch, 0
+        run.loss_sum.zero_()
+        if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            run.scheduler.step(report.val_loss if report.val_loss is not None else train_loss)
+        elif run.scheduler is not None:
+            run.scheduler.step()
+        if run.early is not None and report.val_loss is not None and run.early.update(epoch, report.val_loss, net):
+            run.stopped_epoch = epoch
         if on_epoch is not None:
             on_epoch(report)
-    return history
+        hooks.at_boundary()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +112,35 @@ class ObjectStore(Store):
 
     def delete_weights(self, model_id: str) -> None:
         self._remove(self.weights_path(model_id))
+
+    # -- training checkpoints -------------------------------------------------------------
+    # Unlike datasets and weights, a job's checkpoint is replaced as training goes on, and a
+    # re-queued job may resume on another machine: the store's copy is the one that counts.
+
+    def save_checkpoint(
+        self,
+        job_id: str,
+        tensors: dict[str, torch.Tensor],
+        meta: dict[str, Any],
+        *,
+        publish_if: Callable[[], bool] = lambda: True,
+    ) -> bool:
+        if not super().save_checkpoint(job_id, tensors, meta, publish_if=publish_if):
+            return False
+        path = self.checkpoint_path(job_id)
+        self.fs.put_file(str(path), self._remote(path))
+        return True
+
+    def load_checkpoint(self, job_id: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        path = self.checkpoint_path(job_id)
+        with self.temp_path(".ckpt") as tmp:
+            try:
+                self.fs.get_file(self._remote(path), str(tmp))
+            except FileNotFoundError:
+                path.unlink(missing_ok=True)  # a copy from an earlier attempt here is stale
+                return None
+            os.replace(tmp, path)
+        return super().load_checkpoint(job_id)
+
+    def delete_checkpoint(self, job_id: str) -> None:
+        self._remove(self.checkpoint_path(job_id))

@@ -53,8 +53,14 @@ class Job(_Out):
     device: str | None
     error: str | None
     cancel_requested: bool
-    attempts: int
+    attempts: int = Field(description="How many times a worker claimed it (a worker that died costs one)")
     worker: str | None = Field(description="host:pid of the worker process that ran it")
+    lease_expires_at: UTCDateTime | None = Field(
+        default=None, description="While running: when the job goes back to the queue unless its worker renews"
+    )
+    heartbeat_at: UTCDateTime | None = Field(default=None, description="The worker's last lease renewal")
+    checkpoint_epoch: int | None = Field(default=None, description="Epoch of the last checkpoint saved to resume from")
+    notes: list[str] = Field(default_factory=list, description="How it ran: re-queued, resumed, handed back, ...")
     created_at: UTCDateTime
     started_at: UTCDateTime | None
     finished_at: UTCDateTime | None

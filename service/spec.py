@@ -9,6 +9,7 @@ sizes stay under the configured limits.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -221,6 +222,75 @@ class Adagrad(_Strict):
 Optimizer = Annotated[SGD | Adam | AdamW | RMSprop | Adagrad, Field(discriminator="type")]
 
 
+# -- learning-rate schedulers (stepped once per epoch) and early stopping --------------------
+
+
+class StepLR(_Strict):
+    type: Literal["StepLR"]
+    step_size: int = Field(ge=1)
+    gamma: Positive = 0.1
+
+
+class MultiStepLR(_Strict):
+    type: Literal["MultiStepLR"]
+    milestones: list[Annotated[int, Field(ge=1)]] = Field(min_length=1, max_length=1_000)
+    gamma: Positive = 0.1
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, value: list[int]) -> list[int]:
+        if any(b <= a for a, b in itertools.pairwise(value)):
+            raise ValueError("milestones must be strictly increasing")
+        return value
+
+
+class ExponentialLR(_Strict):
+    type: Literal["ExponentialLR"]
+    gamma: Positive
+
+
+class CosineAnnealingLR(_Strict):
+    type: Literal["CosineAnnealingLR"]
+    T_max: int = Field(ge=1)
+    eta_min: NonNegative = 0.0
+
+
+class LinearLR(_Strict):
+    type: Literal["LinearLR"]
+    start_factor: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0 / 3
+    end_factor: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
+    total_iters: int = Field(default=5, ge=1)
+
+
+class ReduceLROnPlateau(_Strict):
+    """Watches the validation loss when there is a validation split, else the training loss."""
+
+    type: Literal["ReduceLROnPlateau"]
+    factor: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = 0.1
+    patience: int = Field(default=10, ge=0)
+    threshold: NonNegative = 1e-4
+    threshold_mode: Literal["rel", "abs"] = "rel"
+    cooldown: int = Field(default=0, ge=0)
+    min_lr: NonNegative = 0.0
+    eps: NonNegative = 1e-8
+
+
+Scheduler = Annotated[
+    StepLR | MultiStepLR | ExponentialLR | CosineAnnealingLR | LinearLR | ReduceLROnPlateau,
+    Field(discriminator="type"),
+]
+
+
+class EarlyStopping(_Strict):
+    """Stop when the validation loss has not improved by ``min_delta`` for ``patience`` epochs."""
+
+    patience: int = Field(default=5, ge=1)
+    min_delta: NonNegative = 0.0
+    restore_best_weights: bool = Field(
+        default=True, description="Keep the weights of the best epoch rather than the last one."
+    )
+
+
 def _named(value: Any) -> Any:
     """Let ``"loss": "MSELoss"`` stand for ``{"type": "MSELoss"}``."""
     return {"type": value} if isinstance(value, str) else value
@@ -264,8 +334,30 @@ class TrainSpec(BaseModel):
     standardize: bool = Field(default=True, description="Scale inputs with training-set mean and std.")
     validation_split: Fraction = 0.0
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
+    scheduler: Scheduler | None = Field(
+        default=None, description="A torch.optim.lr_scheduler by name, stepped once per epoch."
+    )
+    early_stopping: EarlyStopping | None = Field(
+        default=None, description="Stop on a validation-loss plateau; needs validation_split > 0."
+    )
+    clip_grad_norm: Positive | None = Field(
+        default=None, description="max_norm for torch.nn.utils.clip_grad_norm_, applied every step."
+    )
+    compile: Literal["auto", "off"] = Field(
+        default="auto",
+        description="auto: run the whole training step as generated native code where the spec allows "
+        "and it pays off; off: always the eager PyTorch loop.",
+    )
+    autocast: Literal["bf16"] | None = Field(
+        default=None, description="Mixed precision on CUDA: forward and loss under torch.autocast(bfloat16)."
+    )
+    max_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="Fail the job if it trains longer than this; at most the server's TRAINSERVE_MAX_JOB_SECONDS.",
+    )
 
-    @field_validator("loss", "optimizer", mode="before")
+    @field_validator("loss", "optimizer", "scheduler", mode="before")
     @classmethod
     def _accept_bare_name(cls, value: Any) -> Any:
         return _named(value)
@@ -310,6 +402,7 @@ class Limits:
     max_epochs: int
     max_parameters: int
     max_layer_width: int
+    max_job_seconds: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -363,6 +456,12 @@ def plan_training(spec: TrainSpec, schema: TableSchema, limits: Limits) -> Train
     """Check ``spec`` against the dataset it names; raise InvalidInput naming the field."""
     if spec.epochs > limits.max_epochs:
         raise _fail(f"epochs is {spec.epochs}, the limit is {limits.max_epochs}", ["epochs"])
+    if spec.max_seconds is not None and spec.max_seconds > limits.max_job_seconds:
+        raise _fail(
+            f"max_seconds is {spec.max_seconds:g}, the server's limit (TRAINSERVE_MAX_JOB_SECONDS) is "
+            f"{limits.max_job_seconds:g}",
+            ["max_seconds"],
+        )
     for i, layer in enumerate(spec.model):
         if isinstance(layer, Linear) and layer.out_features > limits.max_layer_width:
             raise _fail(
@@ -371,6 +470,12 @@ def plan_training(spec: TrainSpec, schema: TableSchema, limits: Limits) -> Train
             )
         if isinstance(layer, BatchNorm1d) and spec.batch_size < 2:
             raise _fail("BatchNorm1d needs batch_size >= 2", ["batch_size"])
+
+    if spec.early_stopping is not None and spec.validation_split <= 0:
+        raise _fail(
+            "early_stopping watches the validation loss: set validation_split > 0 (e.g. 0.2)",
+            ["early_stopping"],
+        )
 
     targets = spec.target_names or [schema.columns[-1].name]
     for name in targets:

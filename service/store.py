@@ -8,16 +8,19 @@ place, so a crash mid-write leaves no partial file where a reader would look.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -61,9 +64,10 @@ class Store:
         self.tmp = root / "tmp"
         self.datasets = root / "datasets"
         self.weights = root / "weights"
+        self.checkpoints = root / "checkpoints"
 
     def ensure(self) -> None:
-        for folder in (self.tmp, self.datasets, self.weights):
+        for folder in (self.tmp, self.datasets, self.weights, self.checkpoints):
             folder.mkdir(parents=True, exist_ok=True)
 
     # -- writing --------------------------------------------------------------------------
@@ -159,6 +163,81 @@ class Store:
         """Raise if the store cannot be reached (for readiness checks)."""
         if not self.weights.is_dir():
             raise FileNotFoundError(f"store folder {self.weights} is missing")
+
+    # -- training checkpoints -------------------------------------------------------------
+
+    def checkpoint_path(self, job_id: str) -> Path:
+        return self.checkpoints / f"{_checked(job_id)}.safetensors"
+
+    def save_checkpoint(
+        self,
+        job_id: str,
+        tensors: dict[str, torch.Tensor],
+        meta: dict[str, Any],
+        *,
+        publish_if: Callable[[], bool] = lambda: True,
+    ) -> bool:
+        """Replace the job's checkpoint atomically: tensors as safetensors, ``meta`` as JSON
+        inside the file's metadata (no pickle). ``publish_if`` is asked once the file is
+        written, just before it replaces the old one; False discards it. Returns whether it
+        was published."""
+        payload = save_safetensors(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, {_META_KEY: json.dumps(meta)}
+        )
+        with self.temp_path(".ckpt") as tmp:
+            tmp.write_bytes(payload)
+            if not publish_if():
+                return False
+            self._publish(tmp, self.checkpoint_path(job_id))
+        return True
+
+    def load_checkpoint(self, job_id: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The job's last checkpoint, or None when it has none (or only an unreadable one)."""
+        path = self.checkpoint_path(job_id)
+        if not path.exists():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = json.loads((handle.metadata() or {})[_META_KEY])
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        except (OSError, ValueError, KeyError, SafetensorError):  # unreadable (or gone meanwhile): start over
+            return None
+        return tensors, meta
+
+    def delete_checkpoint(self, job_id: str) -> None:
+        self.checkpoint_path(job_id).unlink(missing_ok=True)
+
+    # -- crash debris ---------------------------------------------------------------------
+
+    def stored_ids(self, folder: Path, *, older_than_s: float) -> dict[str, Path]:
+        """Files named by a store id in ``folder`` and unmodified for ``older_than_s``: id -> path."""
+        cutoff = time.time() - older_than_s
+        found = {}
+        for path in folder.glob("*"):
+            object_id = path.name.split(".", 1)[0]
+            if ID_PATTERN.match(object_id) and _modified_before(path, cutoff):
+                found[object_id] = path
+        return found
+
+    def sweep_tmp(self, *, older_than_s: float) -> list[Path]:
+        """Delete half-written files that a crash left in tmp/; younger ones may still be written."""
+        cutoff = time.time() - older_than_s
+        removed = []
+        for path in self.tmp.glob("*"):
+            if path.is_file() and _modified_before(path, cutoff):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
+
+
+_META_KEY = "trainserve_checkpoint"
+
+
+def _modified_before(path: Path, cutoff: float) -> bool:
+    try:
+        return path.stat().st_mtime < cutoff
+    except FileNotFoundError:  # removed meanwhile
+        return False
 
 
 def open_store(settings: Settings) -> Store:

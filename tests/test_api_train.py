@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import time
-from pathlib import Path
 
 import pytest
 from safetensors.numpy import load as load_safetensors
 
 from service.client import TrainserveClient
 from service.store import sha256_file
-from tests.conftest import Server, moons_spec, start_server, stop_server
+from tests.conftest import Server, moons_spec
 
 
 @pytest.fixture(scope="module")
@@ -280,26 +277,3 @@ def test_npz_regression_two_targets(client: TrainserveClient) -> None:
     assert job.status == "succeeded", job.error
     prediction = client.predict(job.model_id or "", [[0.5]]).predictions[0]
     assert prediction == pytest.approx([1.0, -0.5], abs=0.1)
-
-
-def test_a_killed_worker_leaves_no_job_running(tmp_path: Path, moons: tuple[bytes, int]) -> None:
-    crashed = start_server(tmp_path / "crash")
-    try:
-        with TrainserveClient(crashed.url) as ts:
-            dataset = ts.upload_dataset(moons[0], "moons.csv")
-            job = ts.train(long_spec(dataset.id))
-            deadline = time.monotonic() + 30
-            while (running := ts.get_job(job.id)).status != "running":
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-            assert running.worker is not None
-            os.kill(int(running.worker.rsplit(":", 1)[1]), signal.SIGKILL)
-            ended = ts.wait(job.id, timeout=15, poll=0.1)
-            assert ended.status == "failed"
-            assert ended.error is not None
-            assert "worker stopped" in ended.error
-            # the supervisor started a new worker: the next job runs
-            assert ts.wait(ts.train(moons_spec(dataset.id, epochs=1)).id, timeout=60).status == "succeeded"
-            assert ts.http.delete(f"/datasets/{dataset.id}").status_code == 204  # no job holds it
-    finally:
-        stop_server(crashed)

@@ -5,6 +5,7 @@ CPU only, tiny networks, a few hundred rows: the whole file runs in seconds.
 
 from __future__ import annotations
 
+import json
 import math
 import typing
 from types import SimpleNamespace
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from service import engine
 from service import spec as S
@@ -55,6 +57,17 @@ def plan_for(spec: S.TrainSpec, x: np.ndarray, y: np.ndarray) -> S.TrainingPlan:
     return S.plan_training(spec, table.schema(), LIMITS)
 
 
+TRAIN_KWARGS = (
+    "on_epoch",
+    "should_stop",
+    "check_every_s",
+    "resume",
+    "on_checkpoint",
+    "checkpoint_every_s",
+    "should_preempt",
+)
+
+
 def fit(x: np.ndarray, y: np.ndarray, **fields: Any) -> tuple[S.TrainSpec, S.TrainingPlan, engine.TrainedModel]:
     """Parse a spec (CPU, Adam, a two-class classifier unless ``fields`` say otherwise), plan it, train it."""
     base: dict[str, Any] = {
@@ -65,7 +78,7 @@ def fit(x: np.ndarray, y: np.ndarray, **fields: Any) -> tuple[S.TrainSpec, S.Tra
         "batch_size": 32,
         "device": "cpu",
     }
-    train_kwargs = {k: fields.pop(k) for k in ("on_epoch", "should_stop", "check_every_s") if k in fields}
+    train_kwargs = {k: fields.pop(k) for k in TRAIN_KWARGS if k in fields}
     spec = S.TrainSpec.model_validate({**base, **fields})
     plan = plan_for(spec, x, y)
     return spec, plan, engine.train(spec, plan, x, y, **train_kwargs)
@@ -270,6 +283,123 @@ def test_batchnorm_trains_when_the_last_batch_would_hold_one_row(shuffle):
     _, _, result = fit(x, y, model=model, batch_size=32, epochs=2, shuffle=shuffle)
     assert len(result.history) == 2
     assert math.isfinite(result.history[-1].train_loss)
+
+
+# -- checkpoints: resuming is bit for bit ------------------------------------------------------------
+
+# Every piece of state a checkpoint must carry: Dropout (global RNG), shuffling (its generator),
+# Adam's moments and step count, a scheduler, clipping, validation and early stopping.
+RESUMABLE: dict[str, Any] = {
+    "model": [linear(16), {"type": "Dropout", "p": 0.2}, "Tanh", linear(2)],
+    "optimizer": {"type": "Adam", "lr": 0.02},
+    "scheduler": {"type": "StepLR", "step_size": 2, "gamma": 0.5},
+    "clip_grad_norm": 1.0,
+    "validation_split": 0.2,
+    "epochs": 5,
+    "batch_size": 16,
+}
+
+
+def through_files(checkpoint: engine.Checkpoint, tmp_path) -> engine.Checkpoint:
+    """Store a checkpoint the way the jobs module does (safetensors + strict JSON) and load it back."""
+    path = tmp_path / f"checkpoint-{new_id()}.safetensors"
+    save_file(checkpoint.tensors, path)
+    meta = json.loads(json.dumps(checkpoint.meta, allow_nan=False))
+    return engine.Checkpoint(checkpoint.epoch, load_file(path), meta)
+
+
+def assert_same_run(a: engine.TrainedModel, b: engine.TrainedModel) -> None:
+    sa, sb = a.module.state_dict(), b.module.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    assert a.history == b.history
+    assert a.metrics == b.metrics
+
+
+def test_resuming_from_any_checkpoint_gives_the_uninterrupted_weights(tmp_path):
+    x, y = moons()
+    taken: list[engine.Checkpoint] = []
+    _, _, whole = fit(x, y, **RESUMABLE, on_checkpoint=taken.append, checkpoint_every_s=0.0)
+    mid_epoch = [c for c in taken if c.meta["step"] > 0 and 0 < c.epoch < 4]
+    between = [c for c in taken if c.meta["step"] == 0 and c.epoch == 3]
+    assert mid_epoch
+    assert between
+    for checkpoint in (mid_epoch[len(mid_epoch) // 2], between[0], taken[0], taken[-1]):
+        _, _, resumed = fit(x, y, **RESUMABLE, resume=through_files(checkpoint, tmp_path))
+        assert_same_run(whole, resumed)
+        assert any("resumed from a checkpoint" in note for note in resumed.notes)
+
+
+def test_preemption_checkpoints_then_raises_and_the_run_resumes(tmp_path):
+    x, y = moons()
+    _, _, whole = fit(x, y, **RESUMABLE)
+    polls: list[int] = []
+    handed: list[engine.Checkpoint] = []
+
+    def should_preempt() -> bool:
+        polls.append(1)
+        return len(polls) == 30  # inside epoch 3 (10 batches an epoch, plus one poll at each epoch's end)
+
+    with pytest.raises(engine.TrainingPreempted) as info:
+        fit(x, y, **RESUMABLE, should_preempt=should_preempt, on_checkpoint=handed.append, check_every_s=0.0)
+    assert handed == [info.value.checkpoint]
+    checkpoint = info.value.checkpoint
+    assert checkpoint.epoch == 2
+    assert checkpoint.meta["step"] > 0
+    assert all(t.device.type == "cpu" and t.is_contiguous() for t in checkpoint.tensors.values())
+    _, _, resumed = fit(x, y, **RESUMABLE, resume=through_files(checkpoint, tmp_path))
+    assert_same_run(whole, resumed)
+
+
+@pytest.mark.parametrize("optimizer", [*allowed_types(S.Optimizer), "SGD-momentum"])
+def test_every_optimizer_resumes_bit_for_bit(tmp_path, optimizer):
+    x, y = moons(120)
+    fields: dict[str, Any] = {**RESUMABLE, "epochs": 2, "scheduler": None}
+    fields["optimizer"] = (
+        {"type": "SGD", "momentum": 0.9, "nesterov": True} if optimizer == "SGD-momentum" else optimizer
+    )
+    taken: list[engine.Checkpoint] = []
+    _, _, whole = fit(x, y, **fields, on_checkpoint=taken.append, checkpoint_every_s=0.0)
+    _, _, resumed = fit(x, y, **fields, resume=through_files(taken[len(taken) // 2], tmp_path))
+    assert_same_run(whole, resumed)
+
+
+def test_plateau_scheduler_and_early_stopping_state_survive_a_checkpoint(tmp_path):
+    x, y = moons()
+    fields: dict[str, Any] = {
+        **RESUMABLE,
+        "epochs": 40,
+        "optimizer": {"type": "SGD", "lr": 0.5, "momentum": 0.9},
+        "scheduler": {"type": "ReduceLROnPlateau", "patience": 1, "factor": 0.5},
+        "early_stopping": {"patience": 3},
+    }
+    taken: list[engine.Checkpoint] = []
+    _, _, whole = fit(x, y, **fields, on_checkpoint=taken.append, checkpoint_every_s=0.0)
+    assert whole.stopped_epoch is not None
+    assert whole.stopped_epoch < 40
+    for checkpoint in (taken[len(taken) // 3], taken[-2]):
+        _, _, resumed = fit(x, y, **fields, resume=through_files(checkpoint, tmp_path))
+        assert_same_run(whole, resumed)
+        assert resumed.stopped_epoch == whole.stopped_epoch
+        assert resumed.best_epoch == whole.best_epoch
+
+
+def test_a_checkpoint_of_another_spec_is_refused():
+    x, y = moons()
+    taken: list[engine.Checkpoint] = []
+    fit(x, y, epochs=1, on_checkpoint=taken.append, checkpoint_every_s=0.0)
+    with pytest.raises(engine.CheckpointMismatch):
+        fit(x, y, epochs=1, batch_size=8, resume=taken[0])
+
+
+def test_checkpoints_come_no_more_often_than_asked():
+    x, y = moons()
+    taken: list[engine.Checkpoint] = []
+    fit(x, y, epochs=3, on_checkpoint=taken.append, checkpoint_every_s=3600.0)
+    assert taken == []
+    fit(x, y, epochs=3, on_checkpoint=taken.append, checkpoint_every_s=0.0)
+    assert len(taken) == 3 * (7 + 1)  # after each of 7 batches an epoch, and at each epoch's end
 
 
 # -- every allow-listed building block ----------------------------------------------------------------

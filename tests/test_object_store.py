@@ -93,6 +93,19 @@ def test_weights_and_datasets_round_trip_and_are_checked(s3: S3Server, bucket: s
     with pytest.raises(IntegrityError):
         object_store(s3, bucket, tmp_path / "node-c").weights_file(model_id, sha)
 
+    # A checkpoint is replaced as training goes on; any node resumes from the latest one.
+    job_id = new_id()
+    for epoch in (1, 2):
+        assert writer.save_checkpoint(job_id, {"w": torch.full((2,), float(epoch))}, {"epoch": epoch})
+        tensors, meta = reader.load_checkpoint(job_id) or ({}, {})
+        assert meta == {"epoch": epoch}
+        assert torch.equal(tensors["w"], torch.full((2,), float(epoch)))
+    assert not writer.save_checkpoint(job_id, {"w": torch.zeros(2)}, {"epoch": 3}, publish_if=lambda: False)
+    assert (reader.load_checkpoint(job_id) or ({}, {}))[1] == {"epoch": 2}
+    writer.delete_checkpoint(job_id)
+    assert reader.load_checkpoint(job_id) is None
+    assert not remote.exists(f"{bucket}/models/checkpoints/{job_id}.safetensors")
+
     reader.delete_weights(model_id)
     reader.delete_dataset(dataset_id)
     assert not remote.exists(f"{bucket}/models/weights/{model_id}.safetensors")

@@ -1,0 +1,405 @@
+"""Crashes and restarts against real processes: kill -9 of a worker or of the whole server,
+a stolen lease, SIGTERM drain, the per-job time limit.
+
+Leases are short here (2 s, renewed every 0.67 s, rescued every 0.3 s) so that a dead
+worker's job comes back within seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from safetensors.numpy import load as load_safetensors
+from sqlalchemy import update
+
+from service.client import TrainserveClient
+from service.db import JobRecord, make_engine, make_session_factory, utcnow
+from service.schemas import JobDetail
+from service.store import new_id
+from tests.conftest import Server, moons_spec, start_server, stop_server
+
+FAST_LEASE = {
+    "TRAINSERVE_LEASE_SECONDS": "2",
+    "TRAINSERVE_RESCUE_INTERVAL_SECONDS": "0.3",
+}
+
+
+def slow_spec(dataset_id: str, epochs: int = 40, **overrides: object) -> dict[str, object]:
+    """A job that runs a few seconds (200 steps an epoch), long enough to be killed mid-way."""
+    return moons_spec(dataset_id, epochs=epochs, batch_size=1, optimizer="SGD", seed=3, **overrides)
+
+
+def wait_for(check: Callable[[], JobDetail | None], *, timeout: float = 60, what: str = "") -> JobDetail:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found is not None:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def running_at_epoch(ts: TrainserveClient, job_id: str, *, attempt: int, epoch: int = 3) -> JobDetail:
+    """Wait until the job's ``attempt``-th claim is running and past ``epoch``."""
+
+    def check() -> JobDetail | None:
+        job = ts.get_job(job_id)
+        assert job.status in ("queued", "running"), (job.status, job.error)
+        return job if job.status == "running" and job.attempts == attempt and job.epoch >= epoch else None
+
+    return wait_for(check, what=f"attempt {attempt} of job {job_id} to pass epoch {epoch}")
+
+
+def worker_pid(job: JobDetail) -> int:
+    assert job.worker is not None
+    return int(job.worker.rsplit(":", 1)[1])
+
+
+@pytest.fixture
+def faulty(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Start servers on a data dir; every one started is stopped at the end."""
+    started: list[Server] = []
+
+    def start(data_dir: Path | None = None, **env: str) -> Server:
+        server = start_server(data_dir or tmp_path / "data", env={**FAST_LEASE, **env})
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        stop_server(server)
+
+
+def tensors_sha256(weights: bytes) -> str:
+    """sha256 over a safetensors file's tensors (its metadata names the model and job)."""
+    tensors = load_safetensors(weights)
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].tobytes())
+    return digest.hexdigest()
+
+
+def test_killed_worker_job_resumes_from_its_checkpoint_and_ends_as_if_never_killed(
+    faulty: Callable[..., Server], moons: tuple[bytes, int]
+) -> None:
+    server = faulty(TRAINSERVE_CHECKPOINT_SECONDS="0.3")
+    with TrainserveClient(server.url, timeout=30) as ts:
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+        job = ts.train(slow_spec(dataset.id))
+        first = running_at_epoch(ts, job.id, attempt=1, epoch=5)
+        assert first.lease_expires_at is not None
+        assert first.heartbeat_at is not None
+
+        def has_checkpoint() -> JobDetail | None:
+            current = ts.get_job(job.id)
+            return current if (current.checkpoint_epoch or 0) >= 3 else None
+
+        checkpointed = wait_for(has_checkpoint, what="a checkpoint after epoch 3")
+        os.kill(worker_pid(checkpointed), signal.SIGKILL)
+
+        final = ts.wait(job.id, timeout=120)
+        assert final.status == "succeeded", final.error
+        assert final.attempts == 2
+        assert worker_pid(final) != worker_pid(first)  # the supervisor's new worker finished it
+        assert any("stopped renewing its lease" in note for note in final.notes), final.notes
+        resumed = [note for note in final.notes if note.startswith("resumed from epoch")]
+        assert resumed, final.notes
+        assert int(resumed[0].split()[3]) >= 3  # it did not start over
+        assert resumed[0].endswith("on attempt 2")
+        assert final.lease_expires_at is None
+        assert server.files("checkpoints") == []  # gone with the job's end
+
+        uninterrupted = ts.wait(ts.train(slow_spec(dataset.id)).id, timeout=120)
+        assert uninterrupted.attempts == 1
+        assert tensors_sha256(ts.download_weights(final.model_id or "")) == tensors_sha256(
+            ts.download_weights(uninterrupted.model_id or "")
+        )
+        assert len(server.files("weights")) == 2
+
+
+def test_server_killed_whole_then_restarted_finishes_the_job(
+    faulty: Callable[..., Server], moons: tuple[bytes, int], tmp_path: Path
+) -> None:
+    server = faulty()
+    with TrainserveClient(server.url, timeout=30) as ts:
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+        job = ts.train(slow_spec(dataset.id))
+        running_at_epoch(ts, job.id, attempt=1)
+    os.killpg(server.process.pid, signal.SIGKILL)  # API, worker, everything: a power cut
+    server.process.wait()
+
+    again = faulty(server.data_dir)
+    with TrainserveClient(again.url, timeout=30) as ts:
+        final = ts.wait(job.id, timeout=120)
+        assert final.status == "succeeded", final.error
+        assert final.attempts == 2
+        assert ts.get_dataset(dataset.id).sha256 == dataset.sha256
+        assert len(ts.list_models()) == 1
+
+
+def test_job_that_keeps_losing_its_worker_fails_after_max_attempts(
+    faulty: Callable[..., Server], moons: tuple[bytes, int]
+) -> None:
+    server = faulty(TRAINSERVE_MAX_ATTEMPTS="2")
+    with TrainserveClient(server.url, timeout=30) as ts:
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+        job = ts.train(slow_spec(dataset.id, epochs=100_000))
+        for attempt in (1, 2):
+            os.kill(worker_pid(running_at_epoch(ts, job.id, attempt=attempt, epoch=1)), signal.SIGKILL)
+        final = ts.wait(job.id, timeout=60)
+        assert final.status == "failed"
+        assert final.attempts == 2
+        assert final.error is not None
+        assert "lease expired" in final.error
+        assert "TRAINSERVE_MAX_ATTEMPTS" in final.error
+        assert final.model_id is None
+        # the worker that replaced the dead ones takes the next job
+        assert ts.wait(ts.train(moons_spec(dataset.id, epochs=1)).id, timeout=60).status == "succeeded"
+
+
+def test_worker_whose_lease_was_taken_stops_and_writes_nothing(
+    faulty: Callable[..., Server], moons: tuple[bytes, int]
+) -> None:
+    server = faulty()
+    with TrainserveClient(server.url, timeout=30) as ts:
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+        job = ts.train(slow_spec(dataset.id, epochs=100_000))
+        running_at_epoch(ts, job.id, attempt=1)
+
+        # What a rescuer and a second worker would do while the first one is stuck: give
+        # the job to another worker (a new attempt with its own lease) in the shared database.
+        sessions = make_session_factory(make_engine(f"sqlite:///{server.data_dir / 'trainserve.db'}"))
+        with sessions.begin() as session:
+            session.execute(
+                update(JobRecord)
+                .where(JobRecord.id == job.id)
+                .values(
+                    worker="elsewhere:1",
+                    attempts=JobRecord.attempts + 1,
+                    lease_expires_at=utcnow() + timedelta(hours=1),
+                    updated_at=utcnow(),
+                )
+            )
+        stolen = ts.get_job(job.id)
+
+        # The old worker notices within a renewal (lease/3) and stops training: with one
+        # worker, the next job can only run once it has.
+        quick = ts.wait(ts.train(moons_spec(dataset.id, epochs=1)).id, timeout=60)
+        assert quick.status == "succeeded", quick.error
+        time.sleep(1.0)  # more than a renewal interval: any late write would show now
+
+        after = ts.get_job(job.id)
+        assert after.model_dump() == stolen.model_dump()  # not one field written by the old worker
+        assert len(server.files("weights")) == 1  # only the quick job's model
+        assert "after losing the lease" in server.log()
+
+
+def test_job_over_its_time_limit_fails_naming_the_limit(
+    faulty: Callable[..., Server], moons: tuple[bytes, int]
+) -> None:
+    server = faulty(TRAINSERVE_MAX_JOB_SECONDS="2")
+    with TrainserveClient(server.url, timeout=30) as ts:
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+        too_long = ts.http.post("/train", json=slow_spec(dataset.id, max_seconds=3))
+        assert too_long.status_code == 422
+        assert too_long.json()["errors"][0]["loc"] == ["max_seconds"]
+        assert "TRAINSERVE_MAX_JOB_SECONDS" in too_long.json()["detail"]
+
+        by_server = ts.train(slow_spec(dataset.id, epochs=100_000))
+        by_spec = ts.train(slow_spec(dataset.id, epochs=100_000, max_seconds=0.5))
+        ended = ts.wait(by_server.id, timeout=60)
+        assert ended.status == "failed"
+        assert ended.error == "the job trained longer than its limit of 2 seconds (TRAINSERVE_MAX_JOB_SECONDS)"
+        ended = ts.wait(by_spec.id, timeout=60)
+        assert ended.status == "failed"
+        assert ended.error is not None
+        assert "limit of 0.5 seconds (the spec's max_seconds" in ended.error
+        assert ended.model_id is None
+        assert server.files("weights") == []
+
+
+def test_upload_killed_midway_leaves_no_dataset_and_no_file(faulty: Callable[..., Server], tmp_path: Path) -> None:
+    spool = tmp_path / "spool"  # where the server's multipart parser may spill the body
+    spool.mkdir()
+    server = faulty(TMPDIR=str(spool))
+    boundary = "trainserveboundary"
+    sent = threading.Event()
+
+    def body() -> Iterator[bytes]:
+        yield f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.csv"\r\n\r\n'.encode()
+        yield b"x0,x1,label\n"
+        row = b"0.25,0.5,1\n" * 50_000  # ~0.5 MB a chunk, never finished
+        for i in range(10_000):
+            yield row
+            if i == 8:
+                sent.set()
+            time.sleep(0.01)
+
+    def upload() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(
+                f"{server.url}/datasets",
+                content=body(),
+                headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+                timeout=60,
+            )
+
+    uploader = threading.Thread(target=upload, daemon=True)
+    uploader.start()
+    assert sent.wait(60)
+    os.killpg(server.process.pid, signal.SIGKILL)
+    server.process.wait()
+    uploader.join(30)
+
+    again = faulty(server.data_dir, TMPDIR=str(spool), TRAINSERVE_ORPHAN_GRACE_SECONDS="0")
+    with TrainserveClient(again.url) as ts:
+        assert ts.list_datasets() == []
+    assert again.files("datasets") == []
+    assert again.files("tmp") == []
+    assert list(spool.iterdir()) == []
+
+
+def test_start_sweeps_old_orphans_and_spares_young_files(
+    faulty: Callable[..., Server], moons: tuple[bytes, int]
+) -> None:
+    server = faulty()
+    with TrainserveClient(server.url) as ts:
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+        model_id = ts.wait(ts.train(moons_spec(dataset.id, epochs=2)).id).model_id
+    stop_server(server)
+
+    store = server.store_dir
+    two_hours_ago = time.time() - 7200
+    debris = [
+        store / "tmp" / f"{new_id()}.safetensors.part",  # a weights write cut short
+        store / "tmp" / f"{new_id()}.upload.part",  # an upload cut short
+        store / "weights" / f"{new_id()}.safetensors",  # weights whose model row never committed
+        store / "datasets" / f"{new_id()}.npz",  # a table whose dataset row never committed
+        store / "checkpoints" / f"{new_id()}.safetensors",  # a checkpoint of no live job
+    ]
+    young = [store / "tmp" / f"{new_id()}.upload.part", store / "weights" / f"{new_id()}.safetensors"]
+    for path in debris + young:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"partial")
+    for path in debris:
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    owned = [store / "weights" / f"{model_id}.safetensors", store / "datasets" / f"{dataset.id}.npz"]
+    for path in owned:
+        os.utime(path, (two_hours_ago, two_hours_ago))
+
+    again = faulty(server.data_dir)  # default grace: one hour
+    assert not [p for p in debris if p.exists()]
+    assert all(p.exists() for p in young)  # maybe another node's write in progress
+    assert all(p.exists() for p in owned)
+    assert "orphan file(s)" in again.log()
+
+
+def test_models_and_datasets_survive_a_crash_byte_for_byte_and_corruption_is_named(
+    faulty: Callable[..., Server], moons: tuple[bytes, int]
+) -> None:
+    server = faulty()
+    rows = [[0.0, 0.5], [1.0, -0.5], [-1.0, 1.0]]
+    with TrainserveClient(server.url) as ts:
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+        used, spare = (ts.wait(ts.train(moons_spec(dataset.id, epochs=3, seed=s)).id).model_id or "" for s in (1, 2))
+        before = ts.predict(used, rows)
+        weights = {m: ts.download_weights(m) for m in (used, spare)}
+        table = (server.store_dir / "datasets" / f"{dataset.id}.npz").read_bytes()
+    os.killpg(server.process.pid, signal.SIGKILL)
+    server.process.wait()
+
+    again = faulty(server.data_dir)
+    with TrainserveClient(again.url) as ts:
+        assert ts.predict(used, rows) == before
+        assert {m: ts.download_weights(m) for m in (used, spare)} == weights
+        assert (again.store_dir / "datasets" / f"{dataset.id}.npz").read_bytes() == table
+        assert ts.get_dataset(dataset.id).sha256 == dataset.sha256
+
+        corrupt(again.store_dir / "weights" / f"{spare}.safetensors")
+        response = ts.http.post("/predict", json={"model_id": spare, "inputs": rows})
+        assert response.status_code == 500
+        assert response.json()["type"] == "integrity_error"
+        assert spare in response.json()["detail"]
+        assert "sha256" in response.json()["detail"]
+
+        corrupt(again.store_dir / "datasets" / f"{dataset.id}.npz")
+        job = ts.wait(ts.train(moons_spec(dataset.id, epochs=1)).id)
+        assert job.status == "failed"
+        assert job.error is not None
+        assert dataset.id in job.error
+        assert "sha256" in job.error
+
+
+def corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def job_row(server: Server, job_id: str) -> JobRecord:
+    sessions = make_session_factory(make_engine(f"sqlite:///{server.data_dir / 'trainserve.db'}"))
+    with sessions() as session:
+        row = session.get(JobRecord, job_id)
+        assert row is not None
+        return row
+
+
+def test_sigterm_answers_requests_in_flight_hands_the_job_back_and_a_restart_finishes_it(
+    faulty: Callable[..., Server], moons: tuple[bytes, int]
+) -> None:
+    server = faulty()
+    with TrainserveClient(server.url, timeout=30) as ts:
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+        job = ts.train(slow_spec(dataset.id))
+        running_at_epoch(ts, job.id, attempt=1)
+
+    started = threading.Event()
+    answers: list[httpx.Response] = []
+
+    def slow_body() -> Iterator[bytes]:  # an upload still arriving when SIGTERM comes
+        boundary = b"--b\r\n"
+        yield boundary + b'Content-Disposition: form-data; name="file"; filename="m.csv"\r\n\r\n'
+        started.set()
+        for line in moons[0].splitlines(keepends=True):
+            yield line
+            time.sleep(0.005)
+        yield b"\r\n--b--\r\n"
+
+    def upload() -> None:
+        headers = {"content-type": "multipart/form-data; boundary=b"}
+        answers.append(httpx.post(f"{server.url}/datasets", content=slow_body(), headers=headers, timeout=60))
+
+    uploader = threading.Thread(target=upload)
+    uploader.start()
+    assert started.wait(30)
+    server.process.send_signal(signal.SIGTERM)
+    uploader.join(60)
+    assert server.process.wait(60) == 0
+    assert answers[0].status_code == 201, answers[0].text
+
+    drained = job_row(server, job.id)
+    assert drained.status == "queued"
+    assert drained.attempts == 0  # a preemption costs no attempt
+    assert drained.worker is None
+    assert any("handed back at epoch" in note for note in drained.notes), drained.notes
+    assert drained.checkpoint_epoch is not None
+    assert (server.store_dir / "checkpoints" / f"{job.id}.safetensors").exists()
+
+    again = faulty(server.data_dir)
+    with TrainserveClient(again.url, timeout=30) as ts:
+        final = ts.wait(job.id, timeout=120)
+        assert final.status == "succeeded", final.error
+        assert final.attempts == 1
+        assert f"resumed from epoch {drained.checkpoint_epoch} on attempt 1" in final.notes
+        assert len(ts.list_datasets()) == 2  # the upload that was in flight was kept
