@@ -3,6 +3,8 @@ database, all real processes and real servers on loopback, as on separate machin
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ import pytest
 from service.client import TrainserveClient
 from service.config import Settings
 from service.jobs import build_queue
+from service.schemas import JobDetail
 from tests.backends import (
     REDIS_URL,
     postgres_database,
@@ -65,6 +68,10 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]
             "TRAINSERVE_QUEUE_URL": queue_url,
             "TRAINSERVE_QUEUE_NAME": queue_name,
             "TRAINSERVE_STORE_DIR": str(store_dir),
+            # Short leases, frequent checkpoints: a killed worker's job moves on in seconds.
+            "TRAINSERVE_LEASE_SECONDS": "2",
+            "TRAINSERVE_RESCUE_INTERVAL_SECONDS": "0.3",
+            "TRAINSERVE_CHECKPOINT_SECONDS": "0.3",
         }
         api = start_server(tmp_path / "api", workers=0, env=env)
         resources.callback(stop_server, api)
@@ -105,6 +112,37 @@ def test_two_workers_run_twenty_jobs_each_exactly_once(
     # the duplicate entries were seen and skipped, not run
     skipped = sum(log.read_text().count("is not queued any more") for log in cluster.logs)
     assert skipped == JOBS
+
+
+def test_a_worker_killed_mid_job_has_its_job_finished_by_the_other(
+    cluster: Cluster, tmp_path: Path, moons: tuple[bytes, int]
+) -> None:
+    pids = {cluster.add_worker(tmp_path / "gpu-box-1").pid, cluster.add_worker(tmp_path / "gpu-box-2").pid}
+    with TrainserveClient(cluster.api.url, timeout=60) as ts:
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+        # A few seconds of per-sample SGD: long enough to be killed mid-way.
+        job = ts.train(moons_spec(dataset.id, epochs=40, batch_size=1, optimizer="SGD", seed=3))
+        deadline = time.monotonic() + 120
+        while not ((running := ts.get_job(job.id)).status == "running" and (running.checkpoint_epoch or 0) >= 2):
+            assert running.status in ("queued", "running"), running.error
+            assert time.monotonic() < deadline, "the job never got to a checkpoint"
+            time.sleep(0.05)
+        victim = worker_pid(running)
+        os.kill(victim, signal.SIGKILL)  # no drain, no hand-back: the machine is gone
+        final = ts.wait(job.id, timeout=180)
+        models = [model for model in ts.list_models() if model.job_id == job.id]
+
+    assert final.status == "succeeded", final.error
+    assert final.attempts == 2
+    assert worker_pid(final) == (pids - {victim}).pop()  # the other worker finished it
+    assert any(note.startswith("resumed from epoch") for note in final.notes), final.notes
+    assert [model.id for model in models] == [final.model_id]
+    assert list((cluster.store_dir / "checkpoints").glob("*")) == []
+
+
+def worker_pid(job: JobDetail) -> int:
+    assert job.worker is not None
+    return int(job.worker.rsplit(":", 1)[1])
 
 
 @pytest.mark.parametrize("cluster", ["redis"], indirect=True)
