@@ -103,3 +103,9 @@ def test_image_installs_the_extras_the_services_use() -> None:
     for path in ("service", "migrations"):
         assert f"COPY {path} ./{path}" in dockerfile
         assert Path(REPO / path).is_dir()
+
+
+def test_every_variable_the_readme_names_is_a_setting() -> None:
+    named = set(re.findall(r"TRAINSERVE_[A-Z0-9_]*[A-Z0-9]", (REPO / "README.md").read_text()))
+    fields = {f"TRAINSERVE_{name.upper()}" for name in Settings.model_fields}
+    assert named - fields == set()
