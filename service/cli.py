@@ -1,4 +1,5 @@
-"""``trainserve serve | worker | migrate`` (also ``python -m service ...``)."""
+"""``trainserve serve | worker | migrate``, and the client commands of ``cli_client``
+(``train``, ``predict``, ``jobs``, ...); also ``python -m service ...``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from service.cli_client import add_client_commands
 from service.config import DEVICE_PATTERN, get_settings
 
 log = logging.getLogger("trainserve")
@@ -172,7 +174,11 @@ def _check(_args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trainserve", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="trainserve",
+        description="Train PyTorch models described in JSON and serve their predictions: run the service "
+        "(serve, worker, migrate) or talk to one (train, follow, predict, jobs, models, cancel, plot, export).",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the API and its worker(s) on this machine")
     serve.add_argument("--host", default="127.0.0.1")
@@ -200,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="exit 0 when the database, queue and model store answer (a worker's health check)"
     )
     check.set_defaults(run=_check)
+    add_client_commands(commands)
     return parser
 
 

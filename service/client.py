@@ -16,14 +16,14 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, TypeAdapter
 
-from service.schemas import Dataset, Job, JobDetail, Model, PredictResponse
+from service.schemas import Dataset, Job, JobDetail, JobEvent, Model, PredictResponse
 
 T = TypeVar("T")
 FileArg = str | os.PathLike[str] | bytes
@@ -43,6 +43,41 @@ def _file_part(file: FileArg, name: str | None) -> tuple[str, bytes]:
         return name or "upload.csv", file
     path = Path(file)
     return name or path.name, path.read_bytes()
+
+
+def _params(**values: Any) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+class _EventParser:
+    """Server-Sent Events wire format -> JobEvent, one line at a time."""
+
+    def __init__(self) -> None:
+        self.fields: dict[str, str] = {}
+
+    def feed(self, line: str) -> JobEvent | None:
+        if line == "":
+            fields, self.fields = self.fields, {}
+            if "data" not in fields:
+                return None
+            event_id = fields.get("id", "")
+            return JobEvent(
+                event=fields.get("event", "message"),
+                id=int(event_id) if event_id.isdigit() else None,
+                data=json.loads(fields["data"]),
+            )
+        if line.startswith(":"):  # a comment: the server's keep-alive
+            return None
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data" and "data" in self.fields:
+            value = f"{self.fields['data']}\n{value}"
+        self.fields[name] = value
+        return None
+
+
+# Reconnections in a row, without an event between them, before events() gives up.
+_EVENT_RECONNECTS = 5
 
 
 class _Calls:
@@ -123,8 +158,8 @@ class TrainserveClient:
     def get_job(self, job_id: str) -> JobDetail:
         return self._send(JobDetail, method="GET", url=f"/jobs/{job_id}")  # type: ignore[no-any-return]
 
-    def list_jobs(self, status: str | None = None) -> list[Job]:
-        params = {"status": status} if status else {}
+    def list_jobs(self, status: str | None = None, *, name: str | None = None, limit: int = 100) -> list[Job]:
+        params = _params(status=status, name=name, limit=limit)
         return self._send(list[Job], method="GET", url="/jobs", params=params)  # type: ignore[no-any-return]
 
     def cancel_job(self, job_id: str) -> Job:
@@ -141,8 +176,39 @@ class TrainserveClient:
                 raise TimeoutError(f"job {job_id} still {job.status} after {timeout}s")
             time.sleep(poll)
 
-    def list_models(self) -> list[Model]:
-        return self._send(list[Model], method="GET", url="/models")  # type: ignore[no-any-return]
+    def events(self, job_id: str, *, last_event_id: int | None = None) -> Iterator[JobEvent]:
+        """The job's events as they happen (status, epoch, ..., end), from the first, or
+        after epoch ``last_event_id``. Ends after the ``end`` event; a dropped connection
+        is resumed where it broke off."""
+        failures = 0
+        while True:
+            headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+            try:
+                with self.http.stream("GET", f"/jobs/{job_id}/events", headers=headers) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        _Calls.read(response, None)
+                    parser = _EventParser()
+                    for line in response.iter_lines():
+                        event = parser.feed(line)
+                        if event is None:
+                            continue
+                        failures = 0
+                        last_event_id = event.id if event.id is not None else last_event_id
+                        yield event
+                        if event.event == "end":
+                            return
+            except httpx.TransportError:
+                pass
+            failures += 1  # the stream broke off before its end event
+            if failures > _EVENT_RECONNECTS:
+                raise ApiError(0, f"the event stream of job {job_id} kept breaking off")
+            time.sleep(min(2.0, 0.25 * failures))
+
+    def list_models(self, *, name: str | None = None, limit: int = 100) -> list[Model]:
+        """Newest first; with ``name``, that model's versions, newest version first."""
+        params = _params(name=name, limit=limit)
+        return self._send(list[Model], method="GET", url="/models", params=params)  # type: ignore[no-any-return]
 
     def get_model(self, model_id: str) -> Model:
         return self._send(Model, method="GET", url=f"/models/{model_id}")  # type: ignore[no-any-return]
@@ -152,6 +218,21 @@ class TrainserveClient:
 
     def delete_model(self, model_id: str) -> None:
         self._send(None, method="DELETE", url=f"/models/{model_id}")
+
+    def loss_plot(self, job_id: str, *, width: int = 800, height: int = 600) -> bytes:
+        """The job's train/validation loss curve as PNG bytes."""
+        params = {"width": width, "height": height}
+        return self._send(bytes, method="GET", url=f"/jobs/{job_id}/loss.png", params=params)  # type: ignore[no-any-return]
+
+    def model_plot(self, model_id: str, *, width: int = 800, height: int = 600) -> bytes:
+        """Decision regions, fitted curve or predicted-vs-actual, as PNG bytes."""
+        params = {"width": width, "height": height}
+        return self._send(bytes, method="GET", url=f"/models/{model_id}/plot.png", params=params)  # type: ignore[no-any-return]
+
+    def export_model(self, model_id: str, format: str = "torchscript") -> bytes:
+        """The model as a TorchScript archive or a torch.export program (``format``)."""
+        params = {"format": format}
+        return self._send(bytes, method="GET", url=f"/models/{model_id}/export", params=params)  # type: ignore[no-any-return]
 
     def predict(self, model_id: str, inputs: list[Any]) -> PredictResponse:
         body = {"model_id": model_id, "inputs": inputs}
@@ -202,8 +283,8 @@ class AsyncTrainserveClient:
     async def get_job(self, job_id: str) -> JobDetail:
         return await self._send(JobDetail, method="GET", url=f"/jobs/{job_id}")  # type: ignore[no-any-return]
 
-    async def list_jobs(self, status: str | None = None) -> list[Job]:
-        params = {"status": status} if status else {}
+    async def list_jobs(self, status: str | None = None, *, name: str | None = None, limit: int = 100) -> list[Job]:
+        params = _params(status=status, name=name, limit=limit)
         return await self._send(list[Job], method="GET", url="/jobs", params=params)  # type: ignore[no-any-return]
 
     async def cancel_job(self, job_id: str) -> Job:
@@ -219,8 +300,36 @@ class AsyncTrainserveClient:
                 raise TimeoutError(f"job {job_id} still {job.status} after {timeout}s")
             await asyncio.sleep(poll)
 
-    async def list_models(self) -> list[Model]:
-        return await self._send(list[Model], method="GET", url="/models")  # type: ignore[no-any-return]
+    async def events(self, job_id: str, *, last_event_id: int | None = None) -> AsyncIterator[JobEvent]:
+        """As ``TrainserveClient.events``, asynchronously."""
+        failures = 0
+        while True:
+            headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+            try:
+                async with self.http.stream("GET", f"/jobs/{job_id}/events", headers=headers) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        _Calls.read(response, None)
+                    parser = _EventParser()
+                    async for line in response.aiter_lines():
+                        event = parser.feed(line)
+                        if event is None:
+                            continue
+                        failures = 0
+                        last_event_id = event.id if event.id is not None else last_event_id
+                        yield event
+                        if event.event == "end":
+                            return
+            except httpx.TransportError:
+                pass
+            failures += 1
+            if failures > _EVENT_RECONNECTS:
+                raise ApiError(0, f"the event stream of job {job_id} kept breaking off")
+            await asyncio.sleep(min(2.0, 0.25 * failures))
+
+    async def list_models(self, *, name: str | None = None, limit: int = 100) -> list[Model]:
+        params = _params(name=name, limit=limit)
+        return await self._send(list[Model], method="GET", url="/models", params=params)  # type: ignore[no-any-return]
 
     async def get_model(self, model_id: str) -> Model:
         return await self._send(Model, method="GET", url=f"/models/{model_id}")  # type: ignore[no-any-return]
@@ -230,6 +339,18 @@ class AsyncTrainserveClient:
 
     async def delete_model(self, model_id: str) -> None:
         await self._send(None, method="DELETE", url=f"/models/{model_id}")
+
+    async def loss_plot(self, job_id: str, *, width: int = 800, height: int = 600) -> bytes:
+        params = {"width": width, "height": height}
+        return await self._send(bytes, method="GET", url=f"/jobs/{job_id}/loss.png", params=params)  # type: ignore[no-any-return]
+
+    async def model_plot(self, model_id: str, *, width: int = 800, height: int = 600) -> bytes:
+        params = {"width": width, "height": height}
+        return await self._send(bytes, method="GET", url=f"/models/{model_id}/plot.png", params=params)  # type: ignore[no-any-return]
+
+    async def export_model(self, model_id: str, format: str = "torchscript") -> bytes:
+        params = {"format": format}
+        return await self._send(bytes, method="GET", url=f"/models/{model_id}/export", params=params)  # type: ignore[no-any-return]
 
     async def predict(self, model_id: str, inputs: list[Any]) -> PredictResponse:
         body = {"model_id": model_id, "inputs": inputs}

@@ -48,3 +48,18 @@ def to_csv(x: np.ndarray, y: np.ndarray, feature_names: list[str] | None = None,
     lines = [",".join([*names, target])]
     lines += [",".join([*(repr(float(v)) for v in row), str(label)]) for row, label in zip(x, y, strict=False)]
     return "\n".join(lines) + "\n"
+
+
+def guide_moons_spec() -> dict[str, Any]:
+    """The guide's 2x30 Tanh make_moons classifier as a spec: its own SGD lr 0.001, batch
+    size 1, 300 epochs, on raw (unscaled) inputs. What the dashboard's form starts with."""
+    return {
+        "target": "label",
+        "model": MOONS_MLP_LAYERS,
+        "loss": "CrossEntropyLoss",
+        "optimizer": {"type": "SGD", "lr": 0.001},
+        "epochs": 300,
+        "batch_size": 1,
+        "standardize": False,
+        "seed": 0,
+    }

@@ -27,8 +27,10 @@ import torch
 from huey import Huey, PostgresHuey, RedisHuey, SqliteHuey
 from huey.consumer import Consumer
 from sqlalchemy import ColumnElement, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+import service
 from service import engine
 from service.config import Settings
 from service.data import Table, TableSchema
@@ -183,10 +185,14 @@ def get_job(session: Session, job_id: str) -> JobRecord:
     return job
 
 
-def list_jobs(session: Session, *, status: str | None = None, limit: int = 100, offset: int = 0) -> list[JobRecord]:
+def list_jobs(
+    session: Session, *, status: str | None = None, name: str | None = None, limit: int = 100, offset: int = 0
+) -> list[JobRecord]:
     query = select(JobRecord).order_by(JobRecord.created_at.desc(), JobRecord.id).limit(limit).offset(offset)
     if status is not None:
         query = query.where(JobRecord.status == status)
+    if name is not None:
+        query = query.where(JobRecord.name == name)
     return list(session.scalars(query))
 
 
@@ -201,6 +207,7 @@ def submit(session: Session, queue: JobQueue, spec: TrainSpec, dataset: DatasetR
         dataset_id=dataset.id,
         epochs=spec.epochs,
         history=[],
+        name=spec.name,
     )
     session.add(job)
     session.flush()
@@ -458,8 +465,10 @@ class _Attempt:
         self.last_write = 0.0
         self.started = time.monotonic()  # moved back by the training time a checkpoint carries
         self.stop_reason: StopReason | None = None
+        self.reports: list[engine.EpochReport] = []
 
     def on_epoch(self, report: engine.EpochReport) -> None:
+        self.reports.append(report)
         now = time.monotonic()
         if now - self.last_write < self.interval:
             return
@@ -471,6 +480,8 @@ class _Attempt:
                 train_loss=report.train_loss,
                 val_loss=report.val_loss,
                 val_metrics=report.val_metrics,
+                # The curve so far, for loss plots and event streams of a running job.
+                history=_thin(self.reports),
             )
 
     def _why_stop(self) -> StopReason | None:
@@ -710,55 +721,91 @@ def _save(
     weights_sha256, weights_bytes = ctx.store.save_weights(model_id, result.module.state_dict(), metadata)
     last = result.history[-1]
     now = utcnow()
+    job_values = {
+        "status": SUCCEEDED,
+        "model_id": model_id,
+        "epoch": last.epoch,
+        "train_loss": last.train_loss,
+        "val_loss": last.val_loss,
+        "val_metrics": last.val_metrics,
+        "history": _thin(result.history),
+        "device": result.device,
+        "finished_at": now,
+        "updated_at": now,
+    }
+    # Lineage: which data, which spec, which code made this model.
+    model_values = {
+        "id": model_id,
+        "name": spec.name,
+        "job_id": job_id,
+        "dataset_id": dataset.id,
+        "dataset_sha256": dataset.sha256,
+        "spec": spec.model_dump(mode="json"),
+        "task": plan.task,
+        "features": plan.features,
+        "targets": plan.targets,
+        "classes": plan.classes,
+        "input_mean": result.input_mean,
+        "input_std": result.input_std,
+        "metrics": result.metrics,
+        "n_parameters": plan.n_parameters,
+        "weights_sha256": weights_sha256,
+        "weights_bytes": weights_bytes,
+        "torch_version": torch.__version__,
+        "code_version": f"trainserve {service.__version__}",
+        "device": result.device,
+        "train_seconds": result.train_seconds,
+    }
     try:
-        with ctx.sessions.begin() as session:
-            notes = session.scalar(select(JobRecord.notes).where(JobRecord.id == job_id)) or []
-            finished = rows_changed(
-                session,
-                update(JobRecord)
-                .where(*attempt.lease.owned(), JobRecord.cancel_requested.is_(False))
-                .values(
-                    status=SUCCEEDED,
-                    notes=[*notes, *result.notes],
-                    model_id=model_id,
-                    epoch=last.epoch,
-                    train_loss=last.train_loss,
-                    val_loss=last.val_loss,
-                    val_metrics=last.val_metrics,
-                    history=_thin(result.history),
-                    device=result.device,
-                    lease_expires_at=None,
-                    finished_at=now,
-                    updated_at=now,
-                ),
-            )
-            if finished:
-                session.add(
-                    ModelRecord(
-                        id=model_id,
-                        job_id=job_id,
-                        dataset_id=dataset.id,
-                        dataset_sha256=dataset.sha256,
-                        spec=spec.model_dump(mode="json"),
-                        task=plan.task,
-                        features=plan.features,
-                        targets=plan.targets,
-                        classes=plan.classes,
-                        input_mean=result.input_mean,
-                        input_std=result.input_std,
-                        metrics=result.metrics,
-                        n_parameters=plan.n_parameters,
-                        weights_sha256=weights_sha256,
-                        weights_bytes=weights_bytes,
-                        torch_version=torch.__version__,
-                        device=result.device,
-                        train_seconds=result.train_seconds,
-                        notes=result.notes,
-                    )
-                )
+        # Two workers finishing jobs under one name at once may both pick the same next
+        # version; the unique (name, version) constraint refuses the second, which retries.
+        for try_number in range(_VERSION_ATTEMPTS):
+            try:
+                finished = _record_success(ctx, attempt, job_values, model_values, result.notes)
+                break
+            except IntegrityError:
+                if spec.name is None or try_number == _VERSION_ATTEMPTS - 1:
+                    raise
+                log.info("job %s: a concurrent job took the version of %r; retrying", job_id, spec.name)
     except BaseException:
         ctx.store.delete_weights(model_id)
         raise
     if not finished:  # cancelled in the last instant, or the lease is gone: keep no model
         ctx.store.delete_weights(model_id)
         _end_attempt(ctx, attempt, CANCELLED, error="cancelled while running")  # fenced: a lost lease writes nothing
+
+
+_VERSION_ATTEMPTS = 5
+
+
+def next_version(session: Session, name: str) -> int:
+    """The version the next model saved under ``name`` gets: 1 for a new name."""
+    latest = session.scalar(select(func.max(ModelRecord.version)).where(ModelRecord.name == name))
+    return (latest or 0) + 1
+
+
+def _record_success(
+    ctx: WorkerContext,
+    attempt: _Attempt,
+    job_values: dict[str, Any],
+    model_values: dict[str, Any],
+    notes: list[str],
+) -> int:
+    """Mark the job succeeded and add its model row in one transaction; 0 if it was cancelled
+    or this attempt's lease is gone (fenced: the job belongs to someone else then)."""
+    with ctx.sessions.begin() as session:
+        earlier = session.scalar(select(JobRecord.notes).where(JobRecord.id == attempt.job_id)) or []
+        # The job row is written first: on SQLite that takes the write lock, so the version
+        # read below already sees every other worker's committed models.
+        finished = rows_changed(
+            session,
+            update(JobRecord)
+            .where(*attempt.lease.owned(), JobRecord.cancel_requested.is_(False))
+            .values(**job_values, notes=[*earlier, *notes], lease_expires_at=None),
+        )
+        if finished:
+            name = model_values["name"]
+            version = next_version(session, name) if name is not None else None
+            session.add(ModelRecord(**model_values, version=version, notes=notes))
+            session.flush()  # a taken (name, version) fails here, inside the retry loop
+    return finished

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db import ModelRecord, on_commit
-from service.errors import NotFound
+from service.db import DatasetRecord, ModelRecord, on_commit
+from service.errors import Conflict, NotFound
 from service.inference import ModelCache
 from service.store import Store
 
@@ -18,8 +19,12 @@ def get(*, session: Session, model_id: str) -> ModelRecord:
     return record
 
 
-def list_all(*, session: Session, limit: int = 100, offset: int = 0) -> list[ModelRecord]:
-    query = select(ModelRecord).order_by(ModelRecord.created_at.desc(), ModelRecord.id)
+def list_all(*, session: Session, name: str | None = None, limit: int = 100, offset: int = 0) -> list[ModelRecord]:
+    """Newest first; with ``name``, that model's versions, newest version first."""
+    if name is None:
+        query = select(ModelRecord).order_by(ModelRecord.created_at.desc(), ModelRecord.id)
+    else:
+        query = select(ModelRecord).where(ModelRecord.name == name).order_by(ModelRecord.version.desc())
     return list(session.scalars(query.limit(limit).offset(offset)))
 
 
@@ -33,3 +38,20 @@ def delete(*, session: Session, store: Store, cache: ModelCache, model_id: str) 
         store.delete_weights(model_id)
 
     on_commit(session, forget)
+
+
+def training_data(*, session: Session, store: Store, record: ModelRecord) -> tuple[np.ndarray, np.ndarray]:
+    """The feature matrix and raw targets the model was trained on (its whole dataset)."""
+    dataset = session.get(DatasetRecord, record.dataset_id) if record.dataset_id else None
+    if dataset is None:
+        raise Conflict(f"the dataset model {record.id} was trained on has been deleted")
+    table = store.load_dataset(dataset.id, dataset.file_sha256)
+    x = table.matrix(record.features)
+    if record.task == "regression":
+        return x, table.matrix(record.targets, dtype=np.float64)
+    return x, table.column(record.targets[0])
+
+
+def describe(record: ModelRecord) -> str:
+    """How a model is named to people: ``name v3``, or its id."""
+    return f"{record.name} v{record.version}" if record.name else f"model {record.id[:8]}"

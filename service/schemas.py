@@ -42,6 +42,7 @@ class Dataset(_Out):
 
 class Job(_Out):
     id: str
+    name: str | None = Field(default=None, description="The spec's model name, if it gave one")
     status: str = Field(description="queued | running | succeeded | failed | cancelled")
     dataset_id: str | None
     model_id: str | None
@@ -73,9 +74,11 @@ class JobDetail(Job):
 
 class Model(_Out):
     id: str
-    job_id: str
-    dataset_id: str | None
-    dataset_sha256: str
+    name: str | None = Field(default=None, description="The model name its spec gave, if any")
+    version: int | None = Field(default=None, description="1, 2, ... among the models of that name")
+    job_id: str = Field(description="The training job that made it")
+    dataset_id: str | None = Field(description="The dataset it was trained on (null once that is deleted)")
+    dataset_sha256: str = Field(description="sha256 of the uploaded bytes it was trained on")
     task: str = Field(description="classification, binary or regression")
     features: list[str]
     targets: list[str]
@@ -87,6 +90,7 @@ class Model(_Out):
     weights_sha256: str
     weights_bytes: int
     torch_version: str
+    code_version: str | None = Field(default=None, description="The trainserve release that trained it")
     device: str
     train_seconds: float
     created_at: UTCDateTime
@@ -117,6 +121,14 @@ class PredictResponse(BaseModel):
     predictions: list[Any]
     probabilities: list[list[float]] | None = None
     classes: list[Any] | None = Field(default=None, description="Labels of the probability columns")
+
+
+class JobEvent(BaseModel):
+    """One Server-Sent Event of ``GET /jobs/{id}/events``."""
+
+    event: str = Field(description="status, epoch or end")
+    id: int | None = Field(default=None, description="The last epoch sent so far (resume with Last-Event-ID)")
+    data: dict[str, Any]
 
 
 class Error(BaseModel):

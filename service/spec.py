@@ -297,6 +297,8 @@ def _named(value: Any) -> Any:
 
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d{1,2}|mps)$")
+# A model name is a slug: it appears in URLs, file names the CLI writes and log lines.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _COLUMN_LIMIT = 10_000
 
 
@@ -319,6 +321,13 @@ class TrainSpec(BaseModel):
 
     dataset_id: str | None = Field(
         default=None, description="An uploaded dataset; omit when the file travels in the same request."
+    )
+    name: str | None = Field(
+        default=None,
+        pattern=MODEL_NAME_PATTERN,
+        description="Model name: each successful job under a name adds its next version (1, 2, ...). "
+        "Letters, digits, '.', '_' and '-', starting with a letter or digit, at most 64 characters.",
+        examples=["moons-classifier"],
     )
     target: str | list[str] | None = Field(default=None, description="Label column(s); default: the last column.")
     features: list[str] | None = Field(

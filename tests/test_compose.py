@@ -105,7 +105,10 @@ def test_image_installs_the_extras_the_services_use() -> None:
         assert Path(REPO / path).is_dir()
 
 
-def test_every_variable_the_readme_names_is_a_setting() -> None:
+def test_every_variable_the_readme_names_is_read_by_the_code() -> None:
     named = set(re.findall(r"TRAINSERVE_[A-Z0-9_]*[A-Z0-9]", (REPO / "README.md").read_text()))
     fields = {f"TRAINSERVE_{name.upper()}" for name in Settings.model_fields}
-    assert named - fields == set()
+    # Besides the service's settings, the command-line client reads a few variables of its own.
+    code = "".join(path.read_text() for path in (REPO / "service").rglob("*.py"))
+    read_directly = {name for name in named if f'"{name}"' in code}
+    assert named - fields - read_directly == set()

@@ -16,9 +16,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 import service
-from service.api import errors
+from service.api import dashboard, errors, metrics
 from service.api.deps import require_api_key
-from service.api.routes import datasets, jobs, models
+from service.api.routes import datasets, events, export, jobs, models, plots
 from service.api.runtime import Runtime
 from service.config import Settings, get_settings
 from service.db import upgrade_to_head
@@ -51,9 +51,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = runtime
     errors.install(app)
     protected = [Depends(require_api_key)]
-    for router in (datasets.router, jobs.router, models.router):
+    for router in (datasets.router, jobs.router, events.router, models.router, plots.router, export.router):
         app.include_router(router, dependencies=protected)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    dashboard.install(app)
+    metrics.install(app, runtime)
     _add_docs(app)
     _add_health(app, runtime)
     _document_train_spec(app)

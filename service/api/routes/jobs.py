@@ -14,7 +14,7 @@ from service.api.errors import invalid_spec
 from service.api.runtime import Runtime
 from service.errors import InvalidInput
 from service.schemas import Job, JobDetail
-from service.spec import TrainSpec
+from service.spec import MODEL_NAME_PATTERN, TrainSpec
 
 router = APIRouter(tags=["jobs"])
 
@@ -104,10 +104,12 @@ async def train(request: Request, session: SessionDep, runtime: RuntimeDep, resp
 def list_jobs(
     session: SessionDep,
     status: str | None = Query(None, pattern="^(queued|running|succeeded|failed|cancelled)$"),
+    name: str | None = Query(None, pattern=MODEL_NAME_PATTERN, description="Only jobs training this model name"),
     limit: int = Query(100, ge=1, le=1000),
     offset: int = Query(0, ge=0, le=2**62),
 ) -> list[Job]:
-    return [Job.model_validate(j) for j in jobs.list_jobs(session, status=status, limit=limit, offset=offset)]
+    found = jobs.list_jobs(session, status=status, name=name, limit=limit, offset=offset)
+    return [Job.model_validate(j) for j in found]
 
 
 @router.get("/jobs/{job_id}", response_model=JobDetail)

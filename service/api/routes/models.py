@@ -8,15 +8,21 @@ from service.api.deps import RuntimeDep, SessionDep
 from service.errors import NotFound
 from service.inference import inputs_to_matrix
 from service.schemas import Model, PredictRequest, PredictResponse
+from service.spec import MODEL_NAME_PATTERN
 
 router = APIRouter(tags=["models"])
 
 
 @router.get("/models", response_model=list[Model])
 def list_models(
-    session: SessionDep, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=2**62)
+    session: SessionDep,
+    name: str | None = Query(None, pattern=MODEL_NAME_PATTERN, description="Only this model's versions"),
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0, le=2**62),
 ) -> list[Model]:
-    return [Model.model_validate(m) for m in registry.list_all(session=session, limit=limit, offset=offset)]
+    """Newest first; with ``name``, the versions of that model, newest version first."""
+    records = registry.list_all(session=session, name=name, limit=limit, offset=offset)
+    return [Model.model_validate(m) for m in records]
 
 
 @router.get("/models/{model_id}", response_model=Model)

@@ -1,0 +1,249 @@
+"""The CLI's client commands, run as subprocesses against a real server and worker."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from service.client import TrainserveClient
+from service.spec import TrainSpec
+from tests.conftest import REPO, Server, moons_spec, start_server, stop_server
+
+EXAMPLES = REPO / "examples"
+GUIDE_EXPERIMENTS = ["line", "tanh", "moons-linear", "moons-mlp"]
+
+
+def cli(*args: str | Path, url: str | None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("TRAINSERVE_")}
+    if url is not None:
+        environment["TRAINSERVE_URL"] = url
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "service", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=REPO,
+        timeout=240,
+    )
+
+
+@pytest.mark.parametrize("experiment", GUIDE_EXPERIMENTS)
+def test_the_guide_experiments_run_from_the_cli_with_a_progress_bar(server: Server, experiment: str) -> None:
+    spec_file = EXAMPLES / f"{experiment}.json"
+    data = EXAMPLES / ("moons.csv" if experiment.startswith("moons") else "wave.csv")
+    result = cli("train", data, "--spec", spec_file, "--epochs", "2", "--follow", url=server.url)
+    assert result.returncode == 0, result.stderr
+    assert f"guide-{experiment}" in result.stderr  # the bar's label
+    assert "2/2" in result.stderr  # the bar reached the last epoch
+    assert "epoch" in result.stderr
+    assert "loss=" in result.stderr
+    assert "succeeded: model " in result.stdout
+    assert f"(guide-{experiment} v" in result.stdout
+
+
+def test_example_specs_are_the_guide_experiments() -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    import guide_experiments
+
+    for name in GUIDE_EXPERIMENTS:
+        shipped = json.loads((EXAMPLES / f"{name}.json").read_text())
+        experiment = guide_experiments.BY_NAME[name]
+        expected = experiment.spec("x", experiment.epochs, "auto")
+        del expected["dataset_id"]
+        assert TrainSpec.model_validate({**shipped, "dataset_id": "x"}) == TrainSpec.model_validate(
+            {**expected, "name": f"guide-{name}", "dataset_id": "x"}
+        )
+    moons = (EXAMPLES / "moons.csv").read_text()
+    assert moons.startswith("x0,x1,y\n")
+    assert len(moons.splitlines()) == 201
+    assert len((EXAMPLES / "wave.csv").read_text().splitlines()) == 301
+
+
+@pytest.fixture(scope="module")
+def moons_model(server: Server) -> str:
+    """A model named cli-moons, trained through the CLI."""
+    spec = moons_spec(epochs=15, name="cli-moons")
+    spec["target"] = "y"
+    spec_file = server.data_dir / "cli-moons.json"
+    spec_file.write_text(json.dumps(spec))
+    result = cli("train", EXAMPLES / "moons.csv", "--spec", spec_file, "--follow", "--json", url=server.url)
+    assert result.returncode == 0, result.stderr
+    model = json.loads(result.stdout)
+    assert model["name"] == "cli-moons"
+    return str(model["id"])
+
+
+def test_predict_writes_the_rows_with_predictions_and_probabilities(
+    server: Server, client: TrainserveClient, moons_model: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "predicted.csv"
+    result = cli("predict", moons_model, EXAMPLES / "moons.csv", "-o", out, url=server.url)
+    assert result.returncode == 0, result.stderr
+    assert "200 rows predicted" in result.stderr
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert list(rows[0]) == ["x0", "x1", "y", "prediction", "probability_0", "probability_1"]
+    assert len(rows) == 200
+    answer = client.predict(moons_model, [[float(r["x0"]), float(r["x1"])] for r in rows])
+    assert [int(r["prediction"]) for r in rows] == answer.predictions
+    assert answer.probabilities is not None
+    assert [float(r["probability_1"]) for r in rows] == pytest.approx([p[1] for p in answer.probabilities])
+    assert sum(r["prediction"] == r["y"] for r in rows) > 190
+
+    # by name (the newest version) and by name:version, to standard output
+    for reference in ("cli-moons", "cli-moons:1"):
+        by_name = cli("predict", reference, EXAMPLES / "moons.csv", url=server.url)
+        assert by_name.returncode == 0, by_name.stderr
+        assert by_name.stdout.replace("\r\n", "\n") == out.read_text().replace("\r\n", "\n")
+
+
+def test_predict_regression_and_its_errors(server: Server, tmp_path: Path) -> None:
+    spec = tmp_path / "line.json"
+    spec.write_text(json.dumps({"target": "y", "model": [{"type": "Linear", "out_features": 1}], "loss": "MSELoss"}))
+    trained = cli("train", EXAMPLES / "wave.csv", "--spec", spec, "--epochs", "3", "--follow", "--json", url=server.url)
+    assert trained.returncode == 0, trained.stderr
+    model_id = json.loads(trained.stdout)["id"]
+
+    rows = tmp_path / "rows.csv"
+    rows.write_text("x,comment\n1.5,a\n2.5,b\n")
+    result = cli("predict", model_id, rows, url=server.url)
+    assert result.returncode == 0, result.stderr
+    table = list(csv.reader(io.StringIO(result.stdout)))
+    assert table[0] == ["x", "comment", "prediction"]
+    assert [r[:2] for r in table[1:]] == [["1.5", "a"], ["2.5", "b"]]
+    assert all(float(r[2]) == float(r[2]) for r in table[1:])  # numbers, not NaN
+
+    rows.write_text("x\n1.0\n2.0\noops\n")
+    bad = cli("predict", model_id, rows, url=server.url)
+    assert bad.returncode == 2
+    assert "data row 3" in bad.stderr
+    assert "'oops' is not a number" in bad.stderr
+
+    rows.write_text("x\n1.0\nnan\n")  # JSON has no NaN: refused by row, not sent as invalid JSON
+    not_finite = cli("predict", model_id, rows, url=server.url)
+    assert not_finite.returncode == 2
+    assert "data row 2" in not_finite.stderr
+
+    rows.write_text("z\n1.0\n")
+    missing = cli("predict", model_id, rows, url=server.url)
+    assert missing.returncode == 2
+    assert "no column 'x'" in missing.stderr
+
+    unknown = cli("predict", "no-such-model", rows, url=server.url)
+    assert unknown.returncode == 2
+    assert "no model is named 'no-such-model'" in unknown.stderr
+
+
+def test_jobs_and_models_list_as_tables_and_json(server: Server, moons_model: str) -> None:
+    models = cli("models", "--name", "cli-moons", url=server.url)
+    assert models.returncode == 0, models.stderr
+    header, *lines = models.stdout.splitlines()
+    assert header.split()[:3] == ["MODEL", "NAME:VERSION", "TASK"]
+    assert any(line.startswith(moons_model) and "cli-moons:1" in line for line in lines)
+
+    as_json = cli("models", "--json", url=server.url)
+    assert moons_model in {m["id"] for m in json.loads(as_json.stdout)}
+
+    jobs = cli("jobs", "--name", "cli-moons", "--status", "succeeded", url=server.url)
+    assert jobs.returncode == 0, jobs.stderr
+    assert jobs.stdout.splitlines()[0].split()[:3] == ["JOB", "STATUS", "NAME"]
+    assert "succeeded" in jobs.stdout
+    assert moons_model in jobs.stdout
+    listed = json.loads(cli("jobs", "--json", "--limit", "3", url=server.url).stdout)
+    assert 1 <= len(listed) <= 3
+
+
+def test_plot_saves_pngs(server: Server, client: TrainserveClient, moons_model: str, tmp_path: Path) -> None:
+    regions = tmp_path / "regions.png"
+    result = cli("plot", "cli-moons", "-o", regions, "--width", "640", "--height", "480", url=server.url)
+    assert result.returncode == 0, result.stderr
+    with Image.open(regions) as image:
+        assert (image.format, image.size) == ("PNG", (640, 480))
+    loss = tmp_path / "loss.png"
+    job_id = client.get_model(moons_model).job_id
+    assert cli("plot", job_id, "--loss", "-o", loss, url=server.url).returncode == 0
+    with Image.open(loss) as image:
+        assert (image.format, image.size) == ("PNG", (800, 600))
+
+
+def test_cancel_and_follow_a_cancelled_job(server: Server, client: TrainserveClient) -> None:
+    job = client.train(moons_spec(epochs=100_000, batch_size=1, target="y"), file=(EXAMPLES / "moons.csv").read_bytes())
+    deadline = time.monotonic() + 60
+    while client.get_job(job.id).status == "queued":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    result = cli("cancel", job.id, url=server.url)
+    assert result.returncode == 0, result.stderr
+    assert f"job {job.id}" in result.stdout
+    followed = cli("follow", job.id, url=server.url)
+    assert followed.returncode == 1
+    assert "cancelled" in followed.stderr
+    again = cli("cancel", job.id, url=server.url)
+    assert again.returncode == 2
+    assert "409" in again.stderr
+
+
+def test_bad_specs_and_bad_servers_are_reported_in_one_line(server: Server, tmp_path: Path) -> None:
+    not_json = tmp_path / "bad.json"
+    not_json.write_text("{model: ")
+    result = cli("train", EXAMPLES / "moons.csv", "--spec", not_json, url=server.url)
+    assert result.returncode == 2
+    assert "is not JSON" in result.stderr
+
+    refused = tmp_path / "refused.json"
+    refused.write_text(json.dumps({"model": ["Conv2d"], "loss": "MSELoss"}))
+    result = cli("train", EXAMPLES / "moons.csv", "--spec", refused, url=server.url)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: 422 ")
+    assert "Traceback" not in result.stderr
+
+    result = cli("train", "missing.csv", "--spec", refused, url=server.url)
+    assert result.returncode == 2
+    assert "neither a file nor a dataset id" in result.stderr
+
+    # nothing listens on port 9 (discard) of this machine
+    result = cli("jobs", url="http://127.0.0.1:9")
+    assert result.returncode == 2
+    assert "cannot reach the server at http://127.0.0.1:9" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = start_server(tmp_path_factory.mktemp("keyed"), workers=0, env={"TRAINSERVE_API_KEY": "k" * 24})
+    yield running
+    stop_server(running)
+
+
+def test_api_key_from_flag_or_environment(keyed_server: Server) -> None:
+    without = cli("jobs", url=keyed_server.url)
+    assert without.returncode == 2
+    assert "401" in without.stderr
+    assert cli("jobs", "--api-key", "k" * 24, url=keyed_server.url).returncode == 0
+    from_env = cli("models", url=None, env={"TRAINSERVE_URL": keyed_server.url, "TRAINSERVE_API_KEY": "k" * 24})
+    assert from_env.returncode == 0, from_env.stderr
+    assert from_env.stdout.startswith("MODEL")
+
+
+def test_export_saves_an_archive_torch_loads(
+    server: Server, client: TrainserveClient, moons_model: str, tmp_path: Path
+) -> None:
+    import torch
+
+    archive = tmp_path / "moons.pt2"
+    result = cli("export", "cli-moons:1", "--format", "torch.export", "-o", archive, url=server.url)
+    assert result.returncode == 0, result.stderr
+    module = torch.export.load(archive).module()
+    with torch.inference_mode():
+        probabilities = module(torch.tensor([[0.0, 1.0], [1.0, -0.5]])).flatten().tolist()
+    expected = client.predict(moons_model, [[0.0, 1.0], [1.0, -0.5]]).probabilities or []
+    assert probabilities == pytest.approx([p for row in expected for p in row], abs=1e-6)
