@@ -13,6 +13,7 @@ sending differs. Errors come back as ``ApiError`` carrying the server's JSON bod
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import time
@@ -21,12 +22,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import numpy as np
 from pydantic import BaseModel, TypeAdapter
 
 from service.schemas import Dataset, Job, JobDetail, JobEvent, Model, PredictResponse
 
 T = TypeVar("T")
 FileArg = str | os.PathLike[str] | bytes
+NPY_MEDIA_TYPE = "application/x-npy"  # the server's prediction_io says the same; not imported: it pulls in torch
 ENDED = frozenset({"succeeded", "failed", "cancelled"})
 
 
@@ -98,6 +101,33 @@ class _Calls:
             "data": {"spec": json.dumps(dict(spec))},
             "files": {"file": _file_part(file, filename)},
         }
+
+    @staticmethod
+    def predict(model_id: str | None, inputs: Any, name: str | None, version: int | None) -> dict[str, Any]:
+        body = _params(model_id=model_id, name=name, version=version)
+        return {"method": "POST", "url": "/predict", "json": {**body, "inputs": inputs}}
+
+    @staticmethod
+    def predict_array(x: Any, output: str, selector: dict[str, Any]) -> dict[str, Any]:
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(x), allow_pickle=False)
+        return {
+            "method": "POST",
+            "url": "/predict",
+            "params": {**_params(**selector), "output": output},
+            "content": buffer.getvalue(),
+            "headers": {"Content-Type": NPY_MEDIA_TYPE, "Accept": NPY_MEDIA_TYPE},
+        }
+
+    @staticmethod
+    def predict_csv(file: FileArg, filename: str | None, selector: dict[str, Any]) -> dict[str, Any]:
+        fields = {key: str(value) for key, value in _params(**selector).items()}
+        return {"method": "POST", "url": "/predict", "data": fields, "files": {"file": _file_part(file, filename)}}
+
+    @staticmethod
+    def read_array(response: httpx.Response) -> np.ndarray:
+        _Calls.read(response, None)  # raises ApiError on an error status
+        return np.load(io.BytesIO(response.content), allow_pickle=False)  # type: ignore[no-any-return]
 
     @staticmethod
     def read(response: httpx.Response, kind: type[T] | Any) -> T:
@@ -234,9 +264,38 @@ class TrainserveClient:
         params = {"format": format}
         return self._send(bytes, method="GET", url=f"/models/{model_id}/export", params=params)  # type: ignore[no-any-return]
 
-    def predict(self, model_id: str, inputs: list[Any]) -> PredictResponse:
-        body = {"model_id": model_id, "inputs": inputs}
-        return self._send(PredictResponse, method="POST", url="/predict", json=body)  # type: ignore[no-any-return]
+    def predict(
+        self, model_id: str | None, inputs: list[Any], *, name: str | None = None, version: int | None = None
+    ) -> PredictResponse:
+        """Rows as lists or objects; name the model by id, or by ``name`` (newest, or ``version``)."""
+        request = _Calls.predict(model_id, inputs, name, version)
+        return self._send(PredictResponse, **request)  # type: ignore[no-any-return]
+
+    def predict_array(
+        self,
+        x: Any,
+        *,
+        model_id: str | None = None,
+        name: str | None = None,
+        version: int | None = None,
+        output: str = "predictions",
+    ) -> np.ndarray:
+        """A matrix in and an array out, both as ``.npy`` (the fast form for large batches)."""
+        request = _Calls.predict_array(x, output, {"model_id": model_id, "name": name, "version": version})
+        return _Calls.read_array(self.http.request(**request))
+
+    def predict_csv(
+        self,
+        file: FileArg,
+        *,
+        model_id: str | None = None,
+        name: str | None = None,
+        version: int | None = None,
+        filename: str | None = None,
+    ) -> bytes:
+        """A CSV with the model's feature columns in; the same CSV with prediction columns out."""
+        request = _Calls.predict_csv(file, filename, {"model_id": model_id, "name": name, "version": version})
+        return self._send(bytes, **request)  # type: ignore[no-any-return]
 
 
 class AsyncTrainserveClient:
@@ -352,6 +411,32 @@ class AsyncTrainserveClient:
         params = {"format": format}
         return await self._send(bytes, method="GET", url=f"/models/{model_id}/export", params=params)  # type: ignore[no-any-return]
 
-    async def predict(self, model_id: str, inputs: list[Any]) -> PredictResponse:
-        body = {"model_id": model_id, "inputs": inputs}
-        return await self._send(PredictResponse, method="POST", url="/predict", json=body)  # type: ignore[no-any-return]
+    async def predict(
+        self, model_id: str | None, inputs: list[Any], *, name: str | None = None, version: int | None = None
+    ) -> PredictResponse:
+        request = _Calls.predict(model_id, inputs, name, version)
+        return await self._send(PredictResponse, **request)  # type: ignore[no-any-return]
+
+    async def predict_array(
+        self,
+        x: Any,
+        *,
+        model_id: str | None = None,
+        name: str | None = None,
+        version: int | None = None,
+        output: str = "predictions",
+    ) -> np.ndarray:
+        request = _Calls.predict_array(x, output, {"model_id": model_id, "name": name, "version": version})
+        return _Calls.read_array(await self.http.request(**request))
+
+    async def predict_csv(
+        self,
+        file: FileArg,
+        *,
+        model_id: str | None = None,
+        name: str | None = None,
+        version: int | None = None,
+        filename: str | None = None,
+    ) -> bytes:
+        request = _Calls.predict_csv(file, filename, {"model_id": model_id, "name": name, "version": version})
+        return await self._send(bytes, **request)  # type: ignore[no-any-return]

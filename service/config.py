@@ -44,6 +44,19 @@ class Settings(BaseSettings):
     max_parameters: int = Field(default=50_000_000, gt=0)
     max_layer_width: int = Field(default=65_536, gt=0)
     model_cache_size: int = Field(default=32, gt=0)
+    # A cached model is re-checked in the database once it is this old, so that a delete in
+    # another API process stops it answering here too (a delete in this process is at once).
+    model_cache_revalidate_s: float = Field(default=1.0, ge=0)
+
+    # torch's intra-op threads in the API process. One: a prediction is too small to gain from
+    # splitting, concurrent requests already use the cores, and on a busy machine a split
+    # forward pass waits for its second thread to be scheduled (20x slower, measured).
+    predict_threads: int = Field(default=1, ge=1)
+
+    # Micro-batching of concurrent small /predict requests (see service/batching.py).
+    predict_batching: bool = True
+    predict_batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    predict_batch_max_rows: int = Field(default=256, ge=2)
 
     # How often a running job writes progress and looks for a cancel request.
     progress_interval_s: float = Field(default=0.5, gt=0)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import csv
 import io
 import math
+import mmap
+import struct
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,6 +57,8 @@ class TableSchema:
 class Table:
     names: list[str]
     columns: list[np.ndarray]
+    # Columns memory-mapped from a stored file: index -> (the mapping, byte offset, byte length).
+    mapped: dict[int, tuple[mmap.mmap, int, int]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_rows(self) -> int:
@@ -67,11 +71,26 @@ class Table:
         """The named numeric columns side by side, as one C-contiguous array."""
         out: np.ndarray = np.empty((self.n_rows, len(names)), dtype=dtype)
         for j, name in enumerate(names):
-            out[:, j] = self.column(name)
+            index = self.names.index(name)
+            out[:, j] = self.columns[index]
+            self._release(index)
         return out
 
+    def _release(self, index: int) -> None:
+        """Drop a mapped column's pages from this process (the OS page cache keeps them): once
+        copied into a matrix they would only double the job's resident memory."""
+        if index not in self.mapped or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        mapping, offset, length = self.mapped[index]
+        start = offset - offset % mmap.PAGESIZE
+        mapping.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
+
     def schema(self) -> TableSchema:
-        return TableSchema(self.n_rows, [_describe(n, c) for n, c in zip(self.names, self.columns, strict=False)])
+        described = []
+        for index, (name, values) in enumerate(zip(self.names, self.columns, strict=False)):
+            described.append(_describe(name, values))
+            self._release(index)
+        return TableSchema(self.n_rows, described)
 
 
 def _bad(msg: str, **where: Any) -> InvalidInput:
@@ -318,11 +337,56 @@ def parse_table(path: Path, fmt: Literal["csv", "npz"], *, max_elements: int) ->
 
 
 def write_table(table: Table, handle: io.BufferedWriter) -> None:
-    """Serialise a table as an uncompressed .npz (no pickles: loadable with allow_pickle=False)."""
+    """Serialise a table as an uncompressed .npz (no pickles: loadable with allow_pickle=False).
+
+    Uncompressed on purpose: each column is stored as a plain .npy inside the zip, so
+    ``read_table`` can memory-map it instead of reading it.
+    """
     np.savez(handle, names=np.array(table.names, dtype=np.str_), **{f"c{i}": c for i, c in enumerate(table.columns)})  # type: ignore[arg-type]
 
 
-def read_table(path: Path) -> Table:
+def _mapped_members(path: Path) -> tuple[dict[str, np.ndarray], dict[str, tuple[mmap.mmap, int, int]]] | None:
+    """Every array of an uncompressed .npz as a read-only view of one memory mapping of the file,
+    with where each lies in it; None if any member can't be mapped."""
+    arrays: dict[str, np.ndarray] = {}
+    where: dict[str, tuple[mmap.mmap, int, int]] = {}
+    with open(path, "rb") as raw:
+        mapping = mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ)
+        with zipfile.ZipFile(raw) as archive:
+            infos = archive.infolist()
+        for info in infos:
+            if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
+                return None
+            raw.seek(info.header_offset)
+            local = raw.read(30)
+            if local[:4] != b"PK\x03\x04":
+                return None
+            name_length, extra_length = struct.unpack("<HH", local[26:30])
+            raw.seek(info.header_offset + 30 + name_length + extra_length)
+            version = np.lib.format.read_magic(raw)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(raw)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(raw)
+            else:
+                return None
+            if dtype.hasobject:
+                return None
+            key, count, offset = info.filename[: -len(".npy")], math.prod(shape), raw.tell()
+            flat = np.frombuffer(mapping, dtype=dtype, count=count, offset=offset)
+            arrays[key] = flat if flat.shape == shape else flat.reshape(shape, order="F" if fortran else "C")
+            where[key] = (mapping, offset, count * dtype.itemsize)
+    return arrays, where
+
+
+def read_table(path: Path, *, memory_map: bool = True) -> Table:
+    """Load a stored table; with ``memory_map`` its columns are read-only views of the file, paged in on use."""
+    members = _mapped_members(path) if memory_map else None
+    if members is not None:
+        arrays, where = members
+        names = [str(n) for n in arrays["names"].tolist()]
+        columns = [arrays[f"c{i}"] for i in range(len(names))]
+        return Table(names, columns, {i: where[f"c{i}"] for i in range(len(names))})
     with np.load(path, allow_pickle=False) as archive:
         names = archive["names"].tolist()
         return Table(names, [archive[f"c{i}"] for i in range(len(names))])

@@ -13,14 +13,15 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from service import native
 from service import spec as S
 
 _LAYERS: dict[str, type[nn.Module]] = {
@@ -51,7 +52,8 @@ _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "RMSprop": torch.optim.RMSprop,
     "Adagrad": torch.optim.Adagrad,
 }
-_EVAL_CHUNK = 65_536
+_EVAL_CHUNK = 8_192  # rows per evaluation forward pass: bounds activation memory
+_STATS_CHUNK = 65_536
 
 
 class TrainingCancelled(Exception):
@@ -137,7 +139,7 @@ def resolve_device(name: str) -> torch.device:
 def encode_targets(y: np.ndarray, task: S.Task, classes: list[Any] | None) -> torch.Tensor:
     """Raw label column(s) -> the tensor the loss expects."""
     if task == "regression":
-        return torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32).reshape(len(y), -1))
+        return torch.from_numpy(np.array(y, dtype=np.float32).reshape(len(y), -1))  # a copy: y may be read-only
     assert classes is not None
     lookup = np.asarray(classes)
     flat = y.reshape(-1)
@@ -157,11 +159,25 @@ def outputs_to_probabilities(outputs: torch.Tensor, task: S.Task) -> torch.Tenso
 
 
 @torch.inference_mode()
-def evaluate(net: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, task: S.Task) -> dict[str, float]:
-    """Loss and task metrics over a whole split, in eval mode, chunked to bound memory."""
+def evaluate(
+    net: nn.Module,
+    loss_fn: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    task: S.Task,
+    rows: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Loss and task metrics over a whole split (``rows`` of x and y, or all), in eval mode, chunked.
+
+    Rows are gathered a chunk at a time, so no copy of the split is ever made.
+    """
     was_training = net.training
     net.eval()
-    outputs = torch.cat([net(chunk) for chunk in torch.split(x, _EVAL_CHUNK)])
+    if rows is None:
+        outputs = torch.cat([net(chunk) for chunk in torch.split(x, _EVAL_CHUNK)])
+    else:
+        outputs = torch.cat([net(x.index_select(0, chunk)) for chunk in torch.split(rows, _EVAL_CHUNK)])
+        y = y.index_select(0, rows)
     net.train(was_training)
     metrics = {"loss": float(loss_fn(outputs, y))}
     if task == "classification":
@@ -190,6 +206,12 @@ _SCHEDULERS: dict[str, Any] = {
 # Scheduler state the constructor rebuilds from the spec; JSON would mangle it (MultiStepLR's Counter).
 _SCHEDULER_REBUILT = frozenset({"milestones"})
 CHECKPOINT_FORMAT = 1
+
+
+def warm_up() -> None:
+    """Pay torch's one-off costs before the first job rather than inside it: the first
+    optimizer a process builds imports torch._dynamo, a second or more on a small machine."""
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)])
 
 
 def build_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> Any:
@@ -251,9 +273,20 @@ def split_indices(n_rows: int, validation_split: float, seed: int) -> tuple[np.n
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def _standardization(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean = x.mean(axis=0, dtype=np.float64)
-    std = x.std(axis=0, dtype=np.float64)
+def _standardization(x: np.ndarray, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std (float64 math, as numpy's) of ``rows`` of x, a chunk of rows at a time: no copy of x."""
+    n = len(x) if rows is None else len(rows)
+
+    def chunks() -> Iterator[np.ndarray]:
+        for start in range(0, n, _STATS_CHUNK):
+            yield x[start : start + _STATS_CHUNK] if rows is None else x[rows[start : start + _STATS_CHUNK]]
+
+    mean = sum((c.sum(axis=0, dtype=np.float64) for c in chunks()), np.zeros(x.shape[1])) / n
+    square = np.zeros(x.shape[1])
+    for c in chunks():
+        deviation = c.astype(np.float64) - mean
+        square += (deviation * deviation).sum(axis=0)
+    std = np.sqrt(square / n)
     std[std == 0] = 1.0  # a constant column carries no signal; leave it centred, unscaled
     return mean.astype(np.float32), std.astype(np.float32)
 
@@ -447,28 +480,63 @@ class _Hooks:
             self.next_checkpoint = time.monotonic() + self.checkpoint_every_s
 
 
+class Steps(Protocol):
+    """Runs batches ``start`` to ``stop`` of an epoch, adding each step's loss to ``loss_sum``.
+
+    The epoch's rows are ``x[order]`` (or ``x`` itself when ``order`` is None), gathered a
+    batch at a time: the data is never copied per epoch.
+    """
+
+    name: str
+    chunk_steps: int  # steps per call: checkpoints and polls fall between calls
+
+    def run(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        order: torch.Tensor | None,
+        start: int,
+        stop: int,
+        loss_sum: torch.Tensor,
+    ) -> None: ...
+
+
 class EagerSteps:
     """The guide's step, one batch at a time: zero_grad, forward, loss, backward, (clip), step."""
 
     name = "eager"
     chunk_steps = 1  # a checkpoint may fall between any two steps
 
-    def __init__(self, spec: S.TrainSpec, net: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.net, self.loss_fn, self.optimizer = net, loss_fn, optimizer
+    def __init__(
+        self, spec: S.TrainSpec, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.batch_size, self.clip = spec.batch_size, spec.clip_grad_norm
-        self.params = [p for p in net.parameters() if p.requires_grad]
+        self.params = [p for p in model.parameters() if p.requires_grad]
         self.autocast = spec.autocast == "bf16"
 
-    def run(self, xe: torch.Tensor, ye: torch.Tensor, start: int, stop: int, loss_sum: torch.Tensor) -> None:
+    def run(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        order: torch.Tensor | None,
+        start: int,
+        stop: int,
+        loss_sum: torch.Tensor,
+    ) -> None:
         bs = self.batch_size
         for b in range(start, stop):
-            xb, yb = xe[b * bs : (b + 1) * bs], ye[b * bs : (b + 1) * bs]
+            if order is None:
+                xb, yb = x[b * bs : (b + 1) * bs], y[b * bs : (b + 1) * bs]
+            else:
+                rows = order[b * bs : (b + 1) * bs]
+                xb, yb = x.index_select(0, rows), y.index_select(0, rows)
             self.optimizer.zero_grad(set_to_none=True)
             if self.autocast:
                 with torch.autocast(xb.device.type, dtype=torch.bfloat16):
-                    loss = self.loss_fn(self.net(xb), yb)
+                    loss = self.loss_fn(self.model(xb), yb)
             else:
-                loss = self.loss_fn(self.net(xb), yb)
+                loss = self.loss_fn(self.model(xb), yb)
             loss.backward()
             if self.clip is not None:
                 nn.utils.clip_grad_norm_(self.params, self.clip)
@@ -502,40 +570,44 @@ def train(
     started = time.perf_counter()
     device = resolve_device(spec.device)
     train_rows, val_rows = split_indices(len(x), spec.validation_split, spec.seed)
-    x_train = x[train_rows] if len(val_rows) else x
+    has_val = len(val_rows) > 0
     if spec.standardize:
-        mean, std = _standardization(x_train)
+        mean, std = _standardization(x, train_rows if has_val else None)
     else:
         mean = np.zeros(x.shape[1], dtype=np.float32)
         std = np.ones(x.shape[1], dtype=np.float32)
-
-    def to_device(rows: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
-        xs = x if rows is None else x[rows]
-        ys = y if rows is None else y[rows]
-        features = torch.from_numpy(((xs - mean) / std).astype(np.float32, copy=False))
-        return features.to(device), encode_targets(ys, plan.task, plan.classes).to(device)
-
-    xt, yt = to_device(train_rows if len(val_rows) else None)
-    xv, yv = to_device(val_rows) if len(val_rows) else (None, None)
+    # One float32 copy of the table at most (none when the caller's matrix already is one), moved
+    # to the device once; the split is index vectors into it, and the scaler runs on each batch.
+    matrix = np.ascontiguousarray(x, dtype=np.float32)
+    features = (torch.from_numpy(matrix) if matrix.flags.writeable else torch.tensor(matrix)).to(device)
+    targets = encode_targets(y, plan.task, plan.classes).to(device)
+    train_index = torch.from_numpy(train_rows).to(device) if has_val else None
+    val_index = torch.from_numpy(val_rows).to(device) if has_val else None
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(spec.seed)
         model = TabularNet(spec.model, plan.in_features)
-        net = model.net.to(device)
+        model.scaler.mean.copy_(torch.from_numpy(mean))
+        model.scaler.std.copy_(torch.from_numpy(std))
+        model.to(device)
+        net = model.net
         loss_fn = build_loss(spec.loss)
         optimizer = build_optimizer(spec.optimizer, net.parameters())
         scheduler = build_scheduler(spec.scheduler, optimizer)
         run = _Run(spec, net, optimizer, scheduler, device, _fingerprint(spec, len(x), plan.in_features))
         if resume is not None:
             run.restore(resume)
-        steps, notes = choose_steps(spec, plan, net, loss_fn, optimizer, device)
+        steps, notes = choose_steps(spec, plan, model, loss_fn, optimizer, device)
         hooks = _Hooks(run, should_stop, check_every_s, should_preempt, on_checkpoint, checkpoint_every_s)
-        _loop(run, steps, loss_fn, xt, yt, xv, yv, plan.task, on_epoch, hooks)
+        data = _Data(features, targets, train_index, val_index)
+        _loop(run, steps, model, loss_fn, data, plan.task, on_epoch, hooks)
         if run.early is not None and run.early.best_weights is not None:
             net.load_state_dict(run.early.best_weights)
-        metrics = {f"train_{k}": v for k, v in evaluate(net, loss_fn, xt, yt, plan.task).items()}
-        if xv is not None and yv is not None:
-            metrics.update({f"val_{k}": v for k, v in evaluate(net, loss_fn, xv, yv, plan.task).items()})
+        train_metrics = evaluate(model, loss_fn, features, targets, plan.task, train_index)
+        metrics = {f"train_{k}": v for k, v in train_metrics.items()}
+        if val_index is not None:
+            val_metrics = evaluate(model, loss_fn, features, targets, plan.task, val_index)
+            metrics.update({f"val_{k}": v for k, v in val_metrics.items()})
 
     if not all(math.isfinite(v) for v in metrics.values()):
         raise FloatingPointError("the trained model's metrics are not finite; try a smaller learning rate")
@@ -546,9 +618,9 @@ def train(
         notes.append(f"early stopping: the saved weights are epoch {best_epoch}'s")
     if resume is not None:
         notes.append(f"resumed from a checkpoint after epoch {resume.epoch}, step {resume.meta['step']}")
-    model.scaler.mean.copy_(torch.from_numpy(mean))
-    model.scaler.std.copy_(torch.from_numpy(std))
-    model.net = net.cpu()
+    if spec.autocast is not None:
+        notes.append(f"autocast: forward and loss in {spec.autocast}")
+    model.cpu()
     model.eval()
     return TrainedModel(
         module=model,
@@ -568,45 +640,73 @@ def train(
 def choose_steps(
     spec: S.TrainSpec,
     plan: S.TrainingPlan,
-    net: nn.Module,
+    model: TabularNet,
     loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
-) -> tuple[EagerSteps, list[str]]:
+) -> tuple[Steps, list[str]]:
     """The fastest loop this spec can run on, and a note saying which one it is and why."""
-    return EagerSteps(spec, net, loss_fn, optimizer), ["training loop: eager PyTorch"]
+    reason = native.unsupported_reason(spec, plan.n_parameters, device)
+    if reason is None:
+        try:
+            started = time.perf_counter()
+            steps = native.NativeSteps(spec, plan.in_features, plan.task, model, optimizer)
+            how = "from the on-disk cache" if steps.cached else f"compiled in {time.perf_counter() - started:.2f} s"
+            return steps, [
+                f"training loop: native (the whole step as generated C, {steps.chunk_steps} steps per call; {how})"
+            ]
+        except native.NativeUnavailable as exc:
+            reason = str(exc)
+    return EagerSteps(spec, model, loss_fn, optimizer), [f"training loop: eager PyTorch ({reason})"]
+
+
+@dataclass(frozen=True)
+class _Data:
+    """The whole table on the training device, and the split as row indices into it."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    train_rows: torch.Tensor | None  # None: every row trains
+    val_rows: torch.Tensor | None
+
+    @property
+    def n_train(self) -> int:
+        return len(self.x) if self.train_rows is None else len(self.train_rows)
 
 
 def _loop(
     run: _Run,
-    steps: EagerSteps,
+    steps: Steps,
+    model: nn.Module,
     loss_fn: nn.Module,
-    xt: torch.Tensor,
-    yt: torch.Tensor,
-    xv: torch.Tensor | None,
-    yv: torch.Tensor | None,
+    data: _Data,
     task: S.Task,
     on_epoch: Callable[[EpochReport], None] | None,
     hooks: _Hooks,
 ) -> None:
     spec, net = run.spec, run.net
-    n = len(xt)
+    n = data.n_train
     # BatchNorm cannot normalise a batch of one: drop such a trailing batch.
     if any(isinstance(m, nn.BatchNorm1d) for m in net.modules()) and n % spec.batch_size == 1:
         n -= 1
     n_batches = -(-n // spec.batch_size)
     while run.epoch < spec.epochs and run.stopped_epoch is None:
         epoch = run.epoch + 1
-        net.train()
+        model.train()
         run.epoch_start_shuffle = run.generator.get_state()
+        x, y = data.x, data.y
+        order: torch.Tensor | None
         if spec.shuffle:
-            order = torch.randperm(len(xt), generator=run.generator)[:n].to(xt.device)
-            xe, ye = xt[order], yt[order]
+            order = torch.randperm(data.n_train, generator=run.generator)[:n].to(x.device)
+            if data.train_rows is not None:
+                order = data.train_rows[order]
+        elif data.train_rows is not None:
+            order = data.train_rows[:n]
         else:
-            xe, ye = xt[:n], yt[:n]
+            order, x, y = None, x[:n], y[:n]
         while run.step < n_batches:
             stop = min(n_batches, run.step + steps.chunk_steps)
-            steps.run(xe, ye, run.step, stop, run.loss_sum)
+            steps.run(x, y, order, run.step, stop, run.loss_sum)
             run.step = stop
             hooks.at_boundary()
         train_loss = float(run.loss_sum) / max(n_batches, 1)
@@ -615,8 +715,8 @@ def _loop(
                 f"the training loss became {train_loss} at epoch {epoch}; try a smaller learning rate"
             )
         report = EpochReport(epoch, train_loss)
-        if xv is not None and yv is not None:
-            val = evaluate(net, loss_fn, xv, yv, task)
+        if data.val_rows is not None:
+            val = evaluate(model, loss_fn, data.x, data.y, task, data.val_rows)
             report = EpochReport(epoch, train_loss, val.pop("loss"), val)
         run.history.append(report)
         run.epoch, run.step = epoch, 0

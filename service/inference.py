@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,10 @@ from service.errors import InvalidInput, NotFound, PayloadTooLarge
 from service.spec import TrainSpec
 from service.store import Store
 
+# A forward pass smaller than this many parameter-rows (about as many multiply-adds,
+# well under a millisecond) runs on the event loop: handing it to a thread would cost more.
+INLINE_WORK = 4_000_000
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -24,9 +30,22 @@ class Prediction:
     classes: list[Any] | None
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """A forward pass's answer as arrays: predictions (labels or values), probabilities for classifiers."""
+
+    predictions: np.ndarray
+    probabilities: np.ndarray | None
+
+    def rows(self, start: int, stop: int) -> Outcome:
+        probabilities = None if self.probabilities is None else self.probabilities[start:stop]
+        return Outcome(self.predictions[start:stop], probabilities)
+
+
 @dataclass
 class Predictor:
-    """A trained model ready to answer: eval mode, on the CPU, with its labels."""
+    """A trained model ready to answer: eval mode, on the CPU, with its labels. Everything
+    here is immutable once trained, so it can be cached for as long as the model exists."""
 
     model_id: str
     features: list[str]
@@ -34,6 +53,26 @@ class Predictor:
     task: str
     classes: list[Any] | None
     module: TabularNet
+    name: str | None = None
+    version: int | None = None
+    n_parameters: int = 0
+    _labels: np.ndarray | None = field(default=None, repr=False)
+    _steps: list[Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.classes is not None:
+            self._labels = np.asarray(self.classes)
+        if not self.n_parameters:
+            self.n_parameters = sum(p.numel() for p in self.module.parameters())
+        # The scaler and each layer's own forward, in order: the same computation as
+        # module(x) without nn.Module.__call__'s hook machinery, about a quarter of a
+        # one-row prediction's time for the guide's MLP. (No hooks are ever registered.)
+        self._steps = [self.module.scaler.forward, *(layer.forward for layer in self.module.net)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for step in self._steps:
+            x = step(x)
+        return x
 
     @classmethod
     def load(cls, store: Store, record: ModelRecord) -> Predictor:
@@ -41,50 +80,105 @@ class Predictor:
         module = TabularNet(TrainSpec.model_validate(record.spec).model, len(record.features))
         module.load_state_dict(tensors)
         module.eval()
-        return cls(record.id, record.features, record.targets, record.task, record.classes, module)
+        return cls(
+            record.id,
+            record.features,
+            record.targets,
+            record.task,
+            record.classes,
+            module,
+            name=record.name,
+            version=record.version,
+        )
 
-    def predict(self, x: np.ndarray) -> Prediction:
+    def runs_inline(self, n_rows: int) -> bool:
+        """Cheap enough to run on the event loop rather than in a thread."""
+        return n_rows * max(self.n_parameters, 1) <= INLINE_WORK
+
+    def infer(self, x: np.ndarray) -> Outcome:
+        """One forward pass over a float32 matrix, answered as arrays."""
         with torch.inference_mode():
-            outputs = self.module(torch.from_numpy(x))
+            outputs = self.forward(torch.from_numpy(x))
             if self.task == "regression":
                 values = outputs.numpy()
-                return Prediction(values[:, 0].tolist() if values.shape[1] == 1 else values.tolist(), None, None)
+                return Outcome(values[:, 0] if values.shape[1] == 1 else values, None)
             probabilities = outputs_to_probabilities(outputs, self.task)  # type: ignore[arg-type]
             index = probabilities.argmax(dim=1).numpy()
-        assert self.classes is not None
-        labels = np.asarray(self.classes)[index].tolist()
-        return Prediction(labels, probabilities.numpy().tolist(), self.classes)
+            assert self._labels is not None
+            return Outcome(self._labels[index], probabilities.numpy())
+
+    def predict(self, x: np.ndarray) -> Prediction:
+        outcome = self.infer(x)
+        probabilities = None if outcome.probabilities is None else outcome.probabilities.tolist()
+        return Prediction(outcome.predictions.tolist(), probabilities, self.classes)
 
 
 class ModelCache:
-    """Least-recently-used models in memory. Weights never change once written, so an
-    entry is valid until its model is deleted."""
+    """Least-recently-used models in memory, by id, so that a prediction for a cached model
+    touches no database and no file.
 
-    def __init__(self, store: Store, capacity: int) -> None:
-        self.store, self.capacity = store, capacity
-        self._entries: OrderedDict[str, Predictor] = OrderedDict()
+    Weights and metadata never change once written, so an entry only goes stale when its
+    model is deleted. A delete in this process evicts at once; one in another process
+    (a second API replica) is noticed by ``stale()`` answering True once an entry is
+    ``revalidate_s`` old, after which the caller checks the database and ``confirm()``s
+    or ``evict()``s: a deleted model keeps answering for at most that long elsewhere.
+    """
+
+    def __init__(self, store: Store, capacity: int, *, revalidate_s: float = 1.0) -> None:
+        self.store, self.capacity, self.revalidate_s = store, capacity, revalidate_s
+        self._entries: OrderedDict[str, tuple[Predictor, float]] = OrderedDict()
         self._lock = threading.Lock()
+        # Bumped by every evict: a load that started before a delete must not cache its result.
+        self._generation = 0
 
-    def get(self, record: ModelRecord) -> Predictor:
-        """The loaded model; NotFound if its weights were deleted since the row was read."""
+    def lookup(self, model_id: str) -> Predictor | None:
+        """The cached model if it is fresh; None if it must be loaded or re-checked."""
+        entry = self._entries.get(model_id)
+        if entry is None or time.monotonic() - entry[1] > self.revalidate_s:
+            return None
         with self._lock:
-            predictor = self._entries.get(record.id)
-            if predictor is not None:
-                self._entries.move_to_end(record.id)
-                return predictor
+            if model_id in self._entries:
+                self._entries.move_to_end(model_id)
+        return entry[0]
+
+    def cached(self, model_id: str) -> Predictor | None:
+        """The cached model, fresh or not (the caller has just checked that it exists)."""
+        entry = self._entries.get(model_id)
+        return None if entry is None else entry[0]
+
+    def confirm(self, model_id: str) -> None:
+        """The model was seen in the database just now: fresh for another revalidate_s."""
+        with self._lock:
+            entry = self._entries.get(model_id)
+            if entry is not None:
+                self._entries[model_id] = (entry[0], time.monotonic())
+
+    def generation(self) -> int:
+        return self._generation
+
+    def get(self, record: ModelRecord, *, generation: int | None = None) -> Predictor:
+        """The loaded model; NotFound if its weights were deleted since the row was read.
+        ``generation``: the cache's generation before ``record`` was read."""
+        predictor = self.cached(record.id)
+        if predictor is not None:
+            self.confirm(record.id)
+            return predictor
+        start = self._generation if generation is None else generation
         try:
             predictor = Predictor.load(self.store, record)  # outside the lock: loads may overlap
         except FileNotFoundError:
             raise NotFound(f"model {record.id!r} does not exist") from None
         with self._lock:
-            self._entries[record.id] = predictor
-            self._entries.move_to_end(record.id)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+            if self._generation == start:  # else a delete ran meanwhile: answer, but don't keep it
+                self._entries[record.id] = (predictor, time.monotonic())
+                self._entries.move_to_end(record.id)
+                while len(self._entries) > self.capacity:
+                    self._entries.popitem(last=False)
         return predictor
 
     def evict(self, model_id: str) -> None:
         with self._lock:
+            self._generation += 1
             self._entries.pop(model_id, None)
 
     def __len__(self) -> int:
@@ -141,14 +235,24 @@ def _objects_to_rows(rows: list[Any], features: list[str]) -> list[list[Any]]:
     return out
 
 
-def inputs_to_matrix(inputs: list[Any], features: list[str], *, max_rows: int) -> np.ndarray:
-    """Rows (lists, or objects keyed by feature name) -> float32 matrix, or an error naming the cell."""
+def inputs_to_matrix(
+    inputs: list[Any], features: list[str], *, max_rows: int, may_hold_booleans: bool = True
+) -> np.ndarray:
+    """Rows (lists, or objects keyed by feature name) -> float32 matrix, or an error naming the cell.
+
+    ``may_hold_booleans=False``: the caller saw no ``true``/``false`` in the raw JSON, so
+    the one check numpy cannot do (a boolean beside numbers reads as 0 or 1) is skipped.
+    """
     if not inputs:
         raise _bad("inputs is empty: send at least one row", [])
     if len(inputs) > max_rows:
         raise PayloadTooLarge(f"{len(inputs)} rows in one request, the limit is {max_rows}")
     rows = _objects_to_rows(inputs, features) if isinstance(inputs[0], dict) else inputs
     width = len(features)
+    if len(rows) <= _SMALL_ROWS:
+        matrix = _small_matrix(rows, width)
+        if matrix is not None:
+            return matrix
     try:
         matrix = np.array(rows)
     except ValueError:  # ragged
@@ -160,12 +264,37 @@ def inputs_to_matrix(inputs: list[Any], features: list[str], *, max_rows: int) -
             raise _explain(rows, width) from None
     if matrix.dtype.kind not in "iuf" or matrix.ndim != 2 or matrix.shape[1] != width:
         raise _explain(rows, width)
-    if any(type(value) is bool for row in rows for value in row):  # numpy reads True as 1 beside numbers
-        raise _explain(rows, width)
+    if may_hold_booleans and any(type(value) is bool for row in rows for value in row):
+        raise _explain(rows, width)  # numpy reads True as 1 beside numbers
     with np.errstate(over="ignore"):  # too large for float32 becomes inf, reported just below
         matrix = matrix.astype(np.float32)
-    bad = np.argwhere(~np.isfinite(matrix))
-    if len(bad):
-        i, j = (int(v) for v in bad[0])
-        raise _bad(f"row {i}, column {j}: {rows[i][j]} is not a finite number", [i, j])
-    return matrix
+    return check_finite(matrix, lambda i, j: rows[i][j])
+
+
+# A few rows are checked faster in Python than by the several numpy calls below (each
+# costs microseconds when the CPU caches are cold, as they are between requests).
+_SMALL_ROWS = 16
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _small_matrix(rows: list[Any], width: int) -> np.ndarray | None:
+    """The float32 matrix if every row is a list of ``width`` finite numbers that fit float32;
+    None otherwise (the general path then names the problem)."""
+    for row in rows:
+        if type(row) is not list or len(row) != width:
+            return None
+        for value in row:
+            kind = type(value)
+            # bool is not int here (type, not isinstance); NaN fails every comparison.
+            if (kind is not float and kind is not int) or not -_FLOAT32_MAX <= value <= _FLOAT32_MAX:
+                return None
+    return np.array(rows, dtype=np.float32)
+
+
+def check_finite(matrix: np.ndarray, original: Any = None) -> np.ndarray:
+    """The matrix, or an error naming its first NaN/infinite cell (``original(i, j)``: the value as sent)."""
+    if np.isfinite(matrix).all():
+        return matrix
+    i, j = (int(v) for v in np.argwhere(~np.isfinite(matrix))[0])
+    value = original(i, j) if original is not None else matrix[i, j]
+    raise _bad(f"row {i}, column {j}: {value} is not a finite number", [i, j])

@@ -381,6 +381,7 @@ class WorkerContext:
         store = open_store(settings)
         store.ensure()
         sessions = make_session_factory(make_engine(settings.resolved_database_url))
+        engine.warm_up()
         return cls(settings, sessions, store, worker_name(os.getpid()), queue, draining)
 
 
@@ -463,9 +464,9 @@ class _Attempt:
         self.lease = Lease(ctx.sessions, job.id, ctx.name, job.attempts, ctx.settings.lease_seconds)
         self.interval = ctx.settings.progress_interval_s
         self.last_write = 0.0
+        self.reports: list[engine.EpochReport] = []
         self.started = time.monotonic()  # moved back by the training time a checkpoint carries
         self.stop_reason: StopReason | None = None
-        self.reports: list[engine.EpochReport] = []
 
     def on_epoch(self, report: engine.EpochReport) -> None:
         self.reports.append(report)
@@ -516,6 +517,8 @@ class _Attempt:
             return None
         tensors, meta = stored
         checkpoint = engine.Checkpoint(int(meta["epoch"]), tensors, meta["engine"])
+        # The live curve (loss plots, event streams) goes on from the epochs already done.
+        self.reports = [engine.EpochReport(e, t, v, m) for e, t, v, m in checkpoint.meta.get("history", [])]
         self.started -= float(meta.get("trained_seconds", 0.0))  # the time limit spans attempts
         self.note(f"resumed from epoch {checkpoint.epoch} on attempt {self.lease.attempt}")
         return checkpoint
@@ -791,17 +794,17 @@ def _record_success(
     model_values: dict[str, Any],
     notes: list[str],
 ) -> int:
-    """Mark the job succeeded and add its model row in one transaction; 0 if it was cancelled
-    or this attempt's lease is gone (fenced: the job belongs to someone else then)."""
+    """Mark the job succeeded and add its model row in one transaction, fenced by the
+    lease; 0 if it was cancelled or this worker no longer owns it."""
     with ctx.sessions.begin() as session:
-        earlier = session.scalar(select(JobRecord.notes).where(JobRecord.id == attempt.job_id)) or []
+        previous_notes = session.scalar(select(JobRecord.notes).where(JobRecord.id == attempt.job_id)) or []
         # The job row is written first: on SQLite that takes the write lock, so the version
         # read below already sees every other worker's committed models.
         finished = rows_changed(
             session,
             update(JobRecord)
             .where(*attempt.lease.owned(), JobRecord.cancel_requested.is_(False))
-            .values(**job_values, notes=[*earlier, *notes], lease_expires_at=None),
+            .values(**job_values, notes=[*previous_notes, *notes], lease_expires_at=None),
         )
         if finished:
             name = model_values["name"]

@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session
 
 from service.db import DatasetRecord, ModelRecord, on_commit
 from service.errors import Conflict, NotFound
-from service.inference import ModelCache
+from service.inference import ModelCache, Predictor
 from service.store import Store
 
 
@@ -17,6 +17,43 @@ def get(*, session: Session, model_id: str) -> ModelRecord:
     if record is None:
         raise NotFound(f"model {model_id!r} does not exist")
     return record
+
+
+def find(*, session: Session, name: str, version: int | None = None) -> ModelRecord:
+    """A model by name: the given version, or the newest."""
+    query = select(ModelRecord).where(ModelRecord.name == name, ModelRecord.version.is_not(None))
+    if version is not None:
+        record = session.scalar(query.where(ModelRecord.version == version))
+        if record is None:
+            raise NotFound(f"model {name!r} has no version {version}")
+        return record
+    record = session.scalar(query.order_by(ModelRecord.version.desc()).limit(1))
+    if record is None:
+        raise NotFound(f"no model is named {name!r}")
+    return record
+
+
+def load_predictor(
+    *,
+    session: Session,
+    cache: ModelCache,
+    model_id: str | None = None,
+    name: str | None = None,
+    version: int | None = None,
+) -> Predictor:
+    """The loaded model, by id or by name (and version): from the cache once the database
+    has confirmed it still exists, else read, checked and cached."""
+    generation = cache.generation()
+    if model_id is None:
+        assert name is not None
+        record = find(session=session, name=name, version=version)
+    else:
+        try:
+            record = get(session=session, model_id=model_id)
+        except NotFound:
+            cache.evict(model_id)  # deleted by another process: forget it here too
+            raise
+    return cache.get(record, generation=generation)
 
 
 def list_all(*, session: Session, name: str | None = None, limit: int = 100, offset: int = 0) -> list[ModelRecord]:

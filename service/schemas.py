@@ -61,11 +61,14 @@ class Job(_Out):
     )
     heartbeat_at: UTCDateTime | None = Field(default=None, description="The worker's last lease renewal")
     checkpoint_epoch: int | None = Field(default=None, description="Epoch of the last checkpoint saved to resume from")
-    notes: list[str] = Field(default_factory=list, description="How it ran: re-queued, resumed, handed back, ...")
     created_at: UTCDateTime
     started_at: UTCDateTime | None
     finished_at: UTCDateTime | None
     spec: dict[str, Any]
+    notes: list[str] = Field(
+        default_factory=list,
+        description="How it ran: which training loop, re-queued, resumed, handed back, stopped early",
+    )
 
 
 class JobDetail(Job):
@@ -95,6 +98,7 @@ class Model(_Out):
     train_seconds: float
     created_at: UTCDateTime
     spec: dict[str, Any]
+    notes: list[str] = Field(default_factory=list, description="How it was trained: training loop, early stopping")
 
 
 _INPUTS_SCHEMA = {
@@ -108,16 +112,22 @@ _INPUTS_SCHEMA = {
 
 
 class PredictRequest(BaseModel):
+    """Name the model by ``model_id``, or by ``name`` (the newest version) and optionally ``version``."""
+
     model_config = ConfigDict(extra="forbid")
 
-    model_id: str
-    # Checked by inference.inputs_to_matrix with numpy: faster than per-element pydantic
+    model_id: str | None = None
+    name: str | None = None
+    version: int | None = Field(default=None, ge=1)
+    # Read by service.prediction_io, checked by inference.inputs_to_matrix with numpy: faster than per-element pydantic
     # validation, and its errors name the row and column.
     inputs: Annotated[list[Any], WithJsonSchema(_INPUTS_SCHEMA)]
 
 
 class PredictResponse(BaseModel):
     model_id: str
+    name: str | None = None
+    version: int | None = None
     predictions: list[Any]
     probabilities: list[list[float]] | None = None
     classes: list[Any] | None = Field(default=None, description="Labels of the probability columns")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import mmap
 import tracemalloc
 import warnings
 import zipfile
@@ -434,12 +435,33 @@ def test_write_table_then_read_table_round_trip(tmp_path):
     with open(path, "wb") as handle:
         write_table(table, handle)
 
+    for memory_map in (True, False):
+        loaded = read_table(path, memory_map=memory_map)
+        assert loaded.names == ["i", "f", "s"]
+        assert [c.dtype for c in loaded.columns] == [c.dtype for c in table.columns]
+        for original, restored in zip(table.columns, loaded.columns, strict=True):
+            np.testing.assert_array_equal(restored, original)
+        assert loaded.schema() == table.schema()
+        assert bool(loaded.mapped) == memory_map
+
+
+def test_stored_columns_are_memory_mapped_not_read(tmp_path):
+    n = 200_000
+    table = Table(["a", "b"], [np.arange(n, dtype=np.float64), np.arange(n, dtype=np.int64) % 7])
+    path = tmp_path / "big.npz"
+    with open(path, "wb") as handle:
+        write_table(table, handle)
     loaded = read_table(path)
-    assert loaded.names == ["i", "f", "s"]
-    assert [c.dtype for c in loaded.columns] == [c.dtype for c in table.columns]
-    for original, restored in zip(table.columns, loaded.columns, strict=True):
-        np.testing.assert_array_equal(restored, original)
-    assert loaded.schema() == table.schema()
+    column = loaded.column("a")
+    assert isinstance(column.base, memoryview)  # a view of the file's mapping, not a copy in memory
+    assert isinstance(column.base.obj, mmap.mmap)
+    assert not column.flags.writeable
+    assert column[123_456] == 123_456.0
+    np.testing.assert_array_equal(loaded.matrix(["a", "b"])[-1], [n - 1, (n - 1) % 7])
+    empty = Table(["z"], [np.array([], dtype=np.float64)])
+    with open(tmp_path / "empty.npz", "wb") as handle:
+        write_table(empty, handle)
+    assert read_table(tmp_path / "empty.npz").column("z").shape == (0,)
 
 
 def test_parsed_csv_survives_the_round_trip(tmp_path):

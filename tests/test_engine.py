@@ -8,15 +8,17 @@ from __future__ import annotations
 import json
 import math
 import typing
+import warnings
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
-from service import engine
+from service import engine, native
 from service import spec as S
 from service.data import Table
 from service.errors import InvalidInput, PayloadTooLarge
@@ -102,6 +104,8 @@ def save_and_load(tmp_path, spec: S.TrainSpec, plan: S.TrainingPlan, result: eng
         targets=plan.targets,
         task=plan.task,
         classes=plan.classes,
+        name=None,
+        version=None,
     )
     return Predictor.load(store, record)  # type: ignore[arg-type]
 
@@ -398,8 +402,316 @@ def test_checkpoints_come_no_more_often_than_asked():
     taken: list[engine.Checkpoint] = []
     fit(x, y, epochs=3, on_checkpoint=taken.append, checkpoint_every_s=3600.0)
     assert taken == []
-    fit(x, y, epochs=3, on_checkpoint=taken.append, checkpoint_every_s=0.0)
-    assert len(taken) == 3 * (7 + 1)  # after each of 7 batches an epoch, and at each epoch's end
+    fit(x, y, epochs=3, compile="off", on_checkpoint=taken.append, checkpoint_every_s=0.0)
+    assert len(taken) == 3 * (7 + 1)  # after each of 7 eager batches an epoch, and at each epoch's end
+
+
+# -- schedulers, early stopping, clipping, Dropout and BatchNorm ------------------------------------------
+
+
+def final_lr(x: np.ndarray, y: np.ndarray, **fields: Any) -> float:
+    taken: list[engine.Checkpoint] = []
+    fit(x, y, **fields, on_checkpoint=taken.append, checkpoint_every_s=0.0)
+    return float(taken[-1].meta["optimizer"]["param_groups"][0]["lr"])
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "expected"),
+    [
+        ({"type": "StepLR", "step_size": 2, "gamma": 0.5}, 0.1 * 0.5**3),  # after 6 epochs: 3 decays
+        ({"type": "MultiStepLR", "milestones": [1, 4], "gamma": 0.1}, 0.1 * 0.01),
+        ({"type": "ExponentialLR", "gamma": 0.9}, 0.1 * 0.9**6),
+        ({"type": "CosineAnnealingLR", "T_max": 6}, 0.0),
+        ({"type": "LinearLR", "start_factor": 0.5, "total_iters": 4}, 0.1),
+    ],
+)
+def test_schedulers_step_once_an_epoch_like_torch(scheduler, expected):
+    x, y = moons(64)
+    lr = final_lr(x, y, epochs=6, optimizer={"type": "SGD", "lr": 0.1}, scheduler=scheduler)
+    assert lr == pytest.approx(expected, abs=1e-12)
+
+
+def test_reduce_on_plateau_watches_the_training_loss_without_a_validation_split():
+    x, y = moons(64)
+    # lr 0 never improves the loss: every epoch past the patience halves the rate.
+    fields = {"optimizer": {"type": "SGD", "lr": 1e-30}, "epochs": 4}
+    scheduler = {"type": "ReduceLROnPlateau", "patience": 0, "factor": 0.5, "threshold": 0.5}
+    assert final_lr(x, y, **fields, scheduler=scheduler) == pytest.approx(1e-30 * 0.5**3)
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "loc"),
+    [
+        ({"type": "CyclicLR"}, ("scheduler",)),
+        ({"type": "StepLR"}, ("scheduler", "StepLR", "step_size")),
+        ({"type": "StepLR", "step_size": 0}, ("scheduler", "StepLR", "step_size")),
+        ({"type": "MultiStepLR", "milestones": [5, 2]}, ("scheduler", "MultiStepLR", "milestones")),
+        ({"type": "ReduceLROnPlateau", "factor": 1.5}, ("scheduler", "ReduceLROnPlateau", "factor")),
+        ({"type": "ExponentialLR", "gamma": 0.9, "verbose": True}, ("scheduler", "ExponentialLR", "verbose")),
+    ],
+)
+def test_bad_schedulers_are_refused_naming_the_field(scheduler, loc):
+    with pytest.raises(ValidationError) as info:
+        S.TrainSpec.model_validate({"model": [linear(2)], "loss": "MSELoss", "scheduler": scheduler})
+    assert info.value.errors()[0]["loc"] == loc
+
+
+def test_early_stopping_needs_a_validation_split():
+    x, y = moons()
+    spec = S.TrainSpec.model_validate({"model": CLASSIFIER, "loss": "CrossEntropyLoss", "early_stopping": {}})
+    with pytest.raises(InvalidInput) as info:
+        plan_for(spec, x, y)
+    assert info.value.errors[0]["loc"] == ["early_stopping"]
+    assert "validation_split" in info.value.detail
+
+
+def test_early_stopping_stops_on_a_plateau_and_keeps_the_best_weights():
+    x, y = moons()
+    fields: dict[str, Any] = {
+        "epochs": 200,
+        "optimizer": {"type": "Adam", "lr": 0.05},
+        "validation_split": 0.3,
+        "early_stopping": {"patience": 3, "min_delta": 0.001},
+    }
+    _, _, result = fit(x, y, **fields)
+    assert result.stopped_epoch is not None
+    assert result.best_epoch is not None
+    assert len(result.history) == result.stopped_epoch < 200
+    assert result.stopped_epoch - result.best_epoch >= 3
+    best = result.history[result.best_epoch - 1]
+    # No later epoch beat the best by min_delta; the best beat every earlier one.
+    assert all(r.val_loss > best.val_loss - 0.001 for r in result.history[result.best_epoch :])
+    assert all(r.val_loss > best.val_loss for r in result.history[: result.best_epoch - 1])
+    assert result.metrics["val_loss"] == pytest.approx(best.val_loss, rel=1e-6)  # the saved weights are the best's
+    assert any(f"best epoch {result.best_epoch}" in note for note in result.notes)
+
+    fields["early_stopping"] = {"patience": 3, "min_delta": 0.001, "restore_best_weights": False}
+    _, _, last = fit(x, y, **fields)
+    assert last.stopped_epoch == result.stopped_epoch
+    assert last.metrics["val_loss"] == pytest.approx(last.history[-1].val_loss, rel=1e-6)
+
+
+def test_clip_grad_norm_bounds_every_update():
+    x, y = wave(64)
+    fields: dict[str, Any] = {
+        "model": [linear(8), "Tanh", linear(1)],
+        "loss": "MSELoss",
+        "optimizer": {"type": "SGD", "lr": 1.0},
+        "epochs": 1,
+        "batch_size": 64,  # one step: the change in weights is lr * the clipped gradient
+        "standardize": False,
+    }
+    spec, plan, result = fit(x, y, **fields, clip_grad_norm=0.01)
+    with torch.random.fork_rng():
+        torch.manual_seed(spec.seed)
+        initial = engine.TabularNet(spec.model, plan.in_features).net.state_dict()
+    trained = result.module.net.state_dict()
+    change = torch.sqrt(sum(((trained[k] - initial[k]) ** 2).sum() for k in initial))
+    assert 0 < float(change) <= 0.01 * 1.0001
+    _, _, unclipped = fit(x, y, **fields)
+    free = unclipped.module.net.state_dict()
+    assert float(torch.sqrt(sum(((free[k] - initial[k]) ** 2).sum() for k in initial))) > 0.1
+
+
+def test_dropout_is_off_when_evaluating_and_predicting():
+    x, y = moons()
+    model = [linear(32), {"type": "Dropout", "p": 0.5}, "ReLU", linear(2)]
+    _, _, result = fit(x, y, model=model, epochs=20, validation_split=0.2)
+    assert result.metrics["train_accuracy"] > 0.9
+    assert torch.equal(predict_raw(result.module, x), predict_raw(result.module, x))
+    # A train-mode pass drops units: the answers differ from the saved model's.
+    result.module.train()
+    with torch.no_grad():
+        assert not torch.equal(result.module(torch.from_numpy(x)), predict_raw(result.module.eval(), x))
+
+
+def test_batchnorm_learns_running_statistics_and_predicts_single_rows():
+    x, y = moons()
+    model = [linear(16), {"type": "BatchNorm1d"}, "ReLU", linear(2)]
+    _, _, result = fit(x, y, model=model, epochs=10)
+    norm = result.module.net[1]
+    assert not torch.equal(norm.running_mean, torch.zeros(16))
+    assert int(norm.num_batches_tracked) == 10 * 7
+    batch = predict_raw(result.module, x)
+    one_by_one = torch.cat([predict_raw(result.module, x[i : i + 1]) for i in range(5)])
+    torch.testing.assert_close(one_by_one, batch[:5])
+    assert result.metrics["train_accuracy"] > 0.9
+
+
+def test_batchnorm_with_batch_size_one_is_refused_at_submit():
+    x, y = moons()
+    spec = S.TrainSpec.model_validate(
+        {"model": [linear(8), {"type": "BatchNorm1d"}, linear(2)], "loss": "CrossEntropyLoss", "batch_size": 1}
+    )
+    with pytest.raises(InvalidInput) as info:
+        plan_for(spec, x, y)
+    assert info.value.errors[0]["loc"] == ["batch_size"]
+    assert "BatchNorm1d" in info.value.detail
+
+
+# -- the native loop: generated C for the whole step ---------------------------------------------------
+
+NATIVE_OPTIMIZERS = [
+    "SGD",
+    {"type": "SGD", "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01},
+    {"type": "SGD", "momentum": 0.9, "nesterov": True},
+    "Adam",
+    {"type": "Adam", "amsgrad": True, "weight_decay": 0.01},
+    {"type": "AdamW", "amsgrad": True},
+    "RMSprop",
+    {"type": "RMSprop", "momentum": 0.5, "centered": True, "weight_decay": 0.1},
+    {"type": "Adagrad", "lr_decay": 0.01, "weight_decay": 0.1},
+]
+
+
+def native_and_eager(x: np.ndarray, y: np.ndarray, **fields: Any) -> tuple[engine.TrainedModel, engine.TrainedModel]:
+    _, _, fast = fit(x, y, **fields)
+    _, _, slow = fit(x, y, **fields, compile="off")
+    assert fast.loop == "native", fast.notes
+    assert slow.loop == "eager"
+    return fast, slow
+
+
+def assert_close_runs(fast: engine.TrainedModel, slow: engine.TrainedModel, tolerance: float = 1e-5) -> None:
+    a, b = fast.module.state_dict(), slow.module.state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=tolerance, atol=tolerance)
+    for r, s in zip(fast.history, slow.history, strict=True):
+        assert r.train_loss == pytest.approx(s.train_loss, rel=tolerance, abs=tolerance)
+
+
+@pytest.mark.parametrize("optimizer", NATIVE_OPTIMIZERS, ids=lambda o: o if isinstance(o, str) else str(o)[:60])
+def test_native_loop_matches_eager_torch_for_every_optimizer(optimizer):
+    x, y = moons(120)
+    fields = {"optimizer": optimizer, "epochs": 3, "batch_size": 8, "clip_grad_norm": 0.5}
+    assert_close_runs(*native_and_eager(x, y, **fields))
+
+
+@pytest.mark.parametrize("layer", [t for t in allowed_types(S.Layer) if t in native.ACTIVATIONS])
+def test_native_loop_matches_eager_torch_for_every_activation(layer):
+    x, y = moons(120)
+    extra = [{"type": "GELU", "approximate": "tanh"}] if layer == "GELU" else []
+    model = [linear(8), {"type": layer}, *extra, linear(8), {"type": layer}, linear(2)]
+    assert_close_runs(*native_and_eager(x, y, model=model, epochs=3, batch_size=4))
+
+
+@pytest.mark.parametrize("loss", [*allowed_types(S.Loss), "SmoothL1Loss-beta0", "CrossEntropyLoss-smoothed"])
+def test_native_loop_matches_eager_torch_for_every_loss(loss):
+    spec_loss: Any = {
+        "SmoothL1Loss-beta0": {"type": "SmoothL1Loss", "beta": 0.0},
+        "CrossEntropyLoss-smoothed": {"type": "CrossEntropyLoss", "label_smoothing": 0.1},
+    }.get(loss, loss)
+    task = S.task_of(S.TrainSpec.model_validate({"model": ["Tanh"], "loss": spec_loss}).loss)
+    if task == "regression":
+        x, y = wave(120)
+        y = np.column_stack([y, -2 * y])  # two targets
+        width = 2
+    else:
+        x, y = moons(120)
+        width = 2 if task == "classification" else 1
+    model = [linear(8), "Tanh", {"type": "Linear", "out_features": width, "bias": False}]
+    fields = {"model": model, "loss": spec_loss, "epochs": 3, "batch_size": 5}
+    if task == "regression":
+        fields["target"] = ["label", "label2"]
+        names = ["x0", "label", "label2"]
+        table = Table(names, [x[:, 0], y[:, 0], y[:, 1]])
+        spec = S.TrainSpec.model_validate({"optimizer": {"type": "Adam", "lr": 0.05}, "device": "cpu", **fields})
+        plan = S.plan_training(spec, table.schema(), LIMITS)
+        fast = engine.train(spec, plan, x, y)
+        slow = engine.train(spec.model_copy(update={"compile": "off"}), plan, x, y)
+        assert (fast.loop, slow.loop) == ("native", "eager")
+        assert_close_runs(fast, slow)
+    else:
+        assert_close_runs(*native_and_eager(x, y, **fields))
+
+
+def test_native_loop_resumes_bit_for_bit_between_calls(tmp_path, monkeypatch):
+    monkeypatch.setattr(native.NativeSteps, "chunk_steps", 7)  # several calls an epoch, so mid-epoch checkpoints
+    x, y = moons()
+    fields: dict[str, Any] = {
+        "optimizer": {"type": "Adam", "lr": 0.02},
+        "scheduler": {"type": "StepLR", "step_size": 1, "gamma": 0.7},
+        "validation_split": 0.2,
+        "epochs": 4,
+        "batch_size": 4,
+    }
+    taken: list[engine.Checkpoint] = []
+    _, _, whole = fit(x, y, **fields, on_checkpoint=taken.append, checkpoint_every_s=0.0)
+    assert whole.loop == "native"
+    mid_epoch = [c for c in taken if c.meta["step"] > 0 and c.epoch == 2]
+    assert mid_epoch
+    _, _, resumed = fit(x, y, **fields, resume=through_files(mid_epoch[1], tmp_path))
+    assert_same_run(whole, resumed)
+    # The checkpoint is torch's own optimizer state: the eager loop can pick it up too.
+    _, _, eager = fit(x, y, **fields, compile="off", resume=through_files(mid_epoch[1], tmp_path))
+    assert_close_runs(whole, eager)
+
+
+def test_notes_say_which_loop_ran_and_why():
+    x, y = moons()
+    _, _, fast = fit(x, y, epochs=1)
+    assert fast.loop == "native"
+    assert fast.notes[0].startswith("training loop: native")
+    _, _, off = fit(x, y, epochs=1, compile="off")
+    assert off.notes == ["training loop: eager PyTorch (compile is off in the spec)"]
+    _, _, dropout = fit(x, y, epochs=1, model=[linear(8), {"type": "Dropout"}, linear(2)])
+    assert dropout.notes == ["training loop: eager PyTorch (Dropout runs in eager PyTorch)"]
+
+
+def test_compiled_steps_are_cached_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRAINSERVE_NATIVE_CACHE_DIR", str(tmp_path / "cache"))
+    spec = S.TrainSpec.model_validate({"model": [linear(3), "Softplus", linear(2)], "loss": "CrossEntropyLoss"})
+    source, _ = native.generate(spec, 5, "classification")
+    source += f"// {new_id()}\n"  # a source no other test or process has compiled yet
+    _, cached = native.load(source)
+    assert not cached
+    assert len(list((tmp_path / "cache").glob("step-*.so"))) == 1
+    native._loaded.clear()  # as a new worker process would start
+    _, cached = native.load(source)
+    assert cached
+
+
+def test_an_unwritable_cache_falls_back_to_the_eager_loop(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("TRAINSERVE_NATIVE_CACHE_DIR", str(blocker / "cache"))
+    x, y = moons()
+    _, _, result = fit(x, y, epochs=1, model=[linear(5), "SiLU", linear(2)], batch_size=3)
+    assert result.loop == "eager"
+    assert "compiling the training step" in result.notes[0]
+
+
+# -- devices and precision -------------------------------------------------------------------------------
+
+
+def test_bf16_autocast_trains_in_the_eager_loop_and_says_so():
+    x, y = moons()
+    _, _, result = fit(x, y, autocast="bf16", epochs=20)
+    assert result.loop == "eager"
+    assert "autocast runs in eager PyTorch" in result.notes[0]
+    assert "autocast: forward and loss in bf16" in result.notes
+    assert result.metrics["train_accuracy"] > 0.9
+    assert all(p.dtype == torch.float32 for p in result.module.parameters())  # weights stay float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_keeps_the_data_on_the_device_and_never_syncs_per_step():
+    x, y = moons(512)
+    epochs, steps_per_epoch = 3, 512 // 8
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            _, _, result = fit(x, y, device="cuda", autocast="bf16", epochs=epochs, batch_size=8)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) <= epochs * 8 < epochs * steps_per_epoch  # a few per epoch (its loss), none per step
+    assert result.device.startswith("cuda")
+    assert result.loop == "eager"
+    assert result.metrics["train_accuracy"] > 0.9
+    assert all(t.device.type == "cpu" for t in result.module.state_dict().values())  # saved from the CPU
 
 
 # -- every allow-listed building block ----------------------------------------------------------------

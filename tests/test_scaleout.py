@@ -120,8 +120,9 @@ def test_a_worker_killed_mid_job_has_its_job_finished_by_the_other(
     pids = {cluster.add_worker(tmp_path / "gpu-box-1").pid, cluster.add_worker(tmp_path / "gpu-box-2").pid}
     with TrainserveClient(cluster.api.url, timeout=60) as ts:
         dataset = ts.upload_dataset(moons[0], "moons.csv")
-        # A few seconds of per-sample SGD: long enough to be killed mid-way.
-        job = ts.train(moons_spec(dataset.id, epochs=40, batch_size=1, optimizer="SGD", seed=3))
+        # A few seconds of per-sample SGD in the eager loop (the native loop would end the
+        # job before the kill): long enough to be killed mid-way.
+        job = ts.train(moons_spec(dataset.id, epochs=40, batch_size=1, optimizer="SGD", seed=3, compile="off"))
         deadline = time.monotonic() + 120
         while not ((running := ts.get_job(job.id)).status == "running" and (running.checkpoint_epoch or 0) >= 2):
             assert running.status in ("queued", "running"), running.error

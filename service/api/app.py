@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
@@ -18,10 +20,11 @@ from starlette.concurrency import run_in_threadpool
 import service
 from service.api import dashboard, errors, metrics
 from service.api.deps import require_api_key
-from service.api.routes import datasets, events, export, jobs, models, plots
+from service.api.routes import datasets, events, export, jobs, models, plots, predict
 from service.api.runtime import Runtime
 from service.config import Settings, get_settings
 from service.db import upgrade_to_head
+from service.schemas import PredictRequest
 from service.spec import TrainSpec
 
 log = logging.getLogger(__name__)
@@ -34,8 +37,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        torch.set_num_threads(settings.predict_threads)  # this process only predicts; see config
         await run_in_threadpool(upgrade_to_head, settings.resolved_database_url)
         runtime.store.ensure()
+        # Everything imported and built so far (torch alone is hundreds of thousands of
+        # objects) lives as long as the process: keep it out of the cyclic collector's
+        # full passes, which otherwise ran during large requests and made parsing a
+        # 65,536-row JSON body 9x slower (measured).
+        gc.freeze()
         yield
         runtime.engine.dispose()
         runtime.queue.close()
@@ -51,6 +60,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = runtime
     errors.install(app)
     protected = [Depends(require_api_key)]
+    # /predict first: routes are matched in order, and it is the one called most. It checks
+    # the API key itself (see routes/predict.py).
+    app.include_router(predict.router)
     for router in (datasets.router, jobs.router, events.router, models.router, plots.router, export.router):
         app.include_router(router, dependencies=protected)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -73,6 +85,8 @@ def _document_train_spec(app: FastAPI) -> None:
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(spec_schema.pop("$defs", {}))
             components["TrainSpec"] = spec_schema
+            # POST /predict also reads its body itself (JSON, .npy or CSV).
+            components["PredictRequest"] = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -13,7 +13,9 @@ from service.api.runtime import Runtime
 from service.errors import Unauthorized
 
 
-def get_runtime(request: Request) -> Runtime:
+# Async on purpose: FastAPI runs a plain ``def`` dependency in a thread, a hop that every
+# request (the /predict hot path included) would pay for two dictionary lookups.
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
@@ -39,8 +41,9 @@ def get_session(runtime: RuntimeDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def require_api_key(request: Request, runtime: RuntimeDep) -> None:
-    expected = runtime.settings.api_key
+async def require_api_key(request: Request) -> None:
+    # Also called directly by POST /predict, so it takes nothing FastAPI would have to inject.
+    expected = (await get_runtime(request)).settings.api_key
     if expected is None:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")

@@ -8,6 +8,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
+from service.batching import MicroBatcher
 from service.config import Settings
 from service.db import make_engine, make_session_factory
 from service.inference import ModelCache
@@ -23,6 +24,7 @@ class Runtime:
     store: Store
     queue: JobQueue
     models: ModelCache
+    batcher: MicroBatcher
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
@@ -34,7 +36,12 @@ class Runtime:
             sessions=make_session_factory(engine),
             store=store,
             queue=build_queue(settings),
-            models=ModelCache(store, settings.model_cache_size),
+            models=ModelCache(store, settings.model_cache_size, revalidate_s=settings.model_cache_revalidate_s),
+            batcher=MicroBatcher(
+                enabled=settings.predict_batching,
+                max_wait_s=settings.predict_batch_wait_ms / 1000,
+                max_rows=settings.predict_batch_max_rows,
+            ),
         )
 
     def check(self) -> dict[str, str]:

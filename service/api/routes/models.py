@@ -6,8 +6,7 @@ from fastapi.responses import FileResponse
 from service import registry
 from service.api.deps import RuntimeDep, SessionDep
 from service.errors import NotFound
-from service.inference import inputs_to_matrix
-from service.schemas import Model, PredictRequest, PredictResponse
+from service.schemas import Model
 from service.spec import MODEL_NAME_PATTERN
 
 router = APIRouter(tags=["models"])
@@ -53,18 +52,3 @@ def download_weights(model_id: str, session: SessionDep, runtime: RuntimeDep) ->
 @router.delete("/models/{model_id}", status_code=204)
 def delete_model(model_id: str, session: SessionDep, runtime: RuntimeDep) -> None:
     registry.delete(session=session, store=runtime.store, cache=runtime.models, model_id=model_id)
-
-
-@router.post("/predict", response_model=PredictResponse, tags=["predict"])
-def predict(body: PredictRequest, session: SessionDep, runtime: RuntimeDep) -> PredictResponse:
-    """Predict with a trained model; classifiers also return class probabilities."""
-    record = registry.get(session=session, model_id=body.model_id)
-    predictor = runtime.models.get(record)
-    x = inputs_to_matrix(body.inputs, predictor.features, max_rows=runtime.settings.max_predict_rows)
-    result = predictor.predict(x)
-    return PredictResponse(
-        model_id=record.id,
-        predictions=result.predictions,
-        probabilities=result.probabilities,
-        classes=result.classes,
-    )
