@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from service.cli_client import add_client_commands
-from service.config import get_settings
+from service.config import DEVICE_PATTERN, get_settings
 
 log = logging.getLogger("trainserve")
 
@@ -26,14 +26,14 @@ def _serve(args: argparse.Namespace) -> int:
     from service.db import make_engine, make_session_factory, upgrade_to_head
     from service.jobs import Rescuer, build_queue, expire_leases_of, requeue_queued, worker_name
     from service.orphans import sweep
-    from service.store import Store
+    from service.store import open_store
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # Migrate before any worker starts, so workers never see an old schema.
     upgrade_to_head(settings.resolved_database_url)
     sessions = make_session_factory(make_engine(settings.resolved_database_url))
-    sweep(sessions, Store(settings.resolved_store_dir), grace_seconds=settings.orphan_grace_seconds)
+    sweep(sessions, open_store(settings), grace_seconds=settings.orphan_grace_seconds)
     queue = build_queue(settings)
     # A job that was running when the service stopped keeps its lease until it runs out,
     # then the rescuer re-queues it: this process cannot know whether a worker on another
@@ -118,20 +118,33 @@ def _worker(args: argparse.Namespace) -> int:
     from service.db import make_engine, make_session_factory, upgrade_to_head
     from service.jobs import run_worker
     from service.orphans import sweep
-    from service.store import Store
+    from service.store import open_store
 
     settings = get_settings()
+    if args.device:
+        settings = settings.model_copy(update={"worker_device": args.device})
     upgrade_to_head(settings.resolved_database_url)
+    log.info(
+        "worker on queue %r, training specs with device 'auto' on %s",
+        settings.queue_name,
+        settings.worker_device or "the first visible GPU, else the CPU",
+    )
     if not args.exit_with_parent:  # a worker that `serve` started: serve has swept already
         engine = make_engine(settings.resolved_database_url)
         sweep(
             make_session_factory(engine),
-            Store(settings.resolved_store_dir),
+            open_store(settings),
             grace_seconds=settings.orphan_grace_seconds,
         )
         engine.dispose()
     run_worker(settings, exit_with_parent=args.exit_with_parent)
     return 0
+
+
+def _device(value: str) -> str:
+    if not DEVICE_PATTERN.match(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device: use cpu, cuda, cuda:N or mps")
+    return value
 
 
 def _migrate(_args: argparse.Namespace) -> int:
@@ -140,6 +153,24 @@ def _migrate(_args: argparse.Namespace) -> int:
     upgrade_to_head(get_settings().resolved_database_url)
     print("database is at the newest schema")
     return 0
+
+
+def _check(_args: argparse.Namespace) -> int:
+    from service.api.runtime import Runtime
+
+    try:
+        runtime = Runtime.from_settings(get_settings())
+    except Exception as exc:  # a queue on Postgres or SQLite connects as soon as it is built
+        print(f"error: {exc}")
+        return 1
+    try:
+        checks = runtime.check()
+    finally:
+        runtime.engine.dispose()
+        runtime.queue.close()
+    for name, result in checks.items():
+        print(f"{name}: {result}")
+    return 0 if all(result == "ok" for result in checks.values()) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,13 +186,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="worker processes to start beside the API (0: API only)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(run=_serve)
-    worker = commands.add_parser("worker", help="run a training worker only (SIGTERM/SIGINT: hand the job back, exit)")
+    worker = commands.add_parser(
+        "worker", help="run a training worker only, one per GPU (SIGTERM/SIGINT: hand the job back, exit)"
+    )
+    worker.add_argument(
+        "--device",
+        type=_device,
+        default=None,
+        help="where specs with device 'auto' train, e.g. cuda:1 (default: TRAINSERVE_WORKER_DEVICE, "
+        "else the first GPU that CUDA_VISIBLE_DEVICES leaves visible, else the CPU)",
+    )
     worker.add_argument(
         "--exit-with-parent", action="store_true", help="drain and exit when the process that started it dies"
     )
     worker.set_defaults(run=_worker)
     migrate = commands.add_parser("migrate", help="upgrade the database schema to the newest version")
     migrate.set_defaults(run=_migrate)
+    check = commands.add_parser(
+        "check", help="exit 0 when the database, queue and model store answer (a worker's health check)"
+    )
+    check.set_defaults(run=_check)
     add_client_commands(commands)
     return parser
 

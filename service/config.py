@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda|cuda:[0-9]+|mps)$")
 
 
 class Settings(BaseSettings):
@@ -14,9 +18,22 @@ class Settings(BaseSettings):
 
     # Everything the embedded default writes lives under one folder: the working directory.
     data_dir: Path = Path(".")
+    # SQLite by default; ``postgresql+psycopg://...`` for a database shared by many nodes.
     database_url: str = ""
+    # SQLite file by default; ``redis://...`` or ``postgresql://...`` for a shared queue.
     queue_url: str = ""
+    # Several deployments (or test runs) can share one Redis or Postgres under distinct names.
+    queue_name: str = Field(default="trainserve", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_]+$")
     store_dir: Path | None = None
+    # An fsspec URL (``s3://bucket/prefix``) for a model store shared by machines that do not
+    # share a folder; ``store_dir`` then only holds this node's verified local copies.
+    store_url: str = ""
+    # For S3-compatible stores (MinIO, Ceph, R2, ...): their endpoint instead of AWS's.
+    store_endpoint_url: str | None = None
+    # Any other fsspec storage options, as JSON (e.g. ``{"anon": false, "key": ...}``).
+    store_options: dict[str, Any] = Field(default_factory=dict)
+    # Set by ``trainserve worker --device``: where specs with device "auto" train on this worker.
+    worker_device: str | None = None
 
     api_key: str | None = None
 
@@ -86,6 +103,13 @@ class Settings(BaseSettings):
     @property
     def resolved_queue_url(self) -> str:
         return self.queue_url or f"sqlite:///{(self.data_dir / 'trainserve-queue.db').resolve()}"
+
+    @field_validator("worker_device")
+    @classmethod
+    def _known_device(cls, value: str | None) -> str | None:
+        if value is not None and not DEVICE_PATTERN.match(value):
+            raise ValueError("worker device must be cpu, cuda, cuda:N or mps")
+        return value or None
 
     @property
     def resolved_store_dir(self) -> Path:

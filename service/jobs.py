@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
-from huey import Huey, SqliteHuey
+from huey import Huey, PostgresHuey, RedisHuey, SqliteHuey
 from huey.consumer import Consumer
 from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -46,7 +46,7 @@ from service.db import (
 )
 from service.errors import Conflict, InvalidInput, NotFound, TrainserveError
 from service.spec import Limits, TrainingPlan, TrainSpec, plan_training
-from service.store import Store, new_id
+from service.store import Store, new_id, open_store
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +78,36 @@ class JobQueue:
     def enqueue(self, job_id: str) -> None:
         self.train_task(job_id)
 
+    def close(self) -> None:
+        """Close the queue's connection (SQLite and Postgres keep one open; Redis pools)."""
+        close = getattr(self.huey.storage, "close", None)
+        if close is not None:
+            close()
 
-def _huey_for(url: str) -> Huey:
+
+def huey_for(url: str, name: str) -> Huey:
+    """The Huey instance a queue URL names: a SQLite file (embedded), Redis or Postgres (shared)."""
     parsed = urlparse(url)
-    if parsed.scheme == "sqlite":
-        return SqliteHuey("trainserve", filename=parsed.path, results=False, utc=True)
-    raise ValueError(f"unsupported queue URL scheme {parsed.scheme!r} (expected sqlite:///path)")
+    scheme = parsed.scheme.split("+")[0]
+    if scheme == "sqlite":
+        return SqliteHuey(name, filename=parsed.path, results=False, utc=True)
+    if scheme in ("redis", "rediss", "unix"):
+        # Blocking pops (BRPOP): an idle worker wakes the moment a job is pushed.
+        return RedisHuey(name, url=url, results=False, utc=True, blocking=True, read_timeout=1)
+    if scheme in ("postgresql", "postgres"):
+        # psycopg takes libpq's URL, without SQLAlchemy's "+driver" part. Workers LISTEN for
+        # new jobs and take one with SELECT ... FOR UPDATE SKIP LOCKED: each entry goes to one worker.
+        dsn = parsed._replace(scheme="postgresql").geturl()
+        return PostgresHuey(name, dsn=dsn, results=False, utc=True, blocking=True, read_timeout=1)
+    raise ValueError(
+        f"unsupported queue URL scheme {parsed.scheme!r} (expected sqlite:///path, redis://host or postgresql://host/db)"
+    )
 
 
 def build_queue(settings: Settings, *, draining: threading.Event | None = None) -> JobQueue:
     """The queue; ``draining``, set when the worker process is asked to stop, makes a running
     job hand itself back to the queue (see ``run_worker``)."""
-    huey = _huey_for(settings.resolved_queue_url)
+    huey = huey_for(settings.resolved_queue_url, settings.queue_name)
     context: dict[str, WorkerContext] = {}
 
     @huey.task(name="trainserve.train")  # type: ignore[untyped-decorator]
@@ -368,7 +386,7 @@ class WorkerContext:
 
     @classmethod
     def from_settings(cls, settings: Settings, queue: JobQueue, draining: threading.Event) -> WorkerContext:
-        store = Store(settings.resolved_store_dir)
+        store = open_store(settings)
         store.ensure()
         sessions = make_session_factory(make_engine(settings.resolved_database_url))
         engine.warm_up()
@@ -566,6 +584,15 @@ def _targets(table: Table, plan: TrainingPlan) -> np.ndarray:
     return table.column(plan.targets[0])
 
 
+def on_this_worker(spec: TrainSpec, settings: Settings) -> TrainSpec:
+    """The spec to train here: "auto" means the device this worker was started for
+    (``trainserve worker --device cuda:1``), if any; otherwise the engine's choice, which
+    honours ``CUDA_VISIBLE_DEVICES``. The job and the model keep the spec as sent."""
+    if spec.device == "auto" and settings.worker_device:
+        return spec.model_copy(update={"device": settings.worker_device})
+    return spec
+
+
 def _claim(ctx: WorkerContext, job_id: str) -> tuple[JobRecord, DatasetRecord | None] | None:
     """queued -> running for this worker, one more attempt, a fresh lease; None if not queued."""
     now = utcnow()
@@ -651,6 +678,7 @@ def _train(
     ctx: WorkerContext, attempt: _Attempt, spec: TrainSpec, plan: TrainingPlan, x: np.ndarray, y: np.ndarray
 ) -> engine.TrainedModel:
     """Train, resuming from the job's checkpoint when an earlier attempt left one."""
+    spec = on_this_worker(spec, ctx.settings)
     resume = attempt.resume_point()
     options: dict[str, Any] = {
         "on_epoch": attempt.on_epoch,

@@ -16,7 +16,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
+from urllib.parse import urlparse
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,6 +26,9 @@ from safetensors.torch import save as save_safetensors
 
 from service.data import Table, read_table, write_table
 from service.errors import TrainserveError
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 _CHUNK = 1024 * 1024
@@ -143,8 +147,22 @@ class Store:
             raise IntegrityError(f"weights of model {model_id} do not match their recorded sha256")
         return load_safetensors(payload)
 
+    def weights_file(self, model_id: str, expected_sha256: str) -> Path:
+        """A local file of the weights to send as they are; FileNotFoundError once deleted."""
+        path = self.weights_path(model_id)
+        if not path.exists():
+            raise FileNotFoundError(path)
+        return path
+
     def delete_weights(self, model_id: str) -> None:
         self.weights_path(model_id).unlink(missing_ok=True)
+
+    # -- health ---------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raise if the store cannot be reached (for readiness checks)."""
+        if not self.weights.is_dir():
+            raise FileNotFoundError(f"store folder {self.weights} is missing")
 
     # -- training checkpoints -------------------------------------------------------------
 
@@ -220,3 +238,18 @@ def _modified_before(path: Path, cutoff: float) -> bool:
         return path.stat().st_mtime < cutoff
     except FileNotFoundError:  # removed meanwhile
         return False
+
+
+def open_store(settings: Settings) -> Store:
+    """The store the settings name: a local (or shared, mounted) folder by default, or an
+    fsspec URL (``s3://bucket/prefix``) with ``store_dir`` holding this node's copies."""
+    scheme = urlparse(settings.store_url).scheme
+    if scheme in ("", "file"):
+        local = urlparse(settings.store_url).path if settings.store_url else None
+        return Store(Path(local).resolve() if local else settings.resolved_store_dir)
+    from service.object_store import ObjectStore  # fsspec is the [s3] extra: imported only when asked for
+
+    options = dict(settings.store_options)
+    if settings.store_endpoint_url:
+        options["endpoint_url"] = settings.store_endpoint_url
+    return ObjectStore(settings.store_url, settings.resolved_store_dir, options)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 
 from service.client import TrainserveClient
 from service.examples import MOONS_MLP_LAYERS, make_moons, to_csv
+from tests.backends import postgres_database, queue_url_for, unique_name
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -92,11 +94,23 @@ def stop_server(server: Server) -> None:
             server.process.wait()
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("server"))
-    yield running
-    stop_server(running)
+# The end-to-end tests run twice: on the embedded default (SQLite database and queue) and
+# on the scale-out backends (a fresh PostgreSQL database, which also holds the Huey queue).
+# `-k sqlite` or `-k postgres` picks one while iterating.
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with ExitStack() as resources:
+        env: dict[str, str] = {}
+        if request.param == "postgres":
+            database_url = resources.enter_context(postgres_database())
+            env = {
+                "TRAINSERVE_DATABASE_URL": database_url,
+                "TRAINSERVE_QUEUE_URL": queue_url_for(database_url),
+                "TRAINSERVE_QUEUE_NAME": unique_name("trainserve_test"),
+            }
+        running = start_server(tmp_path_factory.mktemp(f"server-{request.param}"), env=env)
+        yield running
+        stop_server(running)
 
 
 @pytest.fixture

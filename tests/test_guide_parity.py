@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench.guide import accuracy, train_moons
 from service.client import TrainserveClient
 from service.examples import MOONS_MLP_LAYERS, make_moons, to_csv
 from tests.conftest import Server
 
 
+# A minute of CPU training that checks the engine, not the database: the embedded backend suffices.
+@pytest.mark.parametrize("server", ["sqlite"], indirect=True)
 def test_api_classifies_moons_at_least_as_well_as_the_guides_loop(client: TrainserveClient, server: Server) -> None:
     x, y = make_moons(200, noise=0.05, seed=0)
     guide_model, _ = train_moons(x, y, epochs=300)

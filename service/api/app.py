@@ -15,7 +15,6 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 import service
@@ -48,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.freeze()
         yield
         runtime.engine.dispose()
+        runtime.queue.close()
 
     app = FastAPI(
         title="trainserve",
@@ -166,18 +166,6 @@ def _add_health(app: FastAPI, runtime: Runtime) -> None:
     @app.get("/readyz", tags=["health"], responses={503: {"description": "Something the service needs is down"}})
     def readyz() -> JSONResponse:
         """The database, the model store and the queue answer."""
-        checks: dict[str, str] = {}
-        try:
-            with runtime.engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
-            checks["database"] = "ok"
-        except Exception as exc:
-            checks["database"] = f"error: {exc}"
-        checks["store"] = "ok" if runtime.store.weights.is_dir() else "error: store folder missing"
-        try:
-            runtime.queue.huey.pending_count()
-            checks["queue"] = "ok"
-        except Exception as exc:
-            checks["queue"] = f"error: {exc}"
+        checks = runtime.check()
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
@@ -12,7 +13,7 @@ from service.config import Settings
 from service.db import make_engine, make_session_factory
 from service.inference import ModelCache
 from service.jobs import JobQueue, build_queue
-from service.store import Store
+from service.store import Store, open_store
 
 
 @dataclass
@@ -28,7 +29,7 @@ class Runtime:
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
         engine = make_engine(settings.resolved_database_url)
-        store = Store(settings.resolved_store_dir)
+        store = open_store(settings)
         return cls(
             settings=settings,
             engine=engine,
@@ -42,3 +43,24 @@ class Runtime:
                 max_rows=settings.predict_batch_max_rows,
             ),
         )
+
+    def check(self) -> dict[str, str]:
+        """Whether the database, the model store and the queue answer: "ok" or the error, each."""
+        checks: dict[str, str] = {}
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = f"error: {exc}"
+        try:
+            self.store.check()
+            checks["store"] = "ok"
+        except Exception as exc:
+            checks["store"] = f"error: {exc}"
+        try:
+            self.queue.huey.pending_count()
+            checks["queue"] = "ok"
+        except Exception as exc:
+            checks["queue"] = f"error: {exc}"
+        return checks

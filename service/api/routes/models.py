@@ -37,10 +37,12 @@ def get_model(model_id: str, session: SessionDep) -> Model:
 def download_weights(model_id: str, session: SessionDep, runtime: RuntimeDep) -> FileResponse:
     """The trained weights as safetensors (no pickle); the scaler's mean/std are inside."""
     record = registry.get(session=session, model_id=model_id)
-    if not runtime.store.weights_path(record.id).exists():  # deleted by a concurrent request
-        raise NotFound(f"model {model_id!r} does not exist")
+    try:
+        path = runtime.store.weights_file(record.id, record.weights_sha256)
+    except FileNotFoundError:  # deleted by a concurrent request
+        raise NotFound(f"model {model_id!r} does not exist") from None
     return FileResponse(
-        runtime.store.weights_path(record.id),
+        path,
         media_type="application/octet-stream",
         filename=f"{record.id}.safetensors",
         headers={"X-Content-SHA256": record.weights_sha256},

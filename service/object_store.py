@@ -1,0 +1,146 @@
+"""The model store on an object store (S3 or S3-compatible, or any fsspec filesystem), for
+nodes that share no folder.
+
+The layout under the URL is the local store's: ``datasets/<id>.npz`` and
+``weights/<id>.safetensors``. An object store shows an object whole or not at all (S3's
+PutObject, or CompleteMultipartUpload for a large file), so no reader ever sees a partial
+file. Whatever is stored is immutable once written and named by a server-generated id, so
+each node keeps local copies, checked against their sha256, under its own folder and never
+has to invalidate them: a deleted object is deleted from the copies of the node that
+deletes it, and any other node's copy is unreachable because its database row is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from fsspec.core import url_to_fs
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from service.data import Table, write_table
+from service.store import IntegrityError, Store, sha256_file
+
+
+class ObjectStore(Store):
+    """A ``Store`` whose files live at an fsspec URL; ``cache_root`` holds this node's copies."""
+
+    def __init__(self, url: str, cache_root: Path, options: dict[str, Any]) -> None:
+        super().__init__(cache_root)
+        self.url = url
+        self.fs, root = url_to_fs(url, **options)
+        self.remote_root = root.rstrip("/")
+
+    def _remote(self, local: Path) -> str:
+        """Where a file of the local layout (``datasets/<id>.npz``...) lives remotely."""
+        return f"{self.remote_root}/{local.parent.name}/{local.name}"
+
+    @property
+    def _marker(self) -> str:
+        # Object stores have no folders: an empty prefix cannot be told from a missing one,
+        # so the store marks its root with a small object that readiness checks look for.
+        return f"{self.remote_root}/trainserve-store"
+
+    def ensure(self) -> None:
+        super().ensure()
+        if not self.fs.exists(self._marker):
+            self.fs.pipe_file(self._marker, b"a trainserve model store: datasets/ and weights/, named by id\n")
+
+    def check(self) -> None:
+        self.fs.invalidate_cache(self.remote_root)  # ask the server, not fsspec's listing cache
+        self.fs.info(self._marker)
+
+    def _fetch(self, path: Path, expected_sha256: str) -> Path:
+        """This node's copy of a stored file, downloaded and checked on first use."""
+        if path.exists():
+            return path
+        with self.temp_path(path.suffix) as tmp:
+            self.fs.get_file(self._remote(path), str(tmp))
+            if sha256_file(tmp) != expected_sha256:
+                raise IntegrityError(f"{path.parent.name} {path.stem} in the store does not match its recorded sha256")
+            os.replace(tmp, path)
+        return path
+
+    def _remove(self, path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._remote(path))
+        path.unlink(missing_ok=True)
+
+    # -- datasets -------------------------------------------------------------------------
+
+    def save_dataset(self, dataset_id: str, table: Table) -> str:
+        path = self.dataset_path(dataset_id)
+        with self.temp_path(".npz") as tmp:
+            with open(tmp, "wb") as handle:
+                write_table(table, handle)
+            file_sha256 = sha256_file(tmp)
+            self.fs.put_file(str(tmp), self._remote(path))
+            os.replace(tmp, path)  # the uploading node keeps its copy: its workers may be local
+        return file_sha256
+
+    def load_dataset(self, dataset_id: str, expected_sha256: str) -> Table:
+        self._fetch(self.dataset_path(dataset_id), expected_sha256)
+        return super().load_dataset(dataset_id, expected_sha256)
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self._remove(self.dataset_path(dataset_id))
+
+    # -- weights --------------------------------------------------------------------------
+
+    def save_weights(
+        self, model_id: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+    ) -> tuple[str, int]:
+        payload = save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata)
+        self.fs.pipe_file(self._remote(self.weights_path(model_id)), payload)
+        return hashlib.sha256(payload).hexdigest(), len(payload)
+
+    def load_weights(self, model_id: str, expected_sha256: str) -> dict[str, torch.Tensor]:
+        payload: bytes = self.fs.cat_file(self._remote(self.weights_path(model_id)))
+        if hashlib.sha256(payload).hexdigest() != expected_sha256:
+            raise IntegrityError(f"weights of model {model_id} do not match their recorded sha256")
+        tensors: dict[str, torch.Tensor] = load_safetensors(payload)
+        return tensors
+
+    def weights_file(self, model_id: str, expected_sha256: str) -> Path:
+        return self._fetch(self.weights_path(model_id), expected_sha256)
+
+    def delete_weights(self, model_id: str) -> None:
+        self._remove(self.weights_path(model_id))
+
+    # -- training checkpoints -------------------------------------------------------------
+    # Unlike datasets and weights, a job's checkpoint is replaced as training goes on, and a
+    # re-queued job may resume on another machine: the store's copy is the one that counts.
+
+    def save_checkpoint(
+        self,
+        job_id: str,
+        tensors: dict[str, torch.Tensor],
+        meta: dict[str, Any],
+        *,
+        publish_if: Callable[[], bool] = lambda: True,
+    ) -> bool:
+        if not super().save_checkpoint(job_id, tensors, meta, publish_if=publish_if):
+            return False
+        path = self.checkpoint_path(job_id)
+        self.fs.put_file(str(path), self._remote(path))
+        return True
+
+    def load_checkpoint(self, job_id: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        path = self.checkpoint_path(job_id)
+        with self.temp_path(".ckpt") as tmp:
+            try:
+                self.fs.get_file(self._remote(path), str(tmp))
+            except FileNotFoundError:
+                path.unlink(missing_ok=True)  # a copy from an earlier attempt here is stale
+                return None
+            os.replace(tmp, path)
+        return super().load_checkpoint(job_id)
+
+    def delete_checkpoint(self, job_id: str) -> None:
+        self._remove(self.checkpoint_path(job_id))

@@ -1,0 +1,114 @@
+"""docker-compose.yml agrees with what the code accepts (Docker does not run here: parsing is
+the check): commands parse with the CLI's own parser, ports and health checks match them,
+every TRAINSERVE_* variable is a setting, is documented, and its value validates."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from service.cli import build_parser
+from service.config import Settings
+from tests.conftest import REPO
+
+COMPOSE = REPO / "docker-compose.yml"
+_DEFAULTED = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+def interpolated(value: str) -> str:
+    """What Compose puts in place of ``${VAR:-default}`` with VAR unset."""
+    return _DEFAULTED.sub(lambda m: m.group(2) or "", value)
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, Any]:
+    document = yaml.safe_load(COMPOSE.read_text())
+    assert set(document["volumes"]) >= {"models", "postgres-data", "redis-data"}
+    found: dict[str, Any] = document["services"]
+    return found
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    return {key: interpolated(str(value)) for key, value in service.get("environment", {}).items()}
+
+
+def test_services_and_health_checks(services: dict[str, Any]) -> None:
+    assert set(services) == {"api", "worker", "postgres", "redis"}
+    for name, service in services.items():
+        assert service["healthcheck"]["test"][0] == "CMD", name
+        for dependency, condition in service.get("depends_on", {}).items():
+            assert dependency in services, name
+            assert condition["condition"] == "service_healthy"
+            assert "healthcheck" in services[dependency]
+
+
+def test_api_command_port_and_health_check_agree(services: dict[str, Any]) -> None:
+    api = services["api"]
+    assert api["command"][0] == "trainserve"
+    args = build_parser().parse_args(api["command"][1:])
+    assert args.command == "serve"
+    assert args.workers == 0  # training belongs to the worker service
+    assert args.host == "0.0.0.0"  # reachable from outside its container
+    published, container = api["ports"][0].split(":")
+    assert int(container) == args.port
+    assert int(published) > 0
+    assert f"127.0.0.1:{args.port}/readyz" in " ".join(api["healthcheck"]["test"])
+
+
+def test_worker_command_and_gpu_reservation(services: dict[str, Any]) -> None:
+    worker = services["worker"]
+    args = build_parser().parse_args(worker["command"][1:])
+    assert args.command == "worker"
+    health = build_parser().parse_args(worker["healthcheck"]["test"][2:])
+    assert health.command == "check"
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia"
+    assert "gpu" in device["capabilities"]
+    assert worker["image"] == services["api"]["image"]
+
+
+def test_variables_are_settings_documented_and_valid(services: dict[str, Any]) -> None:
+    fields = {f"TRAINSERVE_{name.upper()}": name for name in Settings.model_fields}
+    readme = (REPO / "README.md").read_text()
+    for name in ("api", "worker"):
+        env = environment(services[name])
+        unknown = {key for key in env if key.startswith("TRAINSERVE_")} - set(fields)
+        assert not unknown, f"{name}: not settings: {unknown}"
+        undocumented = {key for key in env if f"`{key}`" not in readme}
+        assert not undocumented, f"{name}: not in README: {undocumented}"
+        settings = Settings(**{fields[key]: value or None for key, value in env.items()})  # validates every value
+        # The shared services are reached by their service names, with the right schemes.
+        database, queue = urlparse(settings.resolved_database_url), urlparse(settings.resolved_queue_url)
+        assert (database.scheme, database.hostname) == ("postgresql+psycopg", "postgres")
+        assert (queue.scheme, queue.hostname) == ("redis", "redis")
+        assert database.path.lstrip("/") == services["postgres"]["environment"]["POSTGRES_DB"]
+        # Every node sees the same model store: the shared volume, mounted where the setting points.
+        mounts = dict(volume.split(":", 1) for volume in services[name]["volumes"])
+        assert mounts["models"] == str(settings.store_dir)
+    assert (
+        environment(services["api"])["TRAINSERVE_DATABASE_URL"]
+        == environment(services["worker"])["TRAINSERVE_DATABASE_URL"]
+    )
+
+
+def test_image_installs_the_extras_the_services_use() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "-c constraints.txt" in dockerfile
+    assert re.search(r"\.\[(?=[^\]]*redis)(?=[^\]]*postgres)[^\]]*\]", dockerfile)
+    for path in ("service", "migrations"):
+        assert f"COPY {path} ./{path}" in dockerfile
+        assert Path(REPO / path).is_dir()
+
+
+def test_every_variable_the_readme_names_is_read_by_the_code() -> None:
+    named = set(re.findall(r"TRAINSERVE_[A-Z0-9_]*[A-Z0-9]", (REPO / "README.md").read_text()))
+    fields = {f"TRAINSERVE_{name.upper()}" for name in Settings.model_fields}
+    # Besides the service's settings, the command-line client reads a few variables of its own.
+    code = "".join(path.read_text() for path in (REPO / "service").rglob("*.py"))
+    read_directly = {name for name in named if f'"{name}"' in code}
+    assert named - fields - read_directly == set()

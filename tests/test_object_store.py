@@ -1,0 +1,170 @@
+"""The model store on an S3-compatible server (moto's, over HTTP on loopback: the one
+boundary emulated here), used directly and by two API nodes that share no folder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import s3fs
+import torch
+from botocore.exceptions import EndpointConnectionError
+
+from service.client import ApiError, TrainserveClient
+from service.config import Settings
+from service.data import Table
+from service.object_store import ObjectStore
+from service.store import IntegrityError, Store, new_id, open_store
+from tests.backends import S3Server, s3_server, unique_name
+from tests.conftest import free_port, moons_spec, start_server, stop_server
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    with s3_server(free_port(), tmp_path_factory.mktemp("moto") / "moto.log") as server:
+        yield server
+
+
+@pytest.fixture
+def bucket(s3: S3Server) -> str:
+    name = unique_name("trainserve").replace("_", "-")
+    filesystem(s3).mkdir(name)
+    return name
+
+
+def filesystem(s3: S3Server) -> s3fs.S3FileSystem:
+    """An independent client of the server, to look at (and tamper with) what was stored."""
+    return s3fs.S3FileSystem(
+        key=S3Server.env["AWS_ACCESS_KEY_ID"],
+        secret=S3Server.env["AWS_SECRET_ACCESS_KEY"],
+        endpoint_url=s3.endpoint_url,
+        skip_instance_cache=True,
+    )
+
+
+def object_store(s3: S3Server, bucket: str, cache: Path) -> Store:
+    settings = Settings(
+        store_url=f"s3://{bucket}/models",
+        store_endpoint_url=s3.endpoint_url,
+        store_options={"key": "testing", "secret": "testing"},
+        store_dir=cache,
+    )
+    store = open_store(settings)
+    store.ensure()
+    return store
+
+
+def test_settings_pick_a_local_folder_or_an_object_store(s3: S3Server, bucket: str, tmp_path: Path) -> None:
+    assert type(open_store(Settings(store_dir=tmp_path / "a"))) is Store
+    local = open_store(Settings(store_url=f"file://{tmp_path / 'b'}"))
+    assert type(local) is Store
+    assert local.root == tmp_path / "b"
+    assert isinstance(object_store(s3, bucket, tmp_path / "cache"), ObjectStore)
+
+
+def test_weights_and_datasets_round_trip_and_are_checked(s3: S3Server, bucket: str, tmp_path: Path) -> None:
+    writer = object_store(s3, bucket, tmp_path / "node-a")
+    reader = object_store(s3, bucket, tmp_path / "node-b")  # another machine: its own cache
+    model_id, dataset_id = new_id(), new_id()
+    tensors = {"net.0.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    sha, size = writer.save_weights(model_id, tensors, {"trainserve_model_id": model_id})
+    table = Table(["x", "y"], [np.arange(5, dtype=np.float64), np.arange(5, dtype=np.int64)])
+    table_sha = writer.save_dataset(dataset_id, table)
+
+    remote = filesystem(s3)
+    assert remote.size(f"{bucket}/models/weights/{model_id}.safetensors") == size
+    assert remote.exists(f"{bucket}/models/datasets/{dataset_id}.npz")
+    assert torch.equal(reader.load_weights(model_id, sha)["net.0.weight"], tensors["net.0.weight"])
+    loaded = reader.load_dataset(dataset_id, table_sha)
+    assert loaded.names == ["x", "y"]
+    assert np.array_equal(loaded.columns[1], table.columns[1])
+    download = reader.weights_file(model_id, sha)
+    assert download.is_relative_to(tmp_path / "node-b")  # a verified local copy for FileResponse
+    assert os.path.getsize(download) == size
+    assert list(writer.tmp.iterdir()) == []  # nothing staged is left behind
+
+    # A changed object is refused, not served.
+    remote.pipe_file(f"{bucket}/models/weights/{model_id}.safetensors", b"tampered")
+    with pytest.raises(IntegrityError):
+        reader.load_weights(model_id, sha)
+    with pytest.raises(IntegrityError):
+        object_store(s3, bucket, tmp_path / "node-c").weights_file(model_id, sha)
+
+    # A checkpoint is replaced as training goes on; any node resumes from the latest one.
+    job_id = new_id()
+    for epoch in (1, 2):
+        assert writer.save_checkpoint(job_id, {"w": torch.full((2,), float(epoch))}, {"epoch": epoch})
+        tensors, meta = reader.load_checkpoint(job_id) or ({}, {})
+        assert meta == {"epoch": epoch}
+        assert torch.equal(tensors["w"], torch.full((2,), float(epoch)))
+    assert not writer.save_checkpoint(job_id, {"w": torch.zeros(2)}, {"epoch": 3}, publish_if=lambda: False)
+    assert (reader.load_checkpoint(job_id) or ({}, {}))[1] == {"epoch": 2}
+    writer.delete_checkpoint(job_id)
+    assert reader.load_checkpoint(job_id) is None
+    assert not remote.exists(f"{bucket}/models/checkpoints/{job_id}.safetensors")
+
+    reader.delete_weights(model_id)
+    reader.delete_dataset(dataset_id)
+    assert not remote.exists(f"{bucket}/models/weights/{model_id}.safetensors")
+    assert not download.exists()
+    with pytest.raises(FileNotFoundError):
+        writer.load_weights(model_id, sha)
+
+
+def test_unreachable_store_fails_its_check(tmp_path: Path) -> None:
+    dead = Settings(
+        store_url="s3://nowhere/models",
+        store_endpoint_url=f"http://127.0.0.1:{free_port()}",
+        store_options={"key": "testing", "secret": "testing", "config_kwargs": {"retries": {"max_attempts": 1}}},
+        store_dir=tmp_path,
+    )
+    with pytest.raises(EndpointConnectionError):
+        open_store(dead).check()
+
+
+def test_two_api_nodes_share_models_through_s3(
+    s3: S3Server, bucket: str, tmp_path: Path, moons: tuple[bytes, int]
+) -> None:
+    """Node A trains; node B, with no folder in common with A, serves and deletes A's model."""
+    shared = {
+        **S3Server.env,
+        "TRAINSERVE_STORE_URL": f"s3://{bucket}/store",
+        "TRAINSERVE_STORE_ENDPOINT_URL": s3.endpoint_url,
+        "TRAINSERVE_DATABASE_URL": f"sqlite:///{tmp_path / 'shared.db'}",
+        "TRAINSERVE_QUEUE_URL": f"sqlite:///{tmp_path / 'shared-queue.db'}",
+    }
+    node_a = start_server(tmp_path / "a", workers=1, env=shared)
+    node_b = start_server(tmp_path / "b", workers=0, env=shared)
+    try:
+        with TrainserveClient(node_a.url, timeout=60) as a, TrainserveClient(node_b.url, timeout=60) as b:
+            dataset = a.upload_dataset(moons[0], "moons.csv")
+            job = a.wait(a.train(moons_spec(dataset.id, epochs=5)).id, timeout=120)
+            assert job.status == "succeeded", job.error
+            model_id = job.model_id or ""
+            remote = filesystem(s3)
+            assert remote.exists(f"{bucket}/store/weights/{model_id}.safetensors")
+            assert not (node_b.store_dir / "weights" / f"{model_id}.safetensors").exists()
+
+            inputs = [[0.0, 1.0], [1.0, -0.5]]
+            assert b.predict(model_id, inputs).predictions == a.predict(model_id, inputs).predictions
+            weights = b.download_weights(model_id)
+            assert weights == remote.cat_file(f"{bucket}/store/weights/{model_id}.safetensors")
+            assert b.http.get("/readyz").json()["checks"]["store"] == "ok"
+
+            b.delete_model(model_id)
+            assert not remote.exists(f"{bucket}/store/weights/{model_id}.safetensors")
+            # Every node sees the row gone. (A node's /predict answers a model it has cached
+            # without asking the database, so it is the model's metadata that is checked here.)
+            for node in (a, b):
+                with pytest.raises(ApiError) as gone:
+                    node.get_model(model_id)
+                assert gone.value.status_code == 404
+            with pytest.raises(ApiError) as gone:
+                b.predict(model_id, inputs)
+            assert gone.value.status_code == 404
+    finally:
+        stop_server(node_b)
+        stop_server(node_a)
