@@ -148,6 +148,8 @@ def run_worker(settings: Settings, *, exit_with_parent: bool = False) -> None:
     """
     if settings.worker_nice:
         os.nice(settings.worker_nice)
+    if settings.train_threads is not None:
+        torch.set_num_threads(settings.train_threads)
     draining = threading.Event()
     queue = build_queue(settings, draining=draining)
     consumer = _DrainingConsumer(

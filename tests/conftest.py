@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -36,6 +36,7 @@ class Server:
     data_dir: Path
     process: subprocess.Popen[bytes]
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)  # the TRAINSERVE_* overrides it runs with
 
     @property
     def store_dir(self) -> Path:
@@ -56,6 +57,7 @@ def start_server(data_dir: Path, *, workers: int = 1, env: dict[str, str] | None
         **os.environ,
         "TRAINSERVE_DATA_DIR": str(data_dir),
         "TRAINSERVE_PROGRESS_INTERVAL_S": "0.2",
+        "TRAINSERVE_TRAIN_THREADS": "1",  # small models; and CI machines are shared
         **(env or {}),
     }
     command = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)]
@@ -69,7 +71,7 @@ def start_server(data_dir: Path, *, workers: int = 1, env: dict[str, str] | None
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    server = Server(f"http://127.0.0.1:{port}", data_dir, process, log_path)
+    server = Server(f"http://127.0.0.1:{port}", data_dir, process, log_path, dict(env or {}))
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if process.poll() is not None:

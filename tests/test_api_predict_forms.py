@@ -289,8 +289,10 @@ def second_api(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iter
     """Another API process on the same database and store, batching off, re-checking its
     cache every 0.2 s: a scaled-out replica."""
     env = {
+        # The first server's database and queue: SQLite files in its folder, or its Postgres.
         "TRAINSERVE_DATABASE_URL": f"sqlite:///{server.data_dir / 'trainserve.db'}",
         "TRAINSERVE_QUEUE_URL": f"sqlite:///{server.data_dir / 'trainserve-queue.db'}",
+        **server.env,
         "TRAINSERVE_STORE_DIR": str(server.store_dir),
         "TRAINSERVE_PREDICT_BATCHING": "false",
         "TRAINSERVE_MODEL_CACHE_REVALIDATE_S": "0.2",
