@@ -109,8 +109,12 @@ def test_two_workers_run_twenty_jobs_each_exactly_once(
     assert stored == sorted(model.id for model in models)  # no weights of a second run left behind
     by_worker = Counter(job.worker.rsplit(":", 1)[1] for job in jobs if job.worker)
     assert set(by_worker) == {str(first.pid), str(second.pid)}, by_worker  # both took jobs
-    # the duplicate entries were seen and skipped, not run
-    skipped = sum(log.read_text().count("is not queued any more") for log in cluster.logs)
+    # The duplicate entries are seen and skipped, not run. The workers may still be taking
+    # the last of them off the queue after every job has ended: wait for them.
+    deadline = time.monotonic() + 60
+    while (skipped := sum(log.read_text().count("is not queued any more") for log in cluster.logs)) < JOBS:
+        assert time.monotonic() < deadline, f"only {skipped} of {JOBS} duplicate entries were skipped"
+        time.sleep(0.2)
     assert skipped == JOBS
 
 
