@@ -142,3 +142,17 @@ def moons_spec(dataset_id: str | None = None, **overrides: object) -> dict[str, 
         spec["dataset_id"] = dataset_id
     spec.update(overrides)
     return spec
+
+
+def assert_spec_refused(
+    client: TrainserveClient, dataset_id: str, change: dict[str, object], loc: list[object]
+) -> None:
+    """``POST /train`` with the moons spec changed by ``change`` is a 422 whose first error
+    is at ``loc``, and creates no job."""
+    before = len(client.list_jobs())
+    response = client.http.post("/train", json={**moons_spec(dataset_id), **change})
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["errors"][0]["loc"][: len(loc)] == loc
+    assert body["detail"]
+    assert len(client.list_jobs()) == before

@@ -11,7 +11,7 @@ from safetensors.numpy import load as load_safetensors
 
 from service.client import TrainserveClient
 from service.store import sha256_file
-from tests.conftest import Server, moons_spec
+from tests.conftest import Server, assert_spec_refused, moons_spec
 
 
 @pytest.fixture(scope="module")
@@ -181,13 +181,7 @@ BAD_SPECS = [
 def test_bad_spec_is_rejected_at_submit_and_creates_no_job(
     client: TrainserveClient, dataset_id: str, change: dict[str, object], loc: list[object]
 ) -> None:
-    before = len(client.list_jobs())
-    response = client.http.post("/train", json={**moons_spec(dataset_id), **change})
-    assert response.status_code == 422, response.text
-    body = response.json()
-    assert body["errors"][0]["loc"][: len(loc)] == loc
-    assert body["detail"]
-    assert len(client.list_jobs()) == before
+    assert_spec_refused(client, dataset_id, change, loc)
 
 
 def test_missing_dataset_is_422_or_404_and_creates_no_job(client: TrainserveClient) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from bench.guide import accuracy, train_moons
 from service.client import TrainserveClient
-from service.examples import MOONS_MLP_LAYERS, make_moons, to_csv
+from service.examples import guide_moons_spec, make_moons, to_csv
 from tests.conftest import Server
 
 
@@ -17,19 +17,9 @@ def test_api_classifies_moons_at_least_as_well_as_the_guides_loop(client: Trains
     guide_model, _ = train_moons(x, y, epochs=300)
     guide_accuracy = accuracy(guide_model, x, y)
 
-    spec = {
-        "target": "label",
-        "model": MOONS_MLP_LAYERS,
-        "loss": "CrossEntropyLoss",
-        "optimizer": {"type": "SGD", "lr": 0.001},
-        "epochs": 300,
-        "batch_size": 1,
-        # The guide's algorithm exactly: raw inputs, per-sample SGD in the DataLoader's fixed order,
-        # and torch.manual_seed(0) before the layers are built, as bench/guide.py does.
-        "standardize": False,
-        "shuffle": False,
-        "seed": 0,
-    }
+    # The guide's algorithm exactly: raw inputs, per-sample SGD in the DataLoader's fixed order,
+    # and torch.manual_seed(0) before the layers are built, as bench/guide.py does.
+    spec = {**guide_moons_spec(), "shuffle": False}
     job = client.wait(client.train(spec, file=to_csv(x, y).encode(), filename="moons.csv").id)
     assert job.status == "succeeded", job.error
     model = client.get_model(job.model_id or "")
