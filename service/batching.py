@@ -9,8 +9,12 @@ Runs on the API's event loop. A request that joins a batch waits until one of:
 - ``max_wait_s`` has passed since the batch opened (the bound on the added latency).
 
 The forward pass then runs once over the concatenated rows and each request gets its own
-slice of the answer. Only models cheap enough to run on the event loop are batched
-(``Predictor.runs_inline``); others go to a thread, one request per pass.
+slice of the answer. That pass is the row-wise generated one (``Predictor.infer_rowwise``),
+which computes every row on its own: a request's answer is the one it gets alone, to the
+last bit, whoever it shared the pass with (torch's matrix kernels round differently with
+the number of rows). So only models with a row-wise pass are batched, and only those
+cheap enough to run on the event loop (``Predictor.runs_inline``); others run one request
+per pass.
 """
 
 from __future__ import annotations
@@ -53,7 +57,12 @@ class MicroBatcher:
                 self._run_soon(batch)
 
     def accepts(self, predictor: Predictor, n_rows: int) -> bool:
-        return self.enabled and n_rows < self.max_rows and predictor.runs_inline(self.max_rows)
+        return (
+            self.enabled
+            and n_rows < self.max_rows
+            and predictor.takes_rowwise(n_rows)
+            and predictor.runs_inline(self.max_rows)
+        )
 
     async def infer(self, predictor: Predictor, x: np.ndarray) -> tuple[Outcome, int]:
         """This request's answer, and the number of rows in the forward pass that produced it.
@@ -107,7 +116,7 @@ class MicroBatcher:
         self.passes += 1
         self.requests += len(parts)
         try:
-            outcome = batch.predictor.infer(x)
+            outcome = batch.predictor.infer_rowwise(x)
         except Exception as exc:
             for _, future in parts:
                 if not future.done():

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from types import FrameType
 
 from service.cli_client import add_client_commands
 from service.config import DEVICE_PATTERN, get_settings
@@ -55,8 +56,18 @@ def _serve(args: argparse.Namespace) -> int:
     # die right there, before its workers hand their jobs back.
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, lambda signum, _frame: log.info("received %s", signal.Signals(signum).name))
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # The workers start handing their jobs back now, while uvicorn answers the
+            # requests in flight: a job must not run on to its end during a slow upload.
+            if supervisor is not None:
+                supervisor.begin_drain()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+        Server(config).run()
     finally:
         if supervisor is not None:
             supervisor.stop()
@@ -99,12 +110,18 @@ class _WorkerSupervisor:
                         log.exception("could not end the leases of worker %s", child.pid)
                     self.children[i] = self._spawn()
 
-    def stop(self) -> None:
-        """Ask every worker to hand its running job back (SIGTERM drains), then wait."""
+    def begin_drain(self) -> None:
+        """Ask every worker to hand its running job back (SIGTERM drains); do not wait."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
         for child in self.children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        """Drain the workers (see ``begin_drain``) and wait for them, killing any that overstay."""
+        self.begin_drain()
         deadline = time.monotonic() + self.drain_timeout
         for child in self.children:
             try:

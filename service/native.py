@@ -13,6 +13,11 @@ checkpoint taken between two calls resumes bit for bit.
 The generated code mirrors torch's formulas (including each optimizer's update and state
 layout) in float32, so it is the same algorithm; sums run in another order than torch's
 kernels, so results match eager training to rounding, not bit for bit.
+
+The same machinery writes the serving side's row-wise forward pass (:class:`RowwiseForward`):
+each row computed on its own, in a fixed order, so a row's answer never depends on which
+other rows share the call, which is what lets the API micro-batch concurrent requests
+without their answers changing (torch's matrix kernels round differently for 1 row and 2).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -452,10 +458,10 @@ def _compile(compiler: str, source: str, folder: Path, library: Path) -> None:
                 check=False,
             )
             if done.returncode != 0:
-                raise NativeUnavailable(f"compiling the training step failed: {done.stderr.strip()[:500]}")
+                raise NativeUnavailable(f"compiling generated code failed: {done.stderr.strip()[:500]}")
             os.replace(so_file, library)  # atomic: a concurrent worker sees all of it or none
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise NativeUnavailable(f"compiling the training step in {folder} failed: {exc}") from None
+        raise NativeUnavailable(f"compiling generated code in {folder} failed: {exc}") from None
 
 
 def load(source: str) -> tuple[ctypes.CDLL, bool]:
@@ -473,26 +479,26 @@ def load(source: str) -> tuple[ctypes.CDLL, bool]:
         try:
             lib = ctypes.CDLL(str(library))
         except OSError as exc:
-            raise NativeUnavailable(f"loading the compiled training step failed: {exc}") from None
-        lib = ctypes.CDLL(str(library))
-        lib.train_steps.restype = None
-        lib.train_steps.argtypes = [
-            ctypes.POINTER(ctypes.c_void_p),
-            ctypes.POINTER(ctypes.c_void_p),
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_long,
-            ctypes.c_long,
-            ctypes.c_long,
-            ctypes.c_double,
-            ctypes.c_void_p,
-            ctypes.POINTER(ctypes.c_int),
-        ]
+            raise NativeUnavailable(f"loading the compiled code failed: {exc}") from None
         _loaded[key] = lib
         return lib, cached
+
+
+_TRAIN_STEPS_ARGS: list[Any] = [
+    ctypes.POINTER(ctypes.c_void_p),
+    ctypes.POINTER(ctypes.c_void_p),
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_long,
+    ctypes.c_long,
+    ctypes.c_long,
+    ctypes.c_double,
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_int),
+]
 
 
 # -- the steps object the engine's loop drives --------------------------------------------------------
@@ -524,6 +530,8 @@ class NativeSteps:
     def __init__(self, spec: S.TrainSpec, in_features: int, task: S.Task, model: nn.Module, optimizer: Any) -> None:
         source, slots = generate(spec, in_features, task)
         self.library, self.cached = load(source)
+        self.library.train_steps.restype = None
+        self.library.train_steps.argtypes = _TRAIN_STEPS_ARGS
         self.optimizer = optimizer
         scaler = model.get_submodule("scaler")
         self.mean, self.std = scaler.get_buffer("mean"), scaler.get_buffer("std")
@@ -567,3 +575,96 @@ class NativeSteps:
             )
         # torch's schedulers warn unless optimizer.step() ran; the generated code did its work.
         self.optimizer._opt_called = True
+
+
+# -- serving: the trained module's forward pass, one row at a time -----------------------------------
+
+# Layers a trained module computes the same way for every row; Dropout is the identity in eval mode.
+_ROWWISE_LAYERS = ACTIVATIONS | {"Linear", "Dropout"}
+
+
+def rowwise_unsupported_reason(layers: list[Any]) -> str | None:
+    for layer in layers:
+        if layer.type not in _ROWWISE_LAYERS:
+            return f"{layer.type} is served by PyTorch"
+    return None
+
+
+def generate_forward(layers: list[Any], in_features: int, task: str) -> str:
+    """C for ``forward_rows``: standardise each row, run the layers, write probabilities
+    (classifiers) or outputs (regression). Linear weights come transposed, so that a
+    layer's outputs accumulate side by side (vectorised) while each output still sums its
+    inputs in one fixed order."""
+    widths, lines = [in_features], [_PRELUDE]
+    for layer in layers:
+        widths.append(layer.out_features if isinstance(layer, S.Linear) else widths[-1])
+    emit = lines.append
+    emit("void forward_rows(float **P_, const float *X, const float *mean, const float *sd, long n, float *out) {")
+    emit(f"  float bufs[2][{max(widths)}];")
+    emit("  for (long r = 0; r < n; r++) {")
+    emit("    float *h = bufs[0], *g = bufs[1], *t;")
+    emit(f"    const float *x = X + r * {in_features};")
+    emit(f"    for (int i = 0; i < {in_features}; i++) h[i] = (x[i] - mean[i]) / sd[i];")
+    n_params = 0
+    for k, layer in enumerate(layers):
+        i_w, o_w = widths[k], widths[k + 1]
+        if isinstance(layer, S.Linear):
+            w = f"P_[{n_params}]"
+            bias = f"P_[{n_params + 1}][o]" if layer.bias else "0.0f"
+            n_params += 2 if layer.bias else 1
+            emit(f"    for (int o = 0; o < {o_w}; o++) g[o] = {bias};")
+            emit(f"    for (int i = 0; i < {i_w}; i++) {{")
+            emit(f"      const float v = h[i], *wr = {w} + i * {o_w};")
+            emit(f"      for (int o = 0; o < {o_w}; o++) g[o] += wr[o] * v;")
+            emit("    }")
+            emit("    t = h; h = g; g = t;")
+        elif layer.type not in ("Identity", "Dropout"):
+            forward, _ = _activation(layer, "v", "", "")
+            emit(f"    for (int j = 0; j < {o_w}; j++) {{ float v = h[j]; h[j] = {forward}; }}")
+    width = widths[-1]
+    if task == "binary":  # as outputs_to_probabilities: sigmoid of the one logit, [1 - p, p]
+        emit("    { float p = 1.0f / (1.0f + expf(-h[0])); out[r * 2] = 1.0f - p; out[r * 2 + 1] = p; }")
+    elif task == "classification":  # softmax over the logits
+        emit(f"    float top = h[0]; for (int j = 1; j < {width}; j++) if (h[j] > top) top = h[j];")
+        emit(f"    float total = 0.0f; for (int j = 0; j < {width}; j++) {{ h[j] = expf(h[j] - top); total += h[j]; }}")
+        emit(f"    for (int j = 0; j < {width}; j++) out[r * {width} + j] = h[j] / total;")
+    else:
+        emit(f"    for (int j = 0; j < {width}; j++) out[r * {width} + j] = h[j];")
+    emit("  }")
+    emit("}")
+    return "\n".join(lines) + "\n"
+
+
+class RowwiseForward:
+    """A trained module's forward pass, probabilities included, as one compiled call over
+    any number of rows; each row's answer is the same whatever rows share the call."""
+
+    def __init__(self, module: nn.Module, layers: list[Any], in_features: int, task: str) -> None:
+        reason = rowwise_unsupported_reason(layers)
+        if reason is not None:
+            raise NativeUnavailable(reason)
+        self.library, _ = load(generate_forward(layers, in_features, task))
+        self.library.forward_rows.restype = None
+        pointer, count = ctypes.c_void_p, ctypes.c_long
+        self.library.forward_rows.argtypes = [ctypes.POINTER(pointer), pointer, pointer, pointer, count, pointer]
+        scaler = module.get_submodule("scaler")
+        self._scale = [scaler.get_buffer(name).detach().float().contiguous().numpy() for name in ("mean", "std")]
+        arrays = []
+        for layer in module.get_submodule("net").modules():
+            if isinstance(layer, nn.Linear):
+                arrays.append(np.ascontiguousarray(layer.weight.detach().float().numpy().T))
+                if layer.bias is not None:
+                    arrays.append(layer.bias.detach().float().contiguous().numpy())
+        self._arrays = arrays  # the pointers below point into these
+        self._pointers = (ctypes.c_void_p * max(len(arrays), 1))(*[a.ctypes.data for a in arrays])
+        last = [layer for layer in layers if isinstance(layer, S.Linear)][-1].out_features
+        self.width = 2 if task == "binary" else last
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """float32 rows (n, in_features), C-contiguous -> probabilities or outputs (n, width)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty((len(x), self.width), dtype=np.float32)
+        mean, sd = self._scale
+        call = self.library.forward_rows
+        call(self._pointers, x.ctypes.data, mean.ctypes.data, sd.ctypes.data, len(x), out.ctypes.data)
+        return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import httpx
 import pytest
 
 from service.client import ApiError, TrainserveClient
@@ -95,3 +96,11 @@ def test_deleted_model_is_gone_from_api_cache_and_disk(
         with pytest.raises(ApiError) as error:
             call()
         assert error.value.status_code == 404
+
+
+def test_other_methods_on_predict_get_the_routers_answer(server: Server) -> None:
+    # POST /predict skips the router (api/routes/predict.py, PredictFastPath); the rest must not.
+    response = httpx.get(server.url + "/predict")
+    assert response.status_code == 405
+    assert response.json()["type"] == "http_error"
+    assert response.headers["allow"] == "POST"

@@ -59,15 +59,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.runtime = runtime
     errors.install(app)
-    # Added before the metrics middleware, which so wraps it and counts its 401s and 413s.
-    app.add_middleware(
-        RequestGuard,
-        settings=GuardSettings(settings.api_key, settings.max_body_bytes, settings.max_upload_bytes),
-    )
     # /predict first: routes are matched in order, and it is the one called most.
     app.include_router(predict.router)
     for router in (datasets.router, jobs.router, events.router, models.router, plots.router, export.router):
         app.include_router(router)
+    # Middleware added later wraps what was added before: the fast path runs inside the
+    # guard, and the metrics middleware (added in metrics.install) wraps both, so it counts
+    # the guard's 401s and 413s.
+    app.add_middleware(predict.PredictFastPath, route=predict.predict_route(predict.router.routes))
+    app.add_middleware(
+        RequestGuard,
+        settings=GuardSettings(settings.api_key, settings.max_body_bytes, settings.max_upload_bytes),
+    )
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     dashboard.install(app)
     metrics.install(app, runtime)

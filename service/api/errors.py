@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,8 +18,15 @@ from service.errors import InvalidInput, TrainserveError
 log = logging.getLogger(__name__)
 
 
-def _render(status: int, error_type: str, detail: str, errors: list[dict[str, Any]] | None = None) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+def _render(
+    status: int,
+    error_type: str,
+    detail: str,
+    errors: list[dict[str, Any]] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse({"type": error_type, "detail": detail, "errors": errors or []}, status, headers=headers)
 
 
@@ -44,28 +52,29 @@ def invalid_spec(exc: ValidationError, prefix: list[str | int]) -> InvalidInput:
     return InvalidInput(_summary(errors), errors=errors)
 
 
-def install(app: FastAPI) -> None:
-    @app.exception_handler(TrainserveError)
-    async def domain_error(_request: Request, exc: TrainserveError) -> JSONResponse:
+def exception_response(exc: Exception) -> JSONResponse:
+    """The JSON error a client gets for ``exc``: the one mapping of exceptions to statuses,
+    used by the app's handlers and by the /predict fast path, which runs outside them."""
+    if isinstance(exc, TrainserveError):
         if exc.status_code >= 500:
             log.error("%s: %s", exc.error_type, exc.detail)
         return error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def request_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    if isinstance(exc, RequestValidationError):
         errors = _describe(list(exc.errors()))
         return _render(422, "validation_error", _summary(errors) if errors else "invalid request", errors)
-
-    @app.exception_handler(IntegrityError)
-    async def conflict(_request: Request, _exc: IntegrityError) -> JSONResponse:
+    if isinstance(exc, IntegrityError):
         # e.g. a job submitted for a dataset that another request deleted meanwhile
         return _render(409, "conflict", "the request conflicts with a concurrent change; retry it")
+    if isinstance(exc, HTTPException):
+        return _render(exc.status_code, "http_error", str(exc.detail), headers=exc.headers)  # e.g. 405's Allow
+    log.exception("unhandled error", exc_info=exc)
+    return _render(500, "internal_error", "internal server error; the server log has the details")
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
-        return _render(exc.status_code, "http_error", str(exc.detail))
 
-    @app.exception_handler(Exception)
-    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
-        return _render(500, "internal_error", "internal server error; the server log has the details")
+async def _handle(_request: Request, exc: Exception) -> JSONResponse:
+    return exception_response(exc)
+
+
+def install(app: FastAPI) -> None:
+    for handled in (TrainserveError, RequestValidationError, IntegrityError, HTTPException, Exception):
+        app.add_exception_handler(handled, _handle)
