@@ -464,6 +464,24 @@ def test_stored_columns_are_memory_mapped_not_read(tmp_path):
     assert read_table(tmp_path / "empty.npz").column("z").shape == (0,)
 
 
+@pytest.mark.parametrize("n", [5, 16_384 * 9 + 77])  # one block; many blocks over the threads, a ragged end
+def test_matrix_matches_the_columns_mapped_or_not_and_after_its_pages_are_released(tmp_path, n):
+    rng = np.random.default_rng(0)
+    columns = [rng.normal(size=n), rng.integers(-5, 5, size=n), rng.normal(size=n) * 1e3]
+    path = tmp_path / "t.npz"
+    with open(path, "wb") as handle:
+        write_table(Table(["a", "b", "c"], columns), handle)
+    expected = np.column_stack([columns[2], columns[0], columns[1]])
+    for memory_map in (True, False):
+        loaded = read_table(path, memory_map=memory_map)
+        for _ in range(2):  # a second build reads pages the first released
+            np.testing.assert_array_equal(loaded.matrix(["c", "a", "b"]), expected.astype(np.float32))
+        as_float64 = loaded.matrix(["c", "a", "b"], dtype=np.float64)
+        assert as_float64.flags.c_contiguous
+        np.testing.assert_array_equal(as_float64, expected)
+        np.testing.assert_array_equal(loaded.column("a"), columns[0])
+
+
 def test_parsed_csv_survives_the_round_trip(tmp_path):
     parsed = parse_csv(write_file(tmp_path, "x,y,label\n1,0.25,b\n2,0.5,a\n"))
     path = tmp_path / "stored.npz"
