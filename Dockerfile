@@ -1,6 +1,10 @@
 # The image for both the api and the worker services of docker-compose.yml.
 # On Linux, PyPI's torch wheel is the CUDA build: the same image trains on an NVIDIA GPU.
 FROM python:3.11-slim
+# A C compiler: workers compile the native training loop, API nodes the row-wise forward
+# pass that micro-batching relies on (both fall back to PyTorch without one, slower).
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md alembic.ini ./
 COPY service ./service

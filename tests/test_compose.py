@@ -103,6 +103,8 @@ def test_image_installs_the_extras_the_services_use() -> None:
     for path in ("service", "migrations"):
         assert f"COPY {path} ./{path}" in dockerfile
         assert Path(REPO / path).is_dir()
+    # The generated training loop and row-wise forward pass need a C compiler in the image.
+    assert re.search(r"apt-get install [^\n]*\bgcc\b", dockerfile)
 
 
 def test_every_variable_the_readme_names_is_read_by_the_code() -> None:
