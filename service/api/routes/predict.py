@@ -208,7 +208,12 @@ class PredictFastPath:
         self.app, self.route = app, route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST" or scope["root_path"]:
+        if (
+            scope["type"] != "http"
+            or scope["path"] != "/predict"
+            or scope["method"] != "POST"
+            or scope.get("root_path")
+        ):
             await self.app(scope, receive, send)
             return
         scope["route"] = self.route  # as the router leaves it: the metrics' route label
