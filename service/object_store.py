@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from fsspec.core import url_to_fs
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from service.data import Table, write_table
-from service.store import IntegrityError, Store, sha256_file
+from service.data import Table, read_table, write_table
+from service.store import IntegrityError, Store, open_checked, sha256_file
+
+log = logging.getLogger(__name__)
 
 
 class ObjectStore(Store):
@@ -56,16 +59,21 @@ class ObjectStore(Store):
         self.fs.invalidate_cache(self.remote_root)  # ask the server, not fsspec's listing cache
         self.fs.info(self._marker)
 
-    def _fetch(self, path: Path, expected_sha256: str) -> Path:
-        """This node's copy of a stored file, downloaded and checked on first use."""
-        if path.exists():
-            return path
+    def _open_copy(self, path: Path, expected_sha256: str, what: str) -> BinaryIO:
+        """This node's copy of a stored file, open and checked against its sha256 (see
+        ``open_checked``): downloaded on first use, and again if the copy here was damaged,
+        since the store's object is the one that counts."""
+        try:
+            return open_checked(path, expected_sha256, what)
+        except FileNotFoundError:
+            pass
+        except IntegrityError:
+            log.warning("%s on this node is damaged; fetching it again from the store", what)
         with self.temp_path(path.suffix) as tmp:
             self.fs.get_file(self._remote(path), str(tmp))
-            if sha256_file(tmp) != expected_sha256:
-                raise IntegrityError(f"{path.parent.name} {path.stem} in the store does not match its recorded sha256")
-            os.replace(tmp, path)
-        return path
+            handle = open_checked(tmp, expected_sha256, f"{what} in the store")
+            os.replace(tmp, path)  # the open handle follows the file
+        return handle
 
     def _remove(self, path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -85,8 +93,9 @@ class ObjectStore(Store):
         return file_sha256
 
     def load_dataset(self, dataset_id: str, expected_sha256: str) -> Table:
-        self._fetch(self.dataset_path(dataset_id), expected_sha256)
-        return super().load_dataset(dataset_id, expected_sha256)
+        path = self.dataset_path(dataset_id)
+        self._open_copy(path, expected_sha256, f"the file of dataset {dataset_id}").close()
+        return read_table(path)
 
     def delete_dataset(self, dataset_id: str) -> None:
         self._remove(self.dataset_path(dataset_id))
@@ -103,12 +112,12 @@ class ObjectStore(Store):
     def load_weights(self, model_id: str, expected_sha256: str) -> dict[str, torch.Tensor]:
         payload: bytes = self.fs.cat_file(self._remote(self.weights_path(model_id)))
         if hashlib.sha256(payload).hexdigest() != expected_sha256:
-            raise IntegrityError(f"weights of model {model_id} do not match their recorded sha256")
+            raise IntegrityError(f"the weights of model {model_id} in the store do not match their recorded sha256")
         tensors: dict[str, torch.Tensor] = load_safetensors(payload)
         return tensors
 
-    def weights_file(self, model_id: str, expected_sha256: str) -> Path:
-        return self._fetch(self.weights_path(model_id), expected_sha256)
+    def open_weights(self, model_id: str, expected_sha256: str) -> BinaryIO:
+        return self._open_copy(self.weights_path(model_id), expected_sha256, f"the weights file of model {model_id}")
 
     def delete_weights(self, model_id: str) -> None:
         self._remove(self.weights_path(model_id))

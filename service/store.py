@@ -52,6 +52,22 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def open_checked(path: Path, expected_sha256: str, what: str) -> BinaryIO:
+    """``path`` open for reading at its start, once its bytes are found to match ``expected_sha256``."""
+    handle = open(path, "rb")  # noqa: SIM115 -- handed to the caller, who closes it
+    try:
+        digest = hashlib.sha256()
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+        if digest.hexdigest() != expected_sha256:
+            raise IntegrityError(f"{what} does not match its recorded sha256")
+        handle.seek(0)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
 def _checked(object_id: str) -> str:
     if not ID_PATTERN.match(object_id):
         raise ValueError(f"not a store id: {object_id!r}")
@@ -119,8 +135,7 @@ class Store:
 
     def load_dataset(self, dataset_id: str, expected_sha256: str) -> Table:
         path = self.dataset_path(dataset_id)
-        if sha256_file(path) != expected_sha256:
-            raise IntegrityError(f"dataset {dataset_id} on disk does not match its recorded sha256")
+        open_checked(path, expected_sha256, f"the file of dataset {dataset_id}").close()
         return read_table(path)
 
     def delete_dataset(self, dataset_id: str) -> None:
@@ -147,12 +162,12 @@ class Store:
             raise IntegrityError(f"weights of model {model_id} do not match their recorded sha256")
         return load_safetensors(payload)
 
-    def weights_file(self, model_id: str, expected_sha256: str) -> Path:
-        """A local file of the weights to send as they are; FileNotFoundError once deleted."""
-        path = self.weights_path(model_id)
-        if not path.exists():
-            raise FileNotFoundError(path)
-        return path
+    def open_weights(self, model_id: str, expected_sha256: str) -> BinaryIO:
+        """The weights file, open at its start, to send as it is: read through once and
+        checked against ``expected_sha256`` first, so that a damaged file is never sent
+        (IntegrityError). FileNotFoundError once deleted. Sending from this handle sends
+        what was checked, even if the file is deleted or replaced meanwhile."""
+        return open_checked(self.weights_path(model_id), expected_sha256, f"the weights file of model {model_id}")
 
     def delete_weights(self, model_id: str) -> None:
         self.weights_path(model_id).unlink(missing_ok=True)

@@ -3,6 +3,7 @@ boundary emulated here), used directly and by two API nodes that share no folder
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,17 +82,31 @@ def test_weights_and_datasets_round_trip_and_are_checked(s3: S3Server, bucket: s
     loaded = reader.load_dataset(dataset_id, table_sha)
     assert loaded.names == ["x", "y"]
     assert np.array_equal(loaded.columns[1], table.columns[1])
-    download = reader.weights_file(model_id, sha)
-    assert download.is_relative_to(tmp_path / "node-b")  # a verified local copy for FileResponse
+    with reader.open_weights(model_id, sha) as sent:  # a checked local copy, to send as it is
+        assert sent.read() == remote.cat_file(f"{bucket}/models/weights/{model_id}.safetensors")
+    download = reader.weights_path(model_id)
+    assert download.is_relative_to(tmp_path / "node-b")
     assert os.path.getsize(download) == size
     assert list(writer.tmp.iterdir()) == []  # nothing staged is left behind
+
+    # A damaged copy on a node is fetched again from the store, whose object counts.
+    download.write_bytes(b"damaged on this node")
+    with reader.open_weights(model_id, sha) as sent:
+        assert hashlib.sha256(sent.read()).hexdigest() == sha
+    assert os.path.getsize(download) == size
+    dataset_copy = reader.dataset_path(dataset_id)
+    dataset_copy.write_bytes(dataset_copy.read_bytes()[:-10])
+    assert reader.load_dataset(dataset_id, table_sha).names == ["x", "y"]
 
     # A changed object is refused, not served.
     remote.pipe_file(f"{bucket}/models/weights/{model_id}.safetensors", b"tampered")
     with pytest.raises(IntegrityError):
         reader.load_weights(model_id, sha)
+    node_c = object_store(s3, bucket, tmp_path / "node-c")
     with pytest.raises(IntegrityError):
-        object_store(s3, bucket, tmp_path / "node-c").weights_file(model_id, sha)
+        node_c.open_weights(model_id, sha)
+    assert not node_c.weights_path(model_id).exists()  # no copy of what was refused
+    assert list(node_c.tmp.iterdir()) == []
 
     # A checkpoint is replaced as training goes on; any node resumes from the latest one.
     job_id = new_id()
