@@ -16,7 +16,9 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -26,7 +28,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from service.data import Table, read_table, write_table
-from service.store import IntegrityError, Store, open_checked, sha256_file
+from service.store import IntegrityError, Store, named_by_id, open_checked, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,29 @@ class ObjectStore(Store):
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self._remote(path))
         path.unlink(missing_ok=True)
+
+    # -- crash debris ---------------------------------------------------------------------
+
+    def sweep_orphans(self, folder: Path, *, older_than_s: float, owned: Callable[[list[str]], set[str]]) -> list[str]:
+        """This node's orphan copies (see ``Store.sweep_orphans``), then the store's orphan
+        objects, by the time the store lists for them; an object listed with no time is
+        kept. With an object, this node's copy of it goes too, however young."""
+        removed = super().sweep_orphans(folder, older_than_s=older_than_s, owned=owned)
+        prefix = f"{self.remote_root}/{folder.name}"
+        self.fs.invalidate_cache(prefix)  # list what the server holds now
+        try:
+            listing: list[dict[str, Any]] = self.fs.ls(prefix, detail=True)
+        except FileNotFoundError:  # nothing ever stored there
+            return removed
+        cutoff = time.time() - older_than_s
+        names = [entry["name"] for entry in listing if entry.get("type") == "file" and _listed_before(entry, cutoff)]
+        aged = dict(named_by_id(names))
+        kept = owned(sorted(set(aged.values()))) if aged else set()
+        for name, object_id in aged.items():
+            if object_id not in kept:
+                self._remove(folder / name.rsplit("/", 1)[-1])
+                removed.append(f"{self.url.rstrip('/')}/{folder.name}/{name.rsplit('/', 1)[-1]}")
+        return removed
 
     # -- datasets -------------------------------------------------------------------------
 
@@ -153,3 +178,17 @@ class ObjectStore(Store):
 
     def delete_checkpoint(self, job_id: str) -> None:
         self._remove(self.checkpoint_path(job_id))
+
+
+def _listed_before(entry: dict[str, Any], cutoff: float) -> bool:
+    """Whether fsspec lists the object as last written before ``cutoff`` (a Unix time).
+    Filesystems name that time differently (s3fs ``LastModified``, others ``last_modified``
+    or ``mtime``); an object listed with no time is never taken for old. S3 lists whole
+    seconds, so a second is added to every time."""
+    for key in ("LastModified", "last_modified", "mtime"):
+        value = entry.get(key)
+        if isinstance(value, datetime):
+            value = value.timestamp()  # an aware datetime, or the local time, as fsspec gives it
+        if isinstance(value, int | float):
+            return value + 1 < cutoff
+    return False

@@ -13,10 +13,10 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import urlparse
 
 import torch
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from service.config import Settings
 
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+_Named = TypeVar("_Named", Path, str)
 _CHUNK = 1024 * 1024
 
 
@@ -224,15 +225,20 @@ class Store:
 
     # -- crash debris ---------------------------------------------------------------------
 
-    def stored_ids(self, folder: Path, *, older_than_s: float) -> dict[str, Path]:
-        """Files named by a store id in ``folder`` and unmodified for ``older_than_s``: id -> path."""
+    def sweep_orphans(self, folder: Path, *, older_than_s: float, owned: Callable[[list[str]], set[str]]) -> list[str]:
+        """Delete the files in ``folder`` (datasets/, weights/ or checkpoints/) named by a
+        store id, unmodified for ``older_than_s``, whose id ``owned`` does not return;
+        returns their names. ``owned`` is asked about the aged ids only, after they are
+        listed, so a file whose row commits meanwhile is kept."""
         cutoff = time.time() - older_than_s
-        found = {}
-        for path in folder.glob("*"):
-            object_id = path.name.split(".", 1)[0]
-            if ID_PATTERN.match(object_id) and _modified_before(path, cutoff):
-                found[object_id] = path
-        return found
+        aged = {path: object_id for path, object_id in named_by_id(folder.glob("*")) if _modified_before(path, cutoff)}
+        kept = owned(sorted(set(aged.values()))) if aged else set()
+        removed = []
+        for path, object_id in aged.items():
+            if object_id not in kept:
+                path.unlink(missing_ok=True)
+                removed.append(f"{folder.name}/{path.name}")
+        return removed
 
     def sweep_tmp(self, *, older_than_s: float) -> list[Path]:
         """Delete half-written files that a crash left in tmp/; younger ones may still be written."""
@@ -246,6 +252,14 @@ class Store:
 
 
 _META_KEY = "trainserve_checkpoint"
+
+
+def named_by_id(paths: Iterable[_Named]) -> Iterator[tuple[_Named, str]]:
+    """The paths (local, or remote as strings) whose file name is a store id, and that id."""
+    for path in paths:
+        object_id = str(path).rsplit("/", 1)[-1].split(".", 1)[0]
+        if ID_PATTERN.match(object_id):
+            yield path, object_id
 
 
 def _modified_before(path: Path, cutoff: float) -> bool:
