@@ -194,12 +194,12 @@ class Store:
         publish_if: Callable[[], bool] = lambda: True,
     ) -> bool:
         """Replace the job's checkpoint atomically: tensors as safetensors, ``meta`` as JSON
-        inside the file's metadata (no pickle). ``publish_if`` is asked once the file is
-        written, just before it replaces the old one; False discards it. Returns whether it
-        was published."""
-        payload = save_safetensors(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, {_META_KEY: json.dumps(meta)}
-        )
+        inside the file's metadata (no pickle), with a sha256 of both. ``publish_if`` is
+        asked once the file is written, just before it replaces the old one; False discards
+        it. Returns whether it was published."""
+        cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        meta_json = json.dumps(meta)
+        payload = save_safetensors(cpu, {_META_KEY: meta_json, _DIGEST_KEY: _checkpoint_digest(meta_json, cpu)})
         with self.temp_path(".ckpt") as tmp:
             tmp.write_bytes(payload)
             if not publish_if():
@@ -208,16 +208,23 @@ class Store:
         return True
 
     def load_checkpoint(self, job_id: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-        """The job's last checkpoint, or None when it has none (or only an unreadable one)."""
+        """The job's last checkpoint, or None when it has none. IntegrityError when it cannot
+        be read or no longer matches its sha256: resuming from it would bake the damage into
+        the model, whose weights are then recorded, and served, as sound."""
         path = self.checkpoint_path(job_id)
-        if not path.exists():
-            return None
         try:
             with safe_open(str(path), framework="pt") as handle:
-                meta = json.loads((handle.metadata() or {})[_META_KEY])
+                stored = handle.metadata() or {}
+                meta_json = stored[_META_KEY]
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-        except (OSError, ValueError, KeyError, SafetensorError):  # unreadable (or gone meanwhile): start over
+            meta = json.loads(meta_json)
+        except FileNotFoundError:  # none (or deleted meanwhile)
             return None
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            raise IntegrityError(f"the checkpoint of job {job_id} cannot be read: {exc}") from None
+        # Checkpoints written before they carried a digest are taken as they are.
+        if _DIGEST_KEY in stored and stored[_DIGEST_KEY] != _checkpoint_digest(meta_json, tensors):
+            raise IntegrityError(f"the checkpoint of job {job_id} does not match its recorded sha256")
         return tensors, meta
 
     def delete_checkpoint(self, job_id: str) -> None:
@@ -252,6 +259,17 @@ class Store:
 
 
 _META_KEY = "trainserve_checkpoint"
+_DIGEST_KEY = "trainserve_checkpoint_sha256"
+
+
+def _checkpoint_digest(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over a checkpoint's metadata and each tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256(meta_json.encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"\0{name}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)  # as bytes: bfloat16 too
+    return digest.hexdigest()
 
 
 def named_by_id(paths: Iterable[_Named]) -> Iterator[tuple[_Named, str]]:

@@ -120,6 +120,12 @@ def test_weights_and_datasets_round_trip_and_are_checked(s3: S3Server, bucket: s
         assert torch.equal(tensors["w"], torch.full((2,), float(epoch)))
     assert not writer.save_checkpoint(job_id, {"w": torch.zeros(2)}, {"epoch": 3}, publish_if=lambda: False)
     assert (reader.load_checkpoint(job_id) or ({}, {}))[1] == {"epoch": 2}
+    # A damaged checkpoint is refused, not resumed from: a changed byte, a file cut short.
+    stored = remote.cat_file(f"{bucket}/models/checkpoints/{job_id}.safetensors")
+    for damaged in (stored[:-1] + bytes([stored[-1] ^ 0xFF]), stored[: len(stored) // 2]):
+        remote.pipe_file(f"{bucket}/models/checkpoints/{job_id}.safetensors", damaged)
+        with pytest.raises(IntegrityError, match=job_id):
+            reader.load_checkpoint(job_id)
     writer.delete_checkpoint(job_id)
     assert reader.load_checkpoint(job_id) is None
     assert not remote.exists(f"{bucket}/models/checkpoints/{job_id}.safetensors")
