@@ -87,8 +87,9 @@ class Settings(BaseSettings):
     checkpoint_seconds: float = Field(default=60.0, gt=0)
     # No job trains longer than this (a spec may ask for less with max_seconds).
     max_job_seconds: float = Field(default=72 * 3600.0, gt=0)
-    # Files under the store's tmp/ (and weights/checkpoints without a row) older than
-    # this are debris of a crash; younger ones may be another node's write in progress.
+    # Files under the store's tmp/, and datasets/weights/checkpoints that no row owns
+    # (local files, or objects in the object store by the time it lists), older than this
+    # are debris of a crash; younger ones may be a write in progress, here or on another node.
     orphan_grace_seconds: float = Field(default=3600.0, ge=0)
     # How long `serve` waits for its workers to checkpoint and hand back their jobs on stop.
     drain_timeout_seconds: float = Field(default=30.0, gt=0)

@@ -46,6 +46,7 @@ from service.db import (
 )
 from service.errors import Conflict, InvalidInput, NotFound, TrainserveError
 from service.spec import Limits, TrainingPlan, TrainSpec, plan_training
+from service.store import IntegrityError as StoreIntegrityError
 from service.store import Store, new_id, open_store
 
 log = logging.getLogger(__name__)
@@ -522,7 +523,12 @@ class _Attempt:
 
     def resume_point(self) -> engine.Checkpoint | None:
         """The job's last checkpoint, if a previous attempt left one; noted on the job."""
-        stored = self.ctx.store.load_checkpoint(self.job_id)
+        try:
+            stored = self.ctx.store.load_checkpoint(self.job_id)
+        except StoreIntegrityError as exc:  # damaged: training from it would bake the damage in
+            self.ctx.store.delete_checkpoint(self.job_id)
+            self.note(f"{exc.detail}; started over")
+            return None
         if stored is None:
             return None
         tensors, meta = stored

@@ -14,18 +14,23 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from fsspec.core import url_to_fs
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from service.data import Table, write_table
-from service.store import IntegrityError, Store, sha256_file
+from service.data import Table, read_table, write_table
+from service.store import IntegrityError, Store, named_by_id, open_checked, sha256_file
+
+log = logging.getLogger(__name__)
 
 
 class ObjectStore(Store):
@@ -56,21 +61,49 @@ class ObjectStore(Store):
         self.fs.invalidate_cache(self.remote_root)  # ask the server, not fsspec's listing cache
         self.fs.info(self._marker)
 
-    def _fetch(self, path: Path, expected_sha256: str) -> Path:
-        """This node's copy of a stored file, downloaded and checked on first use."""
-        if path.exists():
-            return path
+    def _open_copy(self, path: Path, expected_sha256: str, what: str) -> BinaryIO:
+        """This node's copy of a stored file, open and checked against its sha256 (see
+        ``open_checked``): downloaded on first use, and again if the copy here was damaged,
+        since the store's object is the one that counts."""
+        try:
+            return open_checked(path, expected_sha256, what)
+        except FileNotFoundError:
+            pass
+        except IntegrityError:
+            log.warning("%s on this node is damaged; fetching it again from the store", what)
         with self.temp_path(path.suffix) as tmp:
             self.fs.get_file(self._remote(path), str(tmp))
-            if sha256_file(tmp) != expected_sha256:
-                raise IntegrityError(f"{path.parent.name} {path.stem} in the store does not match its recorded sha256")
-            os.replace(tmp, path)
-        return path
+            handle = open_checked(tmp, expected_sha256, f"{what} in the store")
+            os.replace(tmp, path)  # the open handle follows the file
+        return handle
 
     def _remove(self, path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self._remote(path))
         path.unlink(missing_ok=True)
+
+    # -- crash debris ---------------------------------------------------------------------
+
+    def sweep_orphans(self, folder: Path, *, older_than_s: float, owned: Callable[[list[str]], set[str]]) -> list[str]:
+        """This node's orphan copies (see ``Store.sweep_orphans``), then the store's orphan
+        objects, by the time the store lists for them; an object listed with no time is
+        kept. With an object, this node's copy of it goes too, however young."""
+        removed = super().sweep_orphans(folder, older_than_s=older_than_s, owned=owned)
+        prefix = f"{self.remote_root}/{folder.name}"
+        self.fs.invalidate_cache(prefix)  # list what the server holds now
+        try:
+            listing: list[dict[str, Any]] = self.fs.ls(prefix, detail=True)
+        except FileNotFoundError:  # nothing ever stored there
+            return removed
+        cutoff = time.time() - older_than_s
+        names = [entry["name"] for entry in listing if entry.get("type") == "file" and _listed_before(entry, cutoff)]
+        aged = dict(named_by_id(names))
+        kept = owned(sorted(set(aged.values()))) if aged else set()
+        for name, object_id in aged.items():
+            if object_id not in kept:
+                self._remove(folder / name.rsplit("/", 1)[-1])
+                removed.append(f"{self.url.rstrip('/')}/{folder.name}/{name.rsplit('/', 1)[-1]}")
+        return removed
 
     # -- datasets -------------------------------------------------------------------------
 
@@ -85,8 +118,9 @@ class ObjectStore(Store):
         return file_sha256
 
     def load_dataset(self, dataset_id: str, expected_sha256: str) -> Table:
-        self._fetch(self.dataset_path(dataset_id), expected_sha256)
-        return super().load_dataset(dataset_id, expected_sha256)
+        path = self.dataset_path(dataset_id)
+        self._open_copy(path, expected_sha256, f"the file of dataset {dataset_id}").close()
+        return read_table(path)
 
     def delete_dataset(self, dataset_id: str) -> None:
         self._remove(self.dataset_path(dataset_id))
@@ -103,12 +137,12 @@ class ObjectStore(Store):
     def load_weights(self, model_id: str, expected_sha256: str) -> dict[str, torch.Tensor]:
         payload: bytes = self.fs.cat_file(self._remote(self.weights_path(model_id)))
         if hashlib.sha256(payload).hexdigest() != expected_sha256:
-            raise IntegrityError(f"weights of model {model_id} do not match their recorded sha256")
+            raise IntegrityError(f"the weights of model {model_id} in the store do not match their recorded sha256")
         tensors: dict[str, torch.Tensor] = load_safetensors(payload)
         return tensors
 
-    def weights_file(self, model_id: str, expected_sha256: str) -> Path:
-        return self._fetch(self.weights_path(model_id), expected_sha256)
+    def open_weights(self, model_id: str, expected_sha256: str) -> BinaryIO:
+        return self._open_copy(self.weights_path(model_id), expected_sha256, f"the weights file of model {model_id}")
 
     def delete_weights(self, model_id: str) -> None:
         self._remove(self.weights_path(model_id))
@@ -144,3 +178,17 @@ class ObjectStore(Store):
 
     def delete_checkpoint(self, job_id: str) -> None:
         self._remove(self.checkpoint_path(job_id))
+
+
+def _listed_before(entry: dict[str, Any], cutoff: float) -> bool:
+    """Whether fsspec lists the object as last written before ``cutoff`` (a Unix time).
+    Filesystems name that time differently (s3fs ``LastModified``, others ``last_modified``
+    or ``mtime``); an object listed with no time is never taken for old. S3 lists whole
+    seconds, so a second is added to every time."""
+    for key in ("LastModified", "last_modified", "mtime"):
+        value = entry.get(key)
+        if isinstance(value, datetime):
+            value = value.timestamp()  # an aware datetime, or the local time, as fsspec gives it
+        if isinstance(value, int | float):
+            return value + 1 < cutoff
+    return False

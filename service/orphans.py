@@ -1,49 +1,60 @@
 """Crash debris: files in the store that no database row owns, removed when a process starts.
 
-Every write goes to ``tmp/`` and is renamed into place, and a row is committed only after
-its file is in place; so a crash can leave a half-written file in ``tmp/``, or a complete
-file whose row never committed. Neither is visible to a reader, but both take disk space.
-Only files older than a grace period go: younger ones may belong to a write in progress
-on another node sharing the store.
+Every write goes to ``tmp/`` and is renamed into place (or, on an object store, appears
+whole), and a row is committed only after its file is in place; so a crash can leave a
+half-written file in ``tmp/``, or a complete file whose row never committed, and a
+failed cleanup a file whose row is gone. None is visible to a reader, but all take space.
+Only files older than a grace period go: younger ones may belong to a write in progress,
+on this node or on another sharing the store, whose row is not committed yet.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from collections.abc import Callable
 
 from sqlalchemy import select
-from sqlalchemy.orm import InstrumentedAttribute, sessionmaker
+from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
 from service.db import DatasetRecord, JobRecord, ModelRecord
 from service.jobs import ACTIVE
 from service.store import Store
 
 log = logging.getLogger(__name__)
+# Ids asked about per query: well under any database's limit on bound parameters.
+_IDS_PER_QUERY = 500
 
 
-def sweep(sessions: sessionmaker, store: Store, *, grace_seconds: float) -> list[Path]:  # type: ignore[type-arg]
-    """Delete orphans older than ``grace_seconds``; returns what was removed."""
+def sweep(sessions: sessionmaker, store: Store, *, grace_seconds: float) -> list[str]:  # type: ignore[type-arg]
+    """Delete orphans older than ``grace_seconds``; returns the names of what was removed."""
     store.ensure()
-    removed = store.sweep_tmp(older_than_s=grace_seconds)
-    owners: list[tuple[Path, InstrumentedAttribute[str], bool]] = [
-        (store.datasets, DatasetRecord.id, False),
-        (store.weights, ModelRecord.id, False),
-        (store.checkpoints, JobRecord.id, True),  # only a job that may still resume needs one
-    ]
+    removed = [f"tmp/{path.name}" for path in store.sweep_tmp(older_than_s=grace_seconds)]
     with sessions() as session:
-        for folder, id_column, active_jobs_only in owners:
-            candidates = store.stored_ids(folder, older_than_s=grace_seconds)
-            if not candidates:
-                continue
-            query = select(id_column).where(id_column.in_(list(candidates)))
+        owners = [
+            (store.datasets, _owner(session, DatasetRecord.id)),
+            (store.weights, _owner(session, ModelRecord.id)),
+            (store.checkpoints, _owner(session, JobRecord.id, active_jobs_only=True)),
+        ]
+        for folder, owned in owners:
+            removed += store.sweep_orphans(folder, older_than_s=grace_seconds, owned=owned)
+    if removed:
+        log.warning("removed %d orphan file(s) left by a crash: %s", len(removed), removed[:10])
+    return removed
+
+
+def _owner(
+    session: Session, id_column: InstrumentedAttribute[str], *, active_jobs_only: bool = False
+) -> Callable[[list[str]], set[str]]:
+    """The ids, of those asked about, that a row owns; a checkpoint is owned only by a job
+    that may still resume from it."""
+
+    def owned(ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(ids), _IDS_PER_QUERY):
+            query = select(id_column).where(id_column.in_(ids[start : start + _IDS_PER_QUERY]))
             if active_jobs_only:
                 query = query.where(JobRecord.status.in_(ACTIVE))
-            owned = set(session.scalars(query))
-            for object_id, path in candidates.items():
-                if object_id not in owned:
-                    path.unlink(missing_ok=True)
-                    removed.append(path)
-    if removed:
-        log.warning("removed %d orphan file(s) left by a crash: %s", len(removed), [p.name for p in removed[:10]])
-    return removed
+            found.update(session.scalars(query))
+        return found
+
+    return owned

@@ -13,10 +13,10 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import urlparse
 
 import torch
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from service.config import Settings
 
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+_Named = TypeVar("_Named", Path, str)
 _CHUNK = 1024 * 1024
 
 
@@ -50,6 +51,22 @@ def sha256_file(path: Path) -> str:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def open_checked(path: Path, expected_sha256: str, what: str) -> BinaryIO:
+    """``path`` open for reading at its start, once its bytes are found to match ``expected_sha256``."""
+    handle = open(path, "rb")  # noqa: SIM115 -- handed to the caller, who closes it
+    try:
+        digest = hashlib.sha256()
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+        if digest.hexdigest() != expected_sha256:
+            raise IntegrityError(f"{what} does not match its recorded sha256")
+        handle.seek(0)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
 
 
 def _checked(object_id: str) -> str:
@@ -119,8 +136,7 @@ class Store:
 
     def load_dataset(self, dataset_id: str, expected_sha256: str) -> Table:
         path = self.dataset_path(dataset_id)
-        if sha256_file(path) != expected_sha256:
-            raise IntegrityError(f"dataset {dataset_id} on disk does not match its recorded sha256")
+        open_checked(path, expected_sha256, f"the file of dataset {dataset_id}").close()
         return read_table(path)
 
     def delete_dataset(self, dataset_id: str) -> None:
@@ -147,12 +163,12 @@ class Store:
             raise IntegrityError(f"weights of model {model_id} do not match their recorded sha256")
         return load_safetensors(payload)
 
-    def weights_file(self, model_id: str, expected_sha256: str) -> Path:
-        """A local file of the weights to send as they are; FileNotFoundError once deleted."""
-        path = self.weights_path(model_id)
-        if not path.exists():
-            raise FileNotFoundError(path)
-        return path
+    def open_weights(self, model_id: str, expected_sha256: str) -> BinaryIO:
+        """The weights file, open at its start, to send as it is: read through once and
+        checked against ``expected_sha256`` first, so that a damaged file is never sent
+        (IntegrityError). FileNotFoundError once deleted. Sending from this handle sends
+        what was checked, even if the file is deleted or replaced meanwhile."""
+        return open_checked(self.weights_path(model_id), expected_sha256, f"the weights file of model {model_id}")
 
     def delete_weights(self, model_id: str) -> None:
         self.weights_path(model_id).unlink(missing_ok=True)
@@ -178,12 +194,12 @@ class Store:
         publish_if: Callable[[], bool] = lambda: True,
     ) -> bool:
         """Replace the job's checkpoint atomically: tensors as safetensors, ``meta`` as JSON
-        inside the file's metadata (no pickle). ``publish_if`` is asked once the file is
-        written, just before it replaces the old one; False discards it. Returns whether it
-        was published."""
-        payload = save_safetensors(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, {_META_KEY: json.dumps(meta)}
-        )
+        inside the file's metadata (no pickle), with a sha256 of both. ``publish_if`` is
+        asked once the file is written, just before it replaces the old one; False discards
+        it. Returns whether it was published."""
+        cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        meta_json = json.dumps(meta)
+        payload = save_safetensors(cpu, {_META_KEY: meta_json, _DIGEST_KEY: _checkpoint_digest(meta_json, cpu)})
         with self.temp_path(".ckpt") as tmp:
             tmp.write_bytes(payload)
             if not publish_if():
@@ -192,16 +208,23 @@ class Store:
         return True
 
     def load_checkpoint(self, job_id: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-        """The job's last checkpoint, or None when it has none (or only an unreadable one)."""
+        """The job's last checkpoint, or None when it has none. IntegrityError when it cannot
+        be read or no longer matches its sha256: resuming from it would bake the damage into
+        the model, whose weights are then recorded, and served, as sound."""
         path = self.checkpoint_path(job_id)
-        if not path.exists():
-            return None
         try:
             with safe_open(str(path), framework="pt") as handle:
-                meta = json.loads((handle.metadata() or {})[_META_KEY])
+                stored = handle.metadata() or {}
+                meta_json = stored[_META_KEY]
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-        except (OSError, ValueError, KeyError, SafetensorError):  # unreadable (or gone meanwhile): start over
+            meta = json.loads(meta_json)
+        except FileNotFoundError:  # none (or deleted meanwhile)
             return None
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            raise IntegrityError(f"the checkpoint of job {job_id} cannot be read: {exc}") from None
+        # Checkpoints written before they carried a digest are taken as they are.
+        if _DIGEST_KEY in stored and stored[_DIGEST_KEY] != _checkpoint_digest(meta_json, tensors):
+            raise IntegrityError(f"the checkpoint of job {job_id} does not match its recorded sha256")
         return tensors, meta
 
     def delete_checkpoint(self, job_id: str) -> None:
@@ -209,15 +232,20 @@ class Store:
 
     # -- crash debris ---------------------------------------------------------------------
 
-    def stored_ids(self, folder: Path, *, older_than_s: float) -> dict[str, Path]:
-        """Files named by a store id in ``folder`` and unmodified for ``older_than_s``: id -> path."""
+    def sweep_orphans(self, folder: Path, *, older_than_s: float, owned: Callable[[list[str]], set[str]]) -> list[str]:
+        """Delete the files in ``folder`` (datasets/, weights/ or checkpoints/) named by a
+        store id, unmodified for ``older_than_s``, whose id ``owned`` does not return;
+        returns their names. ``owned`` is asked about the aged ids only, after they are
+        listed, so a file whose row commits meanwhile is kept."""
         cutoff = time.time() - older_than_s
-        found = {}
-        for path in folder.glob("*"):
-            object_id = path.name.split(".", 1)[0]
-            if ID_PATTERN.match(object_id) and _modified_before(path, cutoff):
-                found[object_id] = path
-        return found
+        aged = {path: object_id for path, object_id in named_by_id(folder.glob("*")) if _modified_before(path, cutoff)}
+        kept = owned(sorted(set(aged.values()))) if aged else set()
+        removed = []
+        for path, object_id in aged.items():
+            if object_id not in kept:
+                path.unlink(missing_ok=True)
+                removed.append(f"{folder.name}/{path.name}")
+        return removed
 
     def sweep_tmp(self, *, older_than_s: float) -> list[Path]:
         """Delete half-written files that a crash left in tmp/; younger ones may still be written."""
@@ -231,6 +259,25 @@ class Store:
 
 
 _META_KEY = "trainserve_checkpoint"
+_DIGEST_KEY = "trainserve_checkpoint_sha256"
+
+
+def _checkpoint_digest(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over a checkpoint's metadata and each tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256(meta_json.encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"\0{name}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)  # as bytes: bfloat16 too
+    return digest.hexdigest()
+
+
+def named_by_id(paths: Iterable[_Named]) -> Iterator[tuple[_Named, str]]:
+    """The paths (local, or remote as strings) whose file name is a store id, and that id."""
+    for path in paths:
+        object_id = str(path).rsplit("/", 1)[-1].split(".", 1)[0]
+        if ID_PATTERN.match(object_id):
+            yield path, object_id
 
 
 def _modified_before(path: Path, cutoff: float) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import httpx
@@ -104,3 +105,37 @@ def test_other_methods_on_predict_get_the_routers_answer(server: Server) -> None
     assert response.status_code == 405
     assert response.json()["type"] == "http_error"
     assert response.headers["allow"] == "POST"
+
+
+def test_weights_that_no_longer_match_their_sha256_are_refused_not_sent(
+    client: TrainserveClient, server: Server, moons: tuple[bytes, int]
+) -> None:
+    dataset = client.upload_dataset(moons[0], "moons.csv")
+    model = client.get_model(client.wait(client.train(moons_spec(dataset.id, epochs=2)).id).model_id or "")
+    path = server.store_dir / "weights" / f"{model.id}.safetensors"
+    intact = path.read_bytes()
+    sent = client.http.get(f"/models/{model.id}/weights")
+    assert sent.status_code == 200
+    assert sent.content == intact
+    assert sent.headers["x-content-sha256"] == model.weights_sha256 == hashlib.sha256(sent.content).hexdigest()
+    assert sent.headers["content-length"] == str(len(intact))
+
+    flipped = bytearray(intact)
+    flipped[len(flipped) // 2] ^= 0xFF
+    for damaged in (bytes(flipped), intact[: len(intact) // 2]):  # a changed byte; a file cut short
+        path.write_bytes(damaged)
+        refused = client.http.get(f"/models/{model.id}/weights")
+        assert refused.status_code == 500
+        assert refused.headers["content-type"] == "application/json"
+        assert "content-disposition" not in refused.headers
+        assert "x-content-sha256" not in refused.headers
+        assert refused.json()["type"] == "integrity_error"
+        assert model.id in refused.json()["detail"]
+        assert "sha256" in refused.json()["detail"]
+    # Refused the same way by /predict, which loads the same file.
+    predicted = client.http.post("/predict", json={"model_id": model.id, "inputs": [[0.0, 0.0]]})
+    assert predicted.status_code == 500
+    assert predicted.json()["type"] == "integrity_error"
+
+    path.write_bytes(intact)
+    assert client.download_weights(model.id) == intact

@@ -139,6 +139,33 @@ def test_killed_worker_job_resumes_from_its_checkpoint_and_ends_as_if_never_kill
         assert len(server.files("weights")) == 2
 
 
+def test_damaged_checkpoint_is_not_resumed_from_and_the_job_starts_over_saying_so(
+    faulty: Callable[..., Server], moons: tuple[bytes, int]
+) -> None:
+    server = faulty(TRAINSERVE_CHECKPOINT_SECONDS="0.3")
+    with TrainserveClient(server.url, timeout=30) as ts:
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+        job = ts.train(slow_spec(dataset.id, epochs=10))
+        checkpoint = server.store_dir / "checkpoints" / f"{job.id}.safetensors"
+
+        def has_checkpoint() -> JobDetail | None:
+            current = ts.get_job(job.id)
+            return current if (current.checkpoint_epoch or 0) >= 2 and checkpoint.exists() else None
+
+        os.kill(worker_pid(wait_for(has_checkpoint, what="a checkpoint after epoch 2")), signal.SIGKILL)
+        # Its tensors end the file: a changed byte there still parses, and only the sha256 tells.
+        data = bytearray(checkpoint.read_bytes())
+        data[-1] ^= 0xFF
+        checkpoint.write_bytes(bytes(data))
+
+        final = ts.wait(job.id, timeout=120)
+        assert final.status == "succeeded", final.error
+        assert final.attempts == 2
+        assert f"the checkpoint of job {job.id} does not match its recorded sha256; started over" in final.notes
+        assert not [note for note in final.notes if note.startswith("resumed from epoch")], final.notes
+        assert server.files("checkpoints") == []
+
+
 def test_power_cut_mid_job_and_mid_upload_then_restart_finishes_the_job_and_keeps_no_partial_upload(
     faulty: Callable[..., Server], moons: tuple[bytes, int], tmp_path: Path
 ) -> None:

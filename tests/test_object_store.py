@@ -3,7 +3,9 @@ boundary emulated here), used directly and by two API nodes that share no folder
 
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +18,9 @@ from botocore.exceptions import EndpointConnectionError
 from service.client import ApiError, TrainserveClient
 from service.config import Settings
 from service.data import Table
+from service.db import DatasetRecord, make_engine, make_session_factory
 from service.object_store import ObjectStore
+from service.orphans import sweep
 from service.store import IntegrityError, Store, new_id, open_store
 from tests.backends import S3Server, s3_server, unique_name
 from tests.conftest import free_port, moons_spec, start_server, stop_server
@@ -81,17 +85,31 @@ def test_weights_and_datasets_round_trip_and_are_checked(s3: S3Server, bucket: s
     loaded = reader.load_dataset(dataset_id, table_sha)
     assert loaded.names == ["x", "y"]
     assert np.array_equal(loaded.columns[1], table.columns[1])
-    download = reader.weights_file(model_id, sha)
-    assert download.is_relative_to(tmp_path / "node-b")  # a verified local copy for FileResponse
+    with reader.open_weights(model_id, sha) as sent:  # a checked local copy, to send as it is
+        assert sent.read() == remote.cat_file(f"{bucket}/models/weights/{model_id}.safetensors")
+    download = reader.weights_path(model_id)
+    assert download.is_relative_to(tmp_path / "node-b")
     assert os.path.getsize(download) == size
     assert list(writer.tmp.iterdir()) == []  # nothing staged is left behind
+
+    # A damaged copy on a node is fetched again from the store, whose object counts.
+    download.write_bytes(b"damaged on this node")
+    with reader.open_weights(model_id, sha) as sent:
+        assert hashlib.sha256(sent.read()).hexdigest() == sha
+    assert os.path.getsize(download) == size
+    dataset_copy = reader.dataset_path(dataset_id)
+    dataset_copy.write_bytes(dataset_copy.read_bytes()[:-10])
+    assert reader.load_dataset(dataset_id, table_sha).names == ["x", "y"]
 
     # A changed object is refused, not served.
     remote.pipe_file(f"{bucket}/models/weights/{model_id}.safetensors", b"tampered")
     with pytest.raises(IntegrityError):
         reader.load_weights(model_id, sha)
+    node_c = object_store(s3, bucket, tmp_path / "node-c")
     with pytest.raises(IntegrityError):
-        object_store(s3, bucket, tmp_path / "node-c").weights_file(model_id, sha)
+        node_c.open_weights(model_id, sha)
+    assert not node_c.weights_path(model_id).exists()  # no copy of what was refused
+    assert list(node_c.tmp.iterdir()) == []
 
     # A checkpoint is replaced as training goes on; any node resumes from the latest one.
     job_id = new_id()
@@ -102,6 +120,12 @@ def test_weights_and_datasets_round_trip_and_are_checked(s3: S3Server, bucket: s
         assert torch.equal(tensors["w"], torch.full((2,), float(epoch)))
     assert not writer.save_checkpoint(job_id, {"w": torch.zeros(2)}, {"epoch": 3}, publish_if=lambda: False)
     assert (reader.load_checkpoint(job_id) or ({}, {}))[1] == {"epoch": 2}
+    # A damaged checkpoint is refused, not resumed from: a changed byte, a file cut short.
+    stored = remote.cat_file(f"{bucket}/models/checkpoints/{job_id}.safetensors")
+    for damaged in (stored[:-1] + bytes([stored[-1] ^ 0xFF]), stored[: len(stored) // 2]):
+        remote.pipe_file(f"{bucket}/models/checkpoints/{job_id}.safetensors", damaged)
+        with pytest.raises(IntegrityError, match=job_id):
+            reader.load_checkpoint(job_id)
     writer.delete_checkpoint(job_id)
     assert reader.load_checkpoint(job_id) is None
     assert not remote.exists(f"{bucket}/models/checkpoints/{job_id}.safetensors")
@@ -168,3 +192,83 @@ def test_two_api_nodes_share_models_through_s3(
     finally:
         stop_server(node_b)
         stop_server(node_a)
+
+
+def test_start_up_sweep_removes_old_orphan_objects_and_keeps_owned_and_young_ones(
+    s3: S3Server, bucket: str, tmp_path: Path, moons: tuple[bytes, int]
+) -> None:
+    grace = 5.0  # the sweep below must run within it of the young uploads, on a busy machine too
+    env = {
+        **S3Server.env,
+        "TRAINSERVE_STORE_URL": f"s3://{bucket}/store",
+        "TRAINSERVE_STORE_ENDPOINT_URL": s3.endpoint_url,
+        "TRAINSERVE_ORPHAN_GRACE_SECONDS": str(grace),
+    }
+    node = start_server(tmp_path / "node", env=env)
+    try:
+        with TrainserveClient(node.url, timeout=60) as ts:
+            dataset = ts.upload_dataset(moons[0], "moons.csv")
+            model = ts.get_model(ts.wait(ts.train(moons_spec(dataset.id, epochs=2)).id).model_id or "")
+            weights = ts.download_weights(model.id)  # leaves this node a copy
+            unfinished = ts.train(moons_spec(dataset.id, epochs=100_000)).id  # handed back, still queued, on stop
+    finally:
+        stop_server(node)
+
+    remote, root = filesystem(s3), f"{bucket}/store"
+    owned = [
+        f"{root}/weights/{model.id}.safetensors",
+        f"{root}/datasets/{dataset.id}.npz",
+        f"{root}/checkpoints/{unfinished}.safetensors",  # a job that may still resume needs it
+    ]
+    remote.pipe_file(owned[-1], b"a checkpoint")
+    orphan_weights = new_id()
+    old_orphans = [
+        f"{root}/weights/{orphan_weights}.safetensors",  # weights whose model row never committed
+        f"{root}/datasets/{new_id()}.npz",  # a table whose dataset row never committed
+        f"{root}/checkpoints/{new_id()}.safetensors",  # a checkpoint of no job
+        f"{root}/checkpoints/{model.job_id}.safetensors",  # a checkpoint of a finished job
+    ]
+    not_ours = [f"{root}/weights/notes.txt", f"{root}/trainserve-store"]
+    for name in old_orphans + not_ours:
+        remote.pipe_file(name, b"debris")
+    time.sleep(grace + 2.5)  # S3 lists whole seconds
+    young_orphans = [f"{root}/weights/{new_id()}.safetensors", f"{root}/datasets/{new_id()}.npz"]
+    for name in young_orphans:  # what another node may be uploading right now, its row to come
+        remote.pipe_file(name, b"in progress")
+    cache = node.store_dir
+    stale_copy = cache / "weights" / f"{orphan_weights}.safetensors"  # this node's copy of an orphan
+    stale_copy.write_bytes(b"debris")
+
+    settings = Settings(
+        data_dir=node.data_dir,
+        store_url=env["TRAINSERVE_STORE_URL"],
+        store_endpoint_url=s3.endpoint_url,
+        store_options={"key": "testing", "secret": "testing"},
+    )
+    store = open_store(settings)
+    sessions = make_session_factory(make_engine(settings.resolved_database_url))
+    removed = sweep(sessions, store, grace_seconds=grace)  # what `serve` and `worker` do on start
+
+    remote.invalidate_cache()
+    assert sorted(removed) == sorted(f"s3://{name}" for name in old_orphans)
+    assert not [name for name in old_orphans if remote.exists(name)]
+    assert all(remote.exists(name) for name in owned + young_orphans + not_ours)
+    assert not stale_copy.exists()
+    assert (cache / "weights" / f"{model.id}.safetensors").exists()  # an owned copy stays
+    with store.open_weights(model.id, model.weights_sha256) as sent:
+        assert sent.read() == weights
+    with sessions() as session:
+        record = session.get(DatasetRecord, dataset.id)
+        assert record is not None
+        assert store.load_dataset(dataset.id, record.file_sha256).names == ["x0", "x1", "label"]
+
+
+def test_objects_listed_without_a_time_are_never_taken_for_orphans(tmp_path: Path) -> None:
+    # fsspec's in-memory filesystem lists no modification time: a store there cannot tell
+    # an orphan from an upload in progress, so the sweep leaves its objects alone.
+    store = ObjectStore(f"memory://{unique_name('trainserve')}/store", tmp_path, {})
+    store.ensure()
+    orphan = f"{store.remote_root}/weights/{new_id()}.safetensors"
+    store.fs.pipe_file(orphan, b"debris")
+    assert store.sweep_orphans(store.weights, older_than_s=0, owned=lambda ids: set()) == []
+    assert store.fs.exists(orphan)

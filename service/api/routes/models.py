@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from typing import BinaryIO
+
 from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 
 from service import registry
 from service.api.deps import RuntimeDep, SessionDep
@@ -10,6 +14,9 @@ from service.schemas import Model
 from service.spec import MODEL_NAME_PATTERN
 
 router = APIRouter(tags=["models"])
+# Sent from the handle the store checked (not re-opened by path, as FileResponse would):
+# the bytes sent are the bytes whose sha256 matched. Each chunk is read in a thread.
+_SEND_CHUNK = 1024 * 1024
 
 
 @router.get("/models", response_model=list[Model])
@@ -31,22 +38,32 @@ def get_model(model_id: str, session: SessionDep) -> Model:
 
 @router.get(
     "/models/{model_id}/weights",
-    response_class=FileResponse,
+    response_class=StreamingResponse,
     responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors file"}},
 )
-def download_weights(model_id: str, session: SessionDep, runtime: RuntimeDep) -> FileResponse:
-    """The trained weights as safetensors (no pickle); the scaler's mean/std are inside."""
+def download_weights(model_id: str, session: SessionDep, runtime: RuntimeDep) -> StreamingResponse:
+    """The trained weights as safetensors (no pickle); the scaler's mean/std are inside.
+    ``X-Content-SHA256`` is their sha256, which the file was checked against before sending."""
     record = registry.get(session=session, model_id=model_id)
     try:
-        path = runtime.store.weights_file(record.id, record.weights_sha256)
+        handle = runtime.store.open_weights(record.id, record.weights_sha256)
     except FileNotFoundError:  # deleted by a concurrent request
         raise NotFound(f"model {model_id!r} does not exist") from None
-    return FileResponse(
-        path,
+    return StreamingResponse(
+        _chunks(handle),
         media_type="application/octet-stream",
-        filename=f"{record.id}.safetensors",
-        headers={"X-Content-SHA256": record.weights_sha256},
+        headers={
+            "Content-Length": str(os.fstat(handle.fileno()).st_size),
+            "Content-Disposition": f'attachment; filename="{record.id}.safetensors"',
+            "X-Content-SHA256": record.weights_sha256,
+        },
     )
+
+
+def _chunks(handle: BinaryIO) -> Iterator[bytes]:
+    with handle:
+        while chunk := handle.read(_SEND_CHUNK):
+            yield chunk
 
 
 @router.delete("/models/{model_id}", status_code=204)
