@@ -36,7 +36,10 @@ def sweep(sessions: sessionmaker, store: Store, *, grace_seconds: float) -> list
             (store.checkpoints, _owner(session, JobRecord.id, active_jobs_only=True)),
         ]
         for folder, owned in owners:
-            removed += store.sweep_orphans(folder, older_than_s=grace_seconds, owned=owned)
+            try:
+                removed += store.sweep_orphans(folder, older_than_s=grace_seconds, owned=owned)
+            except OSError as exc:  # e.g. S3 credentials that may read and write but not list
+                log.warning("could not sweep %s for orphans, leaving them: %s", folder, exc)
     if removed:
         log.warning("removed %d orphan file(s) left by a crash: %s", len(removed), removed[:10])
     return removed
