@@ -133,9 +133,9 @@ class _WorkerSupervisor:
 
 def _worker(args: argparse.Namespace) -> int:
     from service.db import make_engine, make_session_factory, upgrade_to_head
-    from service.jobs import run_worker
     from service.orphans import sweep
     from service.store import open_store
+    from service.worker import run_worker
 
     settings = get_settings()
     if args.device:
