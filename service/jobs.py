@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlparse
 
 from huey import Huey, PostgresHuey, RedisHuey, SqliteHuey
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
@@ -57,6 +58,10 @@ class JobQueue:
 
     def enqueue(self, job_id: str) -> None:
         self.train_task(job_id)
+
+    def waiting_job_ids(self) -> set[str]:
+        """The jobs whose entries wait on the queue now (not those a worker has taken off it)."""
+        return {task.args[0] for task in self.huey.pending()}
 
     def close(self) -> None:
         """Close the queue's connection (SQLite and Postgres keep one open; Redis pools)."""
@@ -172,6 +177,62 @@ def requeue_queued(sessions: sessionmaker, queue: JobQueue) -> int:  # type: ign
     return len(queued)
 
 
+def _overdue(grace_seconds: float) -> tuple[ColumnElement[bool], ...]:
+    # A queued job's updated_at is when it became queued: nothing writes a queued row but
+    # the transitions into that state and ``requeue_lost``.
+    return JobRecord.status == QUEUED, JobRecord.updated_at < utcnow() - timedelta(seconds=grace_seconds)
+
+
+def jobs_missing_from_queue(sessions: sessionmaker, queue: JobQueue, *, grace_seconds: float) -> set[str]:  # type: ignore[type-arg]
+    """The jobs ``queued`` for ``grace_seconds`` or more that have no entry on the queue now.
+
+    A younger job's entry may still be on its way (it is enqueued after the commit). An
+    entry a worker has just taken is not on the queue either, until the worker claims its
+    job a moment later: one look cannot tell that from a lost entry (see ``Rescuer``).
+    """
+    with sessions() as session:
+        overdue = set(session.scalars(select(JobRecord.id).where(*_overdue(grace_seconds))))
+    if not overdue:
+        return overdue  # the common case: no need to read the queue
+    return overdue - queue.waiting_job_ids()
+
+
+def requeue_lost(
+    sessions: sessionmaker,  # type: ignore[type-arg]
+    queue: JobQueue,
+    job_ids: Collection[str],
+    *,
+    grace_seconds: float,
+) -> list[str]:
+    """Enqueue again the jobs of ``job_ids`` (found without an entry on the queue) that are
+    still queued and overdue, noting it on each: a worker died between taking the entry and
+    claiming the job, or the queue lost data (a Redis restart without persistence). Safe to
+    run in many processes at once (a compare-and-set on the row); returns the ids enqueued.
+    """
+    lost: list[str] = []
+    if not job_ids:
+        return lost
+    note = f"no entry on the queue after {grace_seconds:g} s queued; re-queued"
+    with sessions.begin() as session:
+        rows = session.execute(
+            select(JobRecord.id, JobRecord.notes).where(JobRecord.id.in_(job_ids), *_overdue(grace_seconds))
+        ).all()
+        for row in rows:
+            # updated_at moves to now: no rescuer enqueues it again before its new entry is
+            # there to be seen, nor if a worker claimed it meanwhile (no longer queued).
+            if rows_changed(
+                session,
+                update(JobRecord)
+                .where(JobRecord.id == row.id, *_overdue(grace_seconds))
+                .values(notes=with_note(row.notes, note), updated_at=utcnow()),
+            ):
+                lost.append(row.id)
+    for job_id in lost:
+        log.warning("job %s was queued but had no entry on the queue; enqueued it again", job_id)
+        queue.enqueue(job_id)
+    return lost
+
+
 def with_note(notes: list[Any] | None, note: str) -> list[Any]:
     """A job's notes with one more at the end."""
     return [*(notes or []), note]
@@ -242,22 +303,34 @@ def expire_leases_of(sessions: sessionmaker, worker: str) -> int:  # type: ignor
 
 
 class Rescuer:
-    """Runs ``rescue_expired`` every ``rescue_interval_seconds`` in a background thread."""
+    """Runs ``rescue_expired`` and ``requeue_lost`` every ``rescue_interval_seconds`` in a
+    background thread."""
 
     def __init__(self, sessions: sessionmaker, queue: JobQueue, settings: Settings) -> None:  # type: ignore[type-arg]
         self.sessions, self.queue, self.settings = sessions, queue, settings
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="job-rescuer", daemon=True)
+        self._missing: set[str] = set()  # queued jobs the last look found with no entry on the queue
 
     def rescue_now(self) -> list[str]:
         return rescue_expired(self.sessions, self.queue, max_attempts=self.settings.max_attempts)
 
+    def requeue_lost_now(self) -> list[str]:
+        grace = self.settings.lost_entry_grace_seconds
+        missing = jobs_missing_from_queue(self.sessions, self.queue, grace_seconds=grace)
+        # Only a job missing at two looks a rescue interval apart has lost its entry: a worker
+        # claims the job of an entry it takes within moments, so one look may fall between.
+        lost = requeue_lost(self.sessions, self.queue, missing & self._missing, grace_seconds=grace)
+        self._missing = missing - set(lost)
+        return lost
+
     def _loop(self) -> None:
         while not self._stopping.wait(self.settings.rescue_interval_seconds):
-            try:
-                self.rescue_now()
-            except Exception:  # the database may be briefly away; try again next round
-                log.exception("rescuing expired jobs failed")
+            for rescue in (self.rescue_now, self.requeue_lost_now):
+                try:
+                    rescue()
+                except Exception:  # the database or the queue may be briefly away; try again next round
+                    log.exception("rescuing jobs failed (%s)", rescue.__name__)
 
     def start(self) -> None:
         self._thread.start()

@@ -54,21 +54,6 @@ log = logging.getLogger(__name__)
 _HISTORY_POINTS = 1000
 
 
-def build_worker_queue(settings: Settings, draining: threading.Event) -> JobQueue:
-    """The queue, with the training task bound to this worker; ``draining``, set when the
-    process is asked to stop, makes a running job hand itself back (see ``run_worker``)."""
-    context: dict[str, WorkerContext] = {}
-
-    def run(job_id: str) -> None:
-        # Built on the first job: store, database and warmed-up engine.
-        if "ctx" not in context:
-            context["ctx"] = WorkerContext.from_settings(settings, queue, draining)
-        run_job(context["ctx"], job_id)
-
-    queue = build_queue(settings, run=run)
-    return queue
-
-
 class _DrainingConsumer(Consumer):  # type: ignore[misc]
     """Huey's consumer, where SIGINT and SIGTERM both stop it gracefully after ``on_stop``.
 
@@ -98,8 +83,16 @@ def run_worker(settings: Settings, *, exit_with_parent: bool = False) -> None:
         os.nice(settings.worker_nice)
     if settings.train_threads is not None:
         torch.set_num_threads(settings.train_threads)
-    draining = threading.Event()
-    queue = build_worker_queue(settings, draining)
+    draining = threading.Event()  # set on SIGTERM/SIGINT: a running job hands itself back
+
+    def run(job_id: str) -> None:
+        run_job(ctx, job_id)
+
+    queue = build_queue(settings, run=run)
+    # Built before the first entry is taken, so that taking an entry and claiming its job
+    # are moments apart: the rescuer re-enqueues a queued job whose entry it cannot see
+    # (``jobs.requeue_lost``), and the engine's one-off costs take a second or more.
+    ctx = WorkerContext.from_settings(settings, queue, draining)
     consumer = _DrainingConsumer(
         queue.huey,
         on_stop=draining.set,
