@@ -28,7 +28,7 @@ from service.data import TableSchema
 from service.db import DatasetRecord, JobRecord, on_commit, rows_changed, utcnow
 from service.errors import Conflict, NotFound
 from service.spec import Limits, TrainSpec, plan_training
-from service.store import new_id
+from service.store import Store, new_id
 
 log = logging.getLogger(__name__)
 
@@ -238,17 +238,25 @@ def with_note(notes: list[Any] | None, note: str) -> list[Any]:
     return [*(notes or []), note]
 
 
-def rescue_expired(sessions: sessionmaker, queue: JobQueue, *, max_attempts: int) -> list[str]:  # type: ignore[type-arg]
+def rescue_expired(
+    sessions: sessionmaker,  # type: ignore[type-arg]
+    queue: JobQueue,
+    store: Store,
+    *,
+    max_attempts: int,
+) -> list[str]:
     """Take back ``running`` jobs whose lease lapsed: their worker died or lost the database.
 
     Each goes back to ``queued`` (and on the queue, after commit) while it has attempts left,
-    else ends ``failed`` saying why; a job with a pending cancel ends ``cancelled``. Safe to
+    else ends ``failed`` saying why; a job with a pending cancel ends ``cancelled`` (after
+    the commit, an ended job's checkpoint is deleted: no attempt will resume from it). Safe to
     run in any number of processes at once: each change is a compare-and-set on the row as
     read, so one rescuer wins and the others change nothing. Returns the ids it changed.
     """
     now = utcnow()
     expired = or_(JobRecord.lease_expires_at < now, JobRecord.lease_expires_at.is_(None))
     requeued: list[str] = []
+    ended: list[str] = []
     changed: list[str] = []
     with sessions.begin() as session:
         rows = session.execute(
@@ -282,12 +290,21 @@ def rescue_expired(sessions: sessionmaker, queue: JobQueue, *, max_attempts: int
                 values = {"status": QUEUED, "worker": None, "notes": with_note(row.notes, f"{lost}; re-queued")}
             if rows_changed(session, same_claim.values(lease_expires_at=None, updated_at=now, **values)):
                 changed.append(row.id)
-                if values["status"] == QUEUED:
-                    requeued.append(row.id)
+                (requeued if values["status"] == QUEUED else ended).append(row.id)
     for job_id in requeued:
         log.warning("job %s lost its worker; re-queued", job_id)
         queue.enqueue(job_id)
+    for job_id in ended:
+        _delete_checkpoint(store, job_id)
     return changed
+
+
+def _delete_checkpoint(store: Store, job_id: str) -> None:
+    """Delete an ended job's checkpoint; one that cannot be deleted now is left to the orphan sweep."""
+    try:
+        store.delete_checkpoint(job_id)
+    except Exception:
+        log.exception("job %s: deleting its checkpoint failed", job_id)
 
 
 def expire_leases_of(sessions: sessionmaker, worker: str) -> int:  # type: ignore[type-arg]
@@ -306,14 +323,14 @@ class Rescuer:
     """Runs ``rescue_expired`` and ``requeue_lost`` every ``rescue_interval_seconds`` in a
     background thread."""
 
-    def __init__(self, sessions: sessionmaker, queue: JobQueue, settings: Settings) -> None:  # type: ignore[type-arg]
-        self.sessions, self.queue, self.settings = sessions, queue, settings
+    def __init__(self, sessions: sessionmaker, queue: JobQueue, store: Store, settings: Settings) -> None:  # type: ignore[type-arg]
+        self.sessions, self.queue, self.store, self.settings = sessions, queue, store, settings
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="job-rescuer", daemon=True)
         self._missing: set[str] = set()  # queued jobs the last look found with no entry on the queue
 
     def rescue_now(self) -> list[str]:
-        return rescue_expired(self.sessions, self.queue, max_attempts=self.settings.max_attempts)
+        return rescue_expired(self.sessions, self.queue, self.store, max_attempts=self.settings.max_attempts)
 
     def requeue_lost_now(self) -> list[str]:
         grace = self.settings.lost_entry_grace_seconds
@@ -341,11 +358,16 @@ class Rescuer:
             self._thread.join(5)
 
 
-def cancel(session: Session, job_id: str) -> JobRecord:
-    """A queued job ends now; a running one is asked to stop and ends within a progress interval."""
+def cancel(session: Session, store: Store, job_id: str) -> JobRecord:
+    """A queued job ends now; a running one is asked to stop and ends within a progress interval
+    (its worker deletes its checkpoint)."""
     job = get_job(session, job_id)
     ended = _end(session, job_id, QUEUED, CANCELLED, error="cancelled before it started")
-    if not ended:
+    if ended:
+        # A job handed back, or re-queued after its worker died, may have a checkpoint: no
+        # attempt will resume from it now.
+        on_commit(session, lambda: store.delete_checkpoint(job_id))
+    else:
         asked = rows_changed(
             session,
             update(JobRecord)

@@ -104,7 +104,7 @@ def run_worker(settings: Settings, *, exit_with_parent: bool = False) -> None:
         max_delay=settings.queue_poll_max_s,
     )
     sessions = make_session_factory(make_engine(settings.resolved_database_url))
-    rescuer = Rescuer(sessions, queue, settings)
+    rescuer = Rescuer(sessions, queue, ctx.store, settings)
     rescuer.start()
     if exit_with_parent:
         _stop_when_orphaned()
