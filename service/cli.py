@@ -34,12 +34,13 @@ def _serve(args: argparse.Namespace) -> int:
     # Migrate before any worker starts, so workers never see an old schema.
     upgrade_to_head(settings.resolved_database_url)
     sessions = make_session_factory(make_engine(settings.resolved_database_url))
-    sweep(sessions, open_store(settings), grace_seconds=settings.orphan_grace_seconds)
+    store = open_store(settings)
+    sweep(sessions, store, grace_seconds=settings.orphan_grace_seconds)
     queue = build_queue(settings)
     # A job that was running when the service stopped keeps its lease until it runs out,
     # then the rescuer re-queues it: this process cannot know whether a worker on another
     # machine still runs it. Queued jobs go back on the queue at once.
-    rescuer = Rescuer(sessions, queue, settings)
+    rescuer = Rescuer(sessions, queue, store, settings)
     rescuer.rescue_now()
     requeue_queued(sessions, queue)
     rescuer.start()
@@ -133,9 +134,9 @@ class _WorkerSupervisor:
 
 def _worker(args: argparse.Namespace) -> int:
     from service.db import make_engine, make_session_factory, upgrade_to_head
-    from service.jobs import run_worker
     from service.orphans import sweep
     from service.store import open_store
+    from service.worker import run_worker
 
     settings = get_settings()
     if args.device:

@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     rescue_interval_seconds: float = Field(default=5.0, gt=0)
+    # The rescuer also enqueues again a job that has been `queued` this long with no entry
+    # on the queue (its worker died between taking the entry and claiming the job, or the
+    # queue lost data). Younger jobs may have an entry on its way, or a claim in progress.
+    lost_entry_grace_seconds: float = Field(default=60.0, gt=0)
     # A running job saves a checkpoint this often, so a re-queued job resumes near where
     # its last worker stopped instead of from epoch 0.
     checkpoint_seconds: float = Field(default=60.0, gt=0)

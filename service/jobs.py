@@ -1,4 +1,6 @@
-"""Training jobs: queue them through Huey, run them in a worker process, report progress, cancel.
+"""Training jobs as every process sees them: queue them through Huey, look them up, cancel
+them, and bring back jobs whose worker died. The worker process that trains them is
+``service.worker``.
 
 The ``jobs`` table is the truth for a job's state; the queue only carries job ids.
 Every state change is a conditional UPDATE (``WHERE status = ...``), so a cancel and a
@@ -8,52 +10,30 @@ transaction that created it commits, so a worker never looks for a row that is n
 
 from __future__ import annotations
 
-import enum
-import json
 import logging
-import os
-import signal
 import socket
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlparse
 
-import numpy as np
-import torch
 from huey import Huey, PostgresHuey, RedisHuey, SqliteHuey
-from huey.consumer import Consumer
-from sqlalchemy import ColumnElement, func, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-import service
-from service import engine
 from service.config import Settings
-from service.data import Table, TableSchema
-from service.db import (
-    DatasetRecord,
-    JobRecord,
-    ModelRecord,
-    make_engine,
-    make_session_factory,
-    on_commit,
-    rows_changed,
-    utcnow,
-)
-from service.errors import Conflict, InvalidInput, NotFound, TrainserveError
-from service.spec import Limits, TrainingPlan, TrainSpec, plan_training
-from service.store import IntegrityError as StoreIntegrityError
-from service.store import Store, new_id, open_store
+from service.data import TableSchema
+from service.db import DatasetRecord, JobRecord, on_commit, rows_changed, utcnow
+from service.errors import Conflict, NotFound
+from service.spec import Limits, TrainSpec, plan_training
+from service.store import Store, new_id
 
 log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 ACTIVE = (QUEUED, RUNNING)
-_HISTORY_POINTS = 1000
 
 
 def limits_of(settings: Settings) -> Limits:
@@ -78,6 +58,10 @@ class JobQueue:
 
     def enqueue(self, job_id: str) -> None:
         self.train_task(job_id)
+
+    def waiting_job_ids(self) -> set[str]:
+        """The jobs whose entries wait on the queue now (not those a worker has taken off it)."""
+        return {task.args[0] for task in self.huey.pending()}
 
     def close(self) -> None:
         """Close the queue's connection (SQLite and Postgres keep one open; Redis pools)."""
@@ -105,85 +89,21 @@ def huey_for(url: str, name: str) -> Huey:
     )
 
 
-def build_queue(settings: Settings, *, draining: threading.Event | None = None) -> JobQueue:
-    """The queue; ``draining``, set when the worker process is asked to stop, makes a running
-    job hand itself back to the queue (see ``run_worker``)."""
+def build_queue(settings: Settings, *, run: Callable[[str], None] | None = None) -> JobQueue:
+    """The queue. Only a worker passes ``run``, which trains the job an entry names (see
+    ``service.worker``); any other process only enqueues."""
     huey = huey_for(settings.resolved_queue_url, settings.queue_name)
-    context: dict[str, WorkerContext] = {}
 
+    # Registered in every process, here: an entry names its task by the function's module
+    # and this name ("service.jobs.trainserve.train"), so entries queued by any version
+    # of the code, or by an API node, are the worker's to run.
     @huey.task(name="trainserve.train")  # type: ignore[untyped-decorator]
     def train_task(job_id: str) -> None:
-        # Built on first use inside the worker process; the API process only enqueues.
-        if "ctx" not in context:
-            context["ctx"] = WorkerContext.from_settings(settings, queue, draining or threading.Event())
-        run_job(context["ctx"], job_id)
+        if run is None:
+            raise RuntimeError("this process only enqueues training jobs; `trainserve worker` runs them")
+        run(job_id)
 
-    queue = JobQueue(huey, train_task)
-    return queue
-
-
-class _DrainingConsumer(Consumer):  # type: ignore[misc]
-    """Huey's consumer, where SIGINT and SIGTERM both stop it gracefully after ``on_stop``.
-
-    Huey interrupts running tasks on SIGTERM and waits for them (maybe hours) on SIGINT;
-    a training worker instead asks its running job to checkpoint and go back to the queue,
-    then waits for that, which takes seconds.
-    """
-
-    def __init__(self, huey: Huey, *, on_stop: Callable[[], None], **options: Any) -> None:
-        super().__init__(huey, **options)
-        self._on_stop = on_stop
-        self._signal_actions[signal.SIGINT] = (False, True)  # (restart, graceful)
-        self._signal_actions[signal.SIGTERM] = (False, True)
-
-    def _handle_signal(self, signum: int, frame: Any) -> None:
-        super()._handle_signal(signum, frame)
-        self._on_stop()
-
-
-def run_worker(settings: Settings, *, exit_with_parent: bool = False) -> None:
-    """Consume training jobs until SIGINT/SIGTERM (``trainserve worker``), which drain it.
-
-    The worker also runs the rescuer, so jobs of a dead worker on any machine come back.
-    With ``exit_with_parent`` it drains itself when the process that started it dies.
-    """
-    if settings.worker_nice:
-        os.nice(settings.worker_nice)
-    if settings.train_threads is not None:
-        torch.set_num_threads(settings.train_threads)
-    draining = threading.Event()
-    queue = build_queue(settings, draining=draining)
-    consumer = _DrainingConsumer(
-        queue.huey,
-        on_stop=draining.set,
-        workers=settings.worker_threads,
-        worker_type="thread",
-        periodic=False,
-        initial_delay=0.05,
-        backoff=1.15,
-        max_delay=settings.queue_poll_max_s,
-    )
-    sessions = make_session_factory(make_engine(settings.resolved_database_url))
-    rescuer = Rescuer(sessions, queue, settings)
-    rescuer.start()
-    if exit_with_parent:
-        _stop_when_orphaned()
-    try:
-        consumer.run()
-    finally:
-        rescuer.stop()
-
-
-def _stop_when_orphaned() -> None:
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        log.warning("the process that started this worker is gone; draining")
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    return JobQueue(huey, train_task)
 
 
 # -- the API side ----------------------------------------------------------------------------
@@ -257,21 +177,86 @@ def requeue_queued(sessions: sessionmaker, queue: JobQueue) -> int:  # type: ign
     return len(queued)
 
 
-def _append(notes: list[Any] | None, note: str) -> list[Any]:
+def _overdue(grace_seconds: float) -> tuple[ColumnElement[bool], ...]:
+    # A queued job's updated_at is when it became queued: nothing writes a queued row but
+    # the transitions into that state and ``requeue_lost``.
+    return JobRecord.status == QUEUED, JobRecord.updated_at < utcnow() - timedelta(seconds=grace_seconds)
+
+
+def jobs_missing_from_queue(sessions: sessionmaker, queue: JobQueue, *, grace_seconds: float) -> set[str]:  # type: ignore[type-arg]
+    """The jobs ``queued`` for ``grace_seconds`` or more that have no entry on the queue now.
+
+    A younger job's entry may still be on its way (it is enqueued after the commit). An
+    entry a worker has just taken is not on the queue either, until the worker claims its
+    job a moment later: one look cannot tell that from a lost entry (see ``Rescuer``).
+    """
+    with sessions() as session:
+        overdue = set(session.scalars(select(JobRecord.id).where(*_overdue(grace_seconds))))
+    if not overdue:
+        return overdue  # the common case: no need to read the queue
+    return overdue - queue.waiting_job_ids()
+
+
+def requeue_lost(
+    sessions: sessionmaker,  # type: ignore[type-arg]
+    queue: JobQueue,
+    job_ids: Collection[str],
+    *,
+    grace_seconds: float,
+) -> list[str]:
+    """Enqueue again the jobs of ``job_ids`` (found without an entry on the queue) that are
+    still queued and overdue, noting it on each: a worker died between taking the entry and
+    claiming the job, or the queue lost data (a Redis restart without persistence). Safe to
+    run in many processes at once (a compare-and-set on the row); returns the ids enqueued.
+    """
+    lost: list[str] = []
+    if not job_ids:
+        return lost
+    note = f"no entry on the queue after {grace_seconds:g} s queued; re-queued"
+    with sessions.begin() as session:
+        rows = session.execute(
+            select(JobRecord.id, JobRecord.notes).where(JobRecord.id.in_(job_ids), *_overdue(grace_seconds))
+        ).all()
+        for row in rows:
+            # updated_at moves to now: no rescuer enqueues it again before its new entry is
+            # there to be seen, nor if a worker claimed it meanwhile (no longer queued).
+            if rows_changed(
+                session,
+                update(JobRecord)
+                .where(JobRecord.id == row.id, *_overdue(grace_seconds))
+                .values(notes=with_note(row.notes, note), updated_at=utcnow()),
+            ):
+                lost.append(row.id)
+    for job_id in lost:
+        log.warning("job %s was queued but had no entry on the queue; enqueued it again", job_id)
+        queue.enqueue(job_id)
+    return lost
+
+
+def with_note(notes: list[Any] | None, note: str) -> list[Any]:
+    """A job's notes with one more at the end."""
     return [*(notes or []), note]
 
 
-def rescue_expired(sessions: sessionmaker, queue: JobQueue, *, max_attempts: int) -> list[str]:  # type: ignore[type-arg]
+def rescue_expired(
+    sessions: sessionmaker,  # type: ignore[type-arg]
+    queue: JobQueue,
+    store: Store,
+    *,
+    max_attempts: int,
+) -> list[str]:
     """Take back ``running`` jobs whose lease lapsed: their worker died or lost the database.
 
     Each goes back to ``queued`` (and on the queue, after commit) while it has attempts left,
-    else ends ``failed`` saying why; a job with a pending cancel ends ``cancelled``. Safe to
+    else ends ``failed`` saying why; a job with a pending cancel ends ``cancelled`` (after
+    the commit, an ended job's checkpoint is deleted: no attempt will resume from it). Safe to
     run in any number of processes at once: each change is a compare-and-set on the row as
     read, so one rescuer wins and the others change nothing. Returns the ids it changed.
     """
     now = utcnow()
     expired = or_(JobRecord.lease_expires_at < now, JobRecord.lease_expires_at.is_(None))
     requeued: list[str] = []
+    ended: list[str] = []
     changed: list[str] = []
     with sessions.begin() as session:
         rows = session.execute(
@@ -302,15 +287,24 @@ def rescue_expired(sessions: sessionmaker, queue: JobQueue, *, max_attempts: int
                     "finished_at": now,
                 }
             else:
-                values = {"status": QUEUED, "worker": None, "notes": _append(row.notes, f"{lost}; re-queued")}
+                values = {"status": QUEUED, "worker": None, "notes": with_note(row.notes, f"{lost}; re-queued")}
             if rows_changed(session, same_claim.values(lease_expires_at=None, updated_at=now, **values)):
                 changed.append(row.id)
-                if values["status"] == QUEUED:
-                    requeued.append(row.id)
+                (requeued if values["status"] == QUEUED else ended).append(row.id)
     for job_id in requeued:
         log.warning("job %s lost its worker; re-queued", job_id)
         queue.enqueue(job_id)
+    for job_id in ended:
+        _delete_checkpoint(store, job_id)
     return changed
+
+
+def _delete_checkpoint(store: Store, job_id: str) -> None:
+    """Delete an ended job's checkpoint; one that cannot be deleted now is left to the orphan sweep."""
+    try:
+        store.delete_checkpoint(job_id)
+    except Exception:
+        log.exception("job %s: deleting its checkpoint failed", job_id)
 
 
 def expire_leases_of(sessions: sessionmaker, worker: str) -> int:  # type: ignore[type-arg]
@@ -326,22 +320,34 @@ def expire_leases_of(sessions: sessionmaker, worker: str) -> int:  # type: ignor
 
 
 class Rescuer:
-    """Runs ``rescue_expired`` every ``rescue_interval_seconds`` in a background thread."""
+    """Runs ``rescue_expired`` and ``requeue_lost`` every ``rescue_interval_seconds`` in a
+    background thread."""
 
-    def __init__(self, sessions: sessionmaker, queue: JobQueue, settings: Settings) -> None:  # type: ignore[type-arg]
-        self.sessions, self.queue, self.settings = sessions, queue, settings
+    def __init__(self, sessions: sessionmaker, queue: JobQueue, store: Store, settings: Settings) -> None:  # type: ignore[type-arg]
+        self.sessions, self.queue, self.store, self.settings = sessions, queue, store, settings
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="job-rescuer", daemon=True)
+        self._missing: set[str] = set()  # queued jobs the last look found with no entry on the queue
 
     def rescue_now(self) -> list[str]:
-        return rescue_expired(self.sessions, self.queue, max_attempts=self.settings.max_attempts)
+        return rescue_expired(self.sessions, self.queue, self.store, max_attempts=self.settings.max_attempts)
+
+    def requeue_lost_now(self) -> list[str]:
+        grace = self.settings.lost_entry_grace_seconds
+        missing = jobs_missing_from_queue(self.sessions, self.queue, grace_seconds=grace)
+        # Only a job missing at two looks a rescue interval apart has lost its entry: a worker
+        # claims the job of an entry it takes within moments, so one look may fall between.
+        lost = requeue_lost(self.sessions, self.queue, missing & self._missing, grace_seconds=grace)
+        self._missing = missing - set(lost)
+        return lost
 
     def _loop(self) -> None:
         while not self._stopping.wait(self.settings.rescue_interval_seconds):
-            try:
-                self.rescue_now()
-            except Exception:  # the database may be briefly away; try again next round
-                log.exception("rescuing expired jobs failed")
+            for rescue in (self.rescue_now, self.requeue_lost_now):
+                try:
+                    rescue()
+                except Exception:  # the database or the queue may be briefly away; try again next round
+                    log.exception("rescuing jobs failed (%s)", rescue.__name__)
 
     def start(self) -> None:
         self._thread.start()
@@ -352,11 +358,16 @@ class Rescuer:
             self._thread.join(5)
 
 
-def cancel(session: Session, job_id: str) -> JobRecord:
-    """A queued job ends now; a running one is asked to stop and ends within a progress interval."""
+def cancel(session: Session, store: Store, job_id: str) -> JobRecord:
+    """A queued job ends now; a running one is asked to stop and ends within a progress interval
+    (its worker deletes its checkpoint)."""
     job = get_job(session, job_id)
     ended = _end(session, job_id, QUEUED, CANCELLED, error="cancelled before it started")
-    if not ended:
+    if ended:
+        # A job handed back, or re-queued after its worker died, may have a checkpoint: no
+        # attempt will resume from it now.
+        on_commit(session, lambda: store.delete_checkpoint(job_id))
+    else:
         asked = rows_changed(
             session,
             update(JobRecord)
@@ -370,461 +381,6 @@ def cancel(session: Session, job_id: str) -> JobRecord:
     return job
 
 
-# -- the worker side -------------------------------------------------------------------------
-
-
 def worker_name(pid: int) -> str:
     """How a job row records the worker process that runs it."""
     return f"{socket.gethostname()}:{pid}"
-
-
-@dataclass
-class WorkerContext:
-    settings: Settings
-    sessions: sessionmaker  # type: ignore[type-arg]
-    store: Store
-    name: str
-    queue: JobQueue
-    draining: threading.Event  # set when the worker process should hand its jobs back and exit
-
-    @classmethod
-    def from_settings(cls, settings: Settings, queue: JobQueue, draining: threading.Event) -> WorkerContext:
-        store = open_store(settings)
-        store.ensure()
-        sessions = make_session_factory(make_engine(settings.resolved_database_url))
-        engine.warm_up()
-        return cls(settings, sessions, store, worker_name(os.getpid()), queue, draining)
-
-
-class Lease:
-    """A worker's claim on one running job, renewed by a heartbeat thread every lease/3.
-
-    Every write the worker makes for the job goes through ``update``, fenced by the claim
-    (running, this worker, this attempt): once the rescuer has given the job to someone
-    else, the old worker's writes change nothing. ``lost`` is set when a renewal finds the
-    row taken, or when the worker could not renew before the lease ran out.
-    """
-
-    def __init__(self, sessions: sessionmaker, job_id: str, worker: str, attempt: int, seconds: float) -> None:  # type: ignore[type-arg]
-        self.sessions, self.job_id, self.worker, self.attempt, self.seconds = sessions, job_id, worker, attempt, seconds
-        self.lost = threading.Event()
-        self._done = threading.Event()
-        self._valid_until = time.monotonic() + seconds
-        self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id[:8]}", daemon=True)
-
-    def owned(self) -> tuple[ColumnElement[bool], ...]:
-        return (
-            JobRecord.id == self.job_id,
-            JobRecord.status == RUNNING,
-            JobRecord.worker == self.worker,
-            JobRecord.attempts == self.attempt,
-        )
-
-    def update(self, session: Session, **values: Any) -> bool:
-        """UPDATE the job row if this claim still holds; False (and ``lost``) if it does not."""
-        kept = rows_changed(session, update(JobRecord).where(*self.owned()).values(updated_at=utcnow(), **values))
-        if not kept:
-            self.lost.set()
-        return bool(kept)
-
-    def renew(self) -> None:
-        asked = time.monotonic()
-        now = utcnow()
-        with self.sessions.begin() as session:
-            kept = self.update(session, lease_expires_at=now + timedelta(seconds=self.seconds), heartbeat_at=now)
-        if kept:
-            self._valid_until = asked + self.seconds
-
-    def _beat(self) -> None:
-        while not self._done.wait(self.seconds / 3):
-            try:
-                self.renew()
-            except Exception:  # e.g. the database is briefly locked or away: retry until the lease runs out
-                log.warning("job %s: renewing the lease failed", self.job_id, exc_info=True)
-            if time.monotonic() > self._valid_until:
-                self.lost.set()
-            if self.lost.is_set():
-                log.warning("job %s: attempt %d lost its lease; stopping without writing", self.job_id, self.attempt)
-                return
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._done.set()
-        self._thread.join()
-
-
-class StopReason(enum.Enum):
-    CANCELLED = "cancelled"
-    LEASE_LOST = "lease lost"
-    TIME_LIMIT = "time limit"
-
-
-@dataclass(frozen=True)
-class TimeLimit:
-    seconds: float
-    source: str  # which setting set it, for the error message
-
-
-class _Attempt:
-    """One claim of a job by this worker: its lease, progress writes, and why it should stop."""
-
-    def __init__(self, ctx: WorkerContext, job: JobRecord, *, time_limit: TimeLimit) -> None:
-        self.ctx, self.job_id, self.time_limit = ctx, job.id, time_limit
-        self.lease = Lease(ctx.sessions, job.id, ctx.name, job.attempts, ctx.settings.lease_seconds)
-        self.interval = ctx.settings.progress_interval_s
-        self.last_write = 0.0
-        self.reports: list[engine.EpochReport] = []
-        self.started = time.monotonic()  # moved back by the training time a checkpoint carries
-        self.stop_reason: StopReason | None = None
-
-    def on_epoch(self, report: engine.EpochReport) -> None:
-        self.reports.append(report)
-        now = time.monotonic()
-        if now - self.last_write < self.interval:
-            return
-        self.last_write = now
-        with self.ctx.sessions.begin() as session:
-            self.lease.update(
-                session,
-                epoch=report.epoch,
-                train_loss=report.train_loss,
-                val_loss=report.val_loss,
-                val_metrics=report.val_metrics,
-                # The curve so far, for loss plots and event streams of a running job.
-                history=_thin(self.reports),
-            )
-
-    def _why_stop(self) -> StopReason | None:
-        if self.lease.lost.is_set():
-            return StopReason.LEASE_LOST
-        with self.ctx.sessions() as session:
-            row = session.execute(select(JobRecord.cancel_requested).where(*self.lease.owned())).one_or_none()
-        if row is None:
-            self.lease.lost.set()
-            return StopReason.LEASE_LOST
-        if row.cancel_requested:
-            return StopReason.CANCELLED
-        if time.monotonic() - self.started > self.time_limit.seconds:
-            return StopReason.TIME_LIMIT
-        return None
-
-    def should_stop(self) -> bool:
-        self.stop_reason = self._why_stop()
-        return self.stop_reason is not None
-
-    def should_preempt(self) -> bool:
-        return self.ctx.draining.is_set()
-
-    @property
-    def trained_seconds(self) -> float:
-        return time.monotonic() - self.started
-
-    def resume_point(self) -> engine.Checkpoint | None:
-        """The job's last checkpoint, if a previous attempt left one; noted on the job."""
-        try:
-            stored = self.ctx.store.load_checkpoint(self.job_id)
-        except StoreIntegrityError as exc:  # damaged: training from it would bake the damage in
-            self.ctx.store.delete_checkpoint(self.job_id)
-            self.note(f"{exc.detail}; started over")
-            return None
-        if stored is None:
-            return None
-        tensors, meta = stored
-        checkpoint = engine.Checkpoint(int(meta["epoch"]), tensors, meta["engine"])
-        # The live curve (loss plots, event streams) goes on from the epochs already done.
-        self.reports = [engine.EpochReport(e, t, v, m) for e, t, v, m in checkpoint.meta.get("history", [])]
-        self.started -= float(meta.get("trained_seconds", 0.0))  # the time limit spans attempts
-        self.note(f"resumed from epoch {checkpoint.epoch} on attempt {self.lease.attempt}")
-        return checkpoint
-
-    def save_checkpoint(self, checkpoint: engine.Checkpoint) -> None:
-        """Publish a checkpoint, only while this worker still owns the job (fenced like every write)."""
-        meta = {"epoch": checkpoint.epoch, "engine": checkpoint.meta, "trained_seconds": self.trained_seconds}
-        with self.ctx.sessions.begin() as session:
-
-            def still_owned() -> bool:
-                return self.lease.update(session, checkpoint_epoch=checkpoint.epoch)
-
-            self.ctx.store.save_checkpoint(self.job_id, checkpoint.tensors, meta, publish_if=still_owned)
-
-    def note(self, note: str) -> None:
-        with self.ctx.sessions.begin() as session:
-            notes = session.scalar(select(JobRecord.notes).where(JobRecord.id == self.job_id))
-            self.lease.update(session, notes=_append(notes, note))
-
-    def finish(self, status: str, **values: Any) -> bool:
-        """End the job (fenced by the lease): False if this worker no longer owns it."""
-        now = utcnow()
-        with self.ctx.sessions.begin() as session:
-            return self.lease.update(session, status=status, finished_at=now, lease_expires_at=None, **values)
-
-    def hand_back(self, note: str) -> None:
-        """Put the job back on the queue without spending an attempt (this worker is stopping)."""
-        with self.ctx.sessions.begin() as session:
-            notes = session.scalar(select(JobRecord.notes).where(JobRecord.id == self.job_id))
-            released = self.lease.update(
-                session,
-                status=QUEUED,
-                worker=None,
-                lease_expires_at=None,
-                attempts=JobRecord.attempts - 1,
-                notes=_append(notes, note),
-            )
-        if released:
-            self.ctx.queue.enqueue(self.job_id)
-        else:  # lost the job meanwhile: its checkpoint is the next owner's now
-            log.warning("job %s: could not hand it back, the lease was lost", self.job_id)
-
-
-def _thin(history: list[engine.EpochReport]) -> list[list[Any]]:
-    step = max(1, -(-len(history) // _HISTORY_POINTS))
-    kept = history[::step]
-    if history and kept[-1] is not history[-1]:
-        kept.append(history[-1])
-    return [[r.epoch, r.train_loss, r.val_loss] for r in kept]
-
-
-def _targets(table: Table, plan: TrainingPlan) -> np.ndarray:
-    if plan.task == "regression":
-        return table.matrix(plan.targets, dtype=np.float64)
-    return table.column(plan.targets[0])
-
-
-def on_this_worker(spec: TrainSpec, settings: Settings) -> TrainSpec:
-    """The spec to train here: "auto" means the device this worker was started for
-    (``trainserve worker --device cuda:1``), if any; otherwise the engine's choice, which
-    honours ``CUDA_VISIBLE_DEVICES``. The job and the model keep the spec as sent."""
-    if spec.device == "auto" and settings.worker_device:
-        return spec.model_copy(update={"device": settings.worker_device})
-    return spec
-
-
-def _claim(ctx: WorkerContext, job_id: str) -> tuple[JobRecord, DatasetRecord | None] | None:
-    """queued -> running for this worker, one more attempt, a fresh lease; None if not queued."""
-    now = utcnow()
-    with ctx.sessions.begin() as session:
-        claimed = rows_changed(
-            session,
-            update(JobRecord)
-            .where(JobRecord.id == job_id, JobRecord.status == QUEUED)
-            .values(
-                status=RUNNING,
-                started_at=func.coalesce(JobRecord.started_at, now),
-                attempts=JobRecord.attempts + 1,
-                worker=ctx.name,
-                lease_expires_at=now + timedelta(seconds=ctx.settings.lease_seconds),
-                heartbeat_at=now,
-                updated_at=now,
-            ),
-        )
-        if not claimed:
-            return None
-        job = session.get(JobRecord, job_id)
-        assert job is not None
-        dataset = session.get(DatasetRecord, job.dataset_id) if job.dataset_id else None
-    return job, dataset
-
-
-def run_job(ctx: WorkerContext, job_id: str) -> None:
-    """Claim a queued job, train it, save the model; every outcome lands in the job row,
-    unless this worker lost its lease, in which case it writes nothing at all."""
-    claim = _claim(ctx, job_id)
-    if claim is None:
-        log.info("job %s is not queued any more; skipping", job_id)
-        return
-    job, dataset = claim
-    spec_limit = job.spec.get("max_seconds")
-    if spec_limit is not None and spec_limit < ctx.settings.max_job_seconds:
-        limit = TimeLimit(spec_limit, f"the spec's max_seconds of {spec_limit:g} seconds")
-    else:
-        limit = TimeLimit(ctx.settings.max_job_seconds, "TRAINSERVE_MAX_JOB_SECONDS")
-    attempt = _Attempt(ctx, job, time_limit=limit)
-    attempt.lease.start()
-    try:
-        _run_claimed(ctx, attempt, job, dataset)
-    finally:
-        attempt.lease.stop()
-
-
-def _run_claimed(ctx: WorkerContext, attempt: _Attempt, job: JobRecord, dataset: DatasetRecord | None) -> None:
-    try:
-        if dataset is None:
-            raise InvalidInput("the job's dataset was deleted before the job ran")
-        spec = TrainSpec.model_validate(job.spec)
-        table = ctx.store.load_dataset(dataset.id, dataset.file_sha256)
-        plan = plan_training(spec, table.schema(), limits_of(ctx.settings))
-        x, y = table.matrix(plan.features), _targets(table, plan)
-        result = _train(ctx, attempt, spec, plan, x, y)
-    except engine.TrainingPreempted as preempted:
-        attempt.hand_back(
-            f"attempt {attempt.lease.attempt}: worker {ctx.name} stopped; handed back at epoch "
-            f"{preempted.checkpoint.epoch} with a checkpoint"
-        )
-        return
-    except engine.TrainingCancelled:
-        _stopped(ctx, attempt)
-        return
-    except (TrainserveError, engine.DeviceUnavailable, FloatingPointError) as exc:
-        _end_attempt(ctx, attempt, FAILED, error=str(exc))
-        return
-    except Exception as exc:  # a worker must record every failure, not die on it
-        log.exception("job %s failed", job.id)
-        _end_attempt(ctx, attempt, FAILED, error=f"{type(exc).__name__}: {exc}")
-        return
-    try:
-        _save(ctx, attempt, dataset, spec, plan, result)
-    except Exception as exc:
-        log.exception("job %s: saving the model failed", job.id)
-        _end_attempt(ctx, attempt, FAILED, error=f"saving the model failed: {type(exc).__name__}: {exc}")
-    else:
-        ctx.store.delete_checkpoint(job.id)
-
-
-def _train(
-    ctx: WorkerContext, attempt: _Attempt, spec: TrainSpec, plan: TrainingPlan, x: np.ndarray, y: np.ndarray
-) -> engine.TrainedModel:
-    """Train, resuming from the job's checkpoint when an earlier attempt left one."""
-    spec = on_this_worker(spec, ctx.settings)
-    resume = attempt.resume_point()
-    options: dict[str, Any] = {
-        "on_epoch": attempt.on_epoch,
-        "should_stop": attempt.should_stop,
-        "check_every_s": ctx.settings.progress_interval_s,
-        "on_checkpoint": attempt.save_checkpoint,
-        "checkpoint_every_s": ctx.settings.checkpoint_seconds,
-        "should_preempt": attempt.should_preempt,
-    }
-    try:
-        return engine.train(spec, plan, x, y, resume=resume, **options)
-    except engine.CheckpointMismatch:  # taken for another spec or dataset shape: not ours to use
-        ctx.store.delete_checkpoint(attempt.job_id)
-        attempt.note("the checkpoint did not match this job; started over")
-        return engine.train(spec, plan, x, y, **options)
-
-
-def _end_attempt(ctx: WorkerContext, attempt: _Attempt, status: str, **values: Any) -> None:
-    """End the job; its checkpoint goes too, unless the job belongs to another worker now."""
-    if attempt.finish(status, **values):
-        ctx.store.delete_checkpoint(attempt.job_id)
-
-
-def _stopped(ctx: WorkerContext, attempt: _Attempt) -> None:
-    reason = attempt.stop_reason
-    if reason is StopReason.CANCELLED:
-        _end_attempt(ctx, attempt, CANCELLED, error="cancelled while running")
-    elif reason is StopReason.TIME_LIMIT:
-        _end_attempt(
-            ctx,
-            attempt,
-            FAILED,
-            error=f"the job trained longer than its limit of {attempt.time_limit.seconds:g} seconds "
-            f"({attempt.time_limit.source})",
-        )
-    else:  # the lease is lost: the job belongs to the rescuer or another worker now
-        log.warning("job %s: stopped after losing the lease; nothing written", attempt.job_id)
-
-
-def _save(
-    ctx: WorkerContext,
-    attempt: _Attempt,
-    dataset: DatasetRecord,
-    spec: TrainSpec,
-    plan: TrainingPlan,
-    result: engine.TrainedModel,
-) -> None:
-    job_id = attempt.job_id
-    model_id = new_id()
-    metadata = {"trainserve_model_id": model_id, "job_id": job_id, "spec": json.dumps(spec.model_dump(mode="json"))}
-    weights_sha256, weights_bytes = ctx.store.save_weights(model_id, result.module.state_dict(), metadata)
-    last = result.history[-1]
-    now = utcnow()
-    job_values = {
-        "status": SUCCEEDED,
-        "model_id": model_id,
-        "epoch": last.epoch,
-        "train_loss": last.train_loss,
-        "val_loss": last.val_loss,
-        "val_metrics": last.val_metrics,
-        "history": _thin(result.history),
-        "device": result.device,
-        "finished_at": now,
-        "updated_at": now,
-    }
-    # Lineage: which data, which spec, which code made this model.
-    model_values = {
-        "id": model_id,
-        "name": spec.name,
-        "job_id": job_id,
-        "dataset_id": dataset.id,
-        "dataset_sha256": dataset.sha256,
-        "spec": spec.model_dump(mode="json"),
-        "task": plan.task,
-        "features": plan.features,
-        "targets": plan.targets,
-        "classes": plan.classes,
-        "input_mean": result.input_mean,
-        "input_std": result.input_std,
-        "metrics": result.metrics,
-        "n_parameters": plan.n_parameters,
-        "weights_sha256": weights_sha256,
-        "weights_bytes": weights_bytes,
-        "torch_version": torch.__version__,
-        "code_version": f"trainserve {service.__version__}",
-        "device": result.device,
-        "train_seconds": result.train_seconds,
-    }
-    try:
-        # Two workers finishing jobs under one name at once may both pick the same next
-        # version; the unique (name, version) constraint refuses the second, which retries.
-        for try_number in range(_VERSION_ATTEMPTS):
-            try:
-                finished = _record_success(ctx, attempt, job_values, model_values, result.notes)
-                break
-            except IntegrityError:
-                if spec.name is None or try_number == _VERSION_ATTEMPTS - 1:
-                    raise
-                log.info("job %s: a concurrent job took the version of %r; retrying", job_id, spec.name)
-    except BaseException:
-        ctx.store.delete_weights(model_id)
-        raise
-    if not finished:  # cancelled in the last instant, or the lease is gone: keep no model
-        ctx.store.delete_weights(model_id)
-        _end_attempt(ctx, attempt, CANCELLED, error="cancelled while running")  # fenced: a lost lease writes nothing
-
-
-_VERSION_ATTEMPTS = 5
-
-
-def next_version(session: Session, name: str) -> int:
-    """The version the next model saved under ``name`` gets: 1 for a new name."""
-    latest = session.scalar(select(func.max(ModelRecord.version)).where(ModelRecord.name == name))
-    return (latest or 0) + 1
-
-
-def _record_success(
-    ctx: WorkerContext,
-    attempt: _Attempt,
-    job_values: dict[str, Any],
-    model_values: dict[str, Any],
-    notes: list[str],
-) -> int:
-    """Mark the job succeeded and add its model row in one transaction, fenced by the
-    lease; 0 if it was cancelled or this worker no longer owns it."""
-    with ctx.sessions.begin() as session:
-        previous_notes = session.scalar(select(JobRecord.notes).where(JobRecord.id == attempt.job_id)) or []
-        # The job row is written first: on SQLite that takes the write lock, so the version
-        # read below already sees every other worker's committed models.
-        finished = rows_changed(
-            session,
-            update(JobRecord)
-            .where(*attempt.lease.owned(), JobRecord.cancel_requested.is_(False))
-            .values(**job_values, notes=[*previous_notes, *notes], lease_expires_at=None),
-        )
-        if finished:
-            name = model_values["name"]
-            version = next_version(session, name) if name is not None else None
-            session.add(ModelRecord(**model_values, version=version, notes=notes))
-            session.flush()  # a taken (name, version) fails here, inside the retry loop
-    return finished

@@ -74,8 +74,8 @@ def faulty(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Start servers on a data dir; every one started is stopped at the end."""
     started: list[Server] = []
 
-    def start(data_dir: Path | None = None, **env: str) -> Server:
-        server = start_server(data_dir or tmp_path / "data", env={**FAST_LEASE, **env})
+    def start(data_dir: Path | None = None, *, workers: int = 1, **env: str) -> Server:
+        server = start_server(data_dir or tmp_path / "data", workers=workers, env={**FAST_LEASE, **env})
         started.append(server)
         return server
 
@@ -413,3 +413,84 @@ def test_sigterm_answers_requests_in_flight_hands_the_job_back_and_a_restart_fin
         assert final.attempts == 1
         assert f"resumed from epoch {drained.checkpoint_epoch} on attempt 1" in final.notes
         assert len(ts.list_datasets()) == 2  # the upload that was in flight was kept
+
+
+def drain_with_a_checkpoint(server: Server, dataset_id: str) -> JobDetail:
+    """A job running on ``server`` when SIGTERM stops it: handed back ``queued``, its
+    checkpoint kept in the store for the attempt that resumes it."""
+    with TrainserveClient(server.url, timeout=30) as ts:
+        job = ts.train(slow_spec(dataset_id))
+        running_at_epoch(ts, job.id, attempt=1)
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(60) == 0
+    assert job_row(server, job.id).status == "queued"
+    assert (server.store_dir / "checkpoints" / f"{job.id}.safetensors").exists()
+    return job
+
+
+def test_cancelling_a_queued_job_that_has_a_checkpoint_deletes_the_checkpoint(
+    faulty: Callable[..., Server], moons: tuple[bytes, int]
+) -> None:
+    server = faulty()
+    with TrainserveClient(server.url, timeout=30) as ts:
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+    job = drain_with_a_checkpoint(server, dataset.id)
+
+    again = faulty(server.data_dir, workers=0)  # no worker: the job stays queued
+    with TrainserveClient(again.url, timeout=30) as ts:
+        assert ts.get_job(job.id).status == "queued"
+        cancelled = ts.cancel_job(job.id)
+        assert cancelled.status == "cancelled"
+        assert again.files("checkpoints") == []  # deleted once the cancel committed, before the answer
+
+
+def test_a_job_the_rescuer_fails_or_cancels_has_its_checkpoint_deleted(
+    faulty: Callable[..., Server], moons: tuple[bytes, int]
+) -> None:
+    server = faulty(TRAINSERVE_MAX_ATTEMPTS="1", TRAINSERVE_CHECKPOINT_SECONDS="0.3")
+
+    def checkpoint_of(job_id: str) -> Path:
+        return server.store_dir / "checkpoints" / f"{job_id}.safetensors"
+
+    def checkpointed(ts: TrainserveClient, job_id: str) -> JobDetail:
+        def check() -> JobDetail | None:
+            current = ts.get_job(job_id)
+            assert current.status in ("queued", "running"), (current.status, current.error)
+            saved = current.status == "running" and current.checkpoint_epoch is not None
+            return current if saved and checkpoint_of(job_id).exists() else None
+
+        return wait_for(check, what=f"a checkpoint of job {job_id}")
+
+    def checkpoint_deleted(job_id: str) -> None:
+        # The rescuer deletes it just after the commit that ends the job, so maybe a moment
+        # after the job reads as ended.
+        deadline = time.monotonic() + 10
+        while checkpoint_of(job_id).exists():
+            assert time.monotonic() < deadline, f"the checkpoint of job {job_id} outlived the job"
+            time.sleep(0.05)
+
+    with TrainserveClient(server.url, timeout=30) as ts:
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+
+        # Its worker dies, and the job has no attempt left: failed.
+        failing = ts.train(slow_spec(dataset.id, epochs=100_000))
+        os.kill(worker_pid(checkpointed(ts, failing.id)), signal.SIGKILL)
+        failed = ts.wait(failing.id, timeout=60)
+        assert failed.status == "failed"
+        assert failed.error is not None
+        assert "lease expired" in failed.error
+        checkpoint_deleted(failing.id)
+
+        # Its worker stalls (SIGSTOP) before it sees the cancel: cancelled by the rescuer.
+        stalling = ts.train(slow_spec(dataset.id, epochs=100_000))
+        stalled_pid = worker_pid(checkpointed(ts, stalling.id))
+        os.kill(stalled_pid, signal.SIGSTOP)
+        try:
+            assert ts.cancel_job(stalling.id).status == "running"  # asked to stop; nobody hears it
+            cancelled = ts.wait(stalling.id, timeout=60)
+            assert cancelled.status == "cancelled"
+            assert cancelled.error == "cancelled; its worker stopped before it could finish"
+            checkpoint_deleted(stalling.id)
+        finally:
+            os.kill(stalled_pid, signal.SIGKILL)
+        assert server.files("checkpoints") == []

@@ -24,6 +24,7 @@ from service.orphans import sweep
 from service.store import IntegrityError, Store, new_id, open_store
 from tests.backends import S3Server, s3_server, unique_name
 from tests.conftest import free_port, moons_spec, start_server, stop_server
+from tests.test_faults import drain_with_a_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +273,32 @@ def test_objects_listed_without_a_time_are_never_taken_for_orphans(tmp_path: Pat
     store.fs.pipe_file(orphan, b"debris")
     assert store.sweep_orphans(store.weights, older_than_s=0, owned=lambda ids: set()) == []
     assert store.fs.exists(orphan)
+
+
+def test_cancelling_a_handed_back_job_deletes_its_checkpoint_from_the_object_store(
+    s3: S3Server, bucket: str, tmp_path: Path, moons: tuple[bytes, int]
+) -> None:
+    env = {
+        **S3Server.env,
+        "TRAINSERVE_STORE_URL": f"s3://{bucket}/store",
+        "TRAINSERVE_STORE_ENDPOINT_URL": s3.endpoint_url,
+    }
+    server = start_server(tmp_path / "node", env=env)
+    try:
+        with TrainserveClient(server.url, timeout=60) as ts:
+            dataset = ts.upload_dataset(moons[0], "moons.csv")
+        job = drain_with_a_checkpoint(server, dataset.id)
+    finally:
+        stop_server(server)
+    remote = filesystem(s3)
+    checkpoint = f"{bucket}/store/checkpoints/{job.id}.safetensors"
+    assert remote.exists(checkpoint)
+
+    again = start_server(tmp_path / "node", workers=0, env=env)  # no worker: the job stays queued
+    try:
+        with TrainserveClient(again.url, timeout=60) as ts:
+            assert ts.cancel_job(job.id).status == "cancelled"
+        assert not remote.exists(checkpoint)
+        assert again.files("checkpoints") == []  # nor this node's copy
+    finally:
+        stop_server(again)

@@ -111,6 +111,6 @@ def get_job(job_id: str, session: SessionDep) -> JobDetail:
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=Job)
-def cancel_job(job_id: str, session: SessionDep) -> Job:
+def cancel_job(job_id: str, session: SessionDep, runtime: RuntimeDep) -> Job:
     """A queued job is cancelled at once; a running one stops within a second or two."""
-    return Job.model_validate(jobs.cancel(session, job_id))
+    return Job.model_validate(jobs.cancel(session, runtime.store, job_id))
