@@ -168,13 +168,15 @@ def _end(session: Session, job_id: str, current: str, status: str, **values: Any
 
 
 def requeue_queued(sessions: sessionmaker, queue: JobQueue) -> int:  # type: ignore[type-arg]
-    """Put every ``queued`` job on the queue again (at start: a queue entry may have been
-    lost with a crash). A duplicate entry is harmless: a worker claims with a compare-and-set."""
+    """Put every ``queued`` job that has no entry waiting on the queue on it again (at start:
+    an entry may have been lost with a crash). A duplicate entry would be harmless (a worker
+    claims with a compare-and-set), but each restart used to add one per queued job."""
     with sessions.begin() as session:
-        queued = list(session.scalars(select(JobRecord.id).where(JobRecord.status == QUEUED)))
-    for job_id in queued:
+        queued = set(session.scalars(select(JobRecord.id).where(JobRecord.status == QUEUED)))
+    missing = sorted(queued - queue.waiting_job_ids()) if queued else []
+    for job_id in missing:
         queue.enqueue(job_id)
-    return len(queued)
+    return len(missing)
 
 
 def _overdue(grace_seconds: float) -> tuple[ColumnElement[bool], ...]:

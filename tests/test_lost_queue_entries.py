@@ -141,3 +141,26 @@ def test_a_queued_job_whose_entry_was_lost_is_enqueued_again_once_and_runs_and_o
             assert queue.waiting() == Counter()
     finally:
         stop_server(api)
+
+
+def test_a_restart_enqueues_the_queued_jobs_without_an_entry_and_only_those(
+    backends: tuple[dict[str, str], Queue], tmp_path: Path, moons: tuple[bytes, int]
+) -> None:
+    env, queue = backends
+    env = {**env, "TRAINSERVE_LOST_ENTRY_GRACE_SECONDS": "3600"}  # only the start-up pass may act here
+    api = start_server(tmp_path / "api", workers=0, env=env)
+    try:
+        with TrainserveClient(api.url, timeout=60) as ts:
+            dataset = ts.upload_dataset(moons[0], "moons.csv")
+            lost, kept = (ts.train(moons_spec(dataset.id, epochs=3, seed=seed)).id for seed in (1, 2))
+        queue.lose(lost)
+    finally:
+        stop_server(api)
+    assert queue.waiting() == Counter({kept: 1})
+
+    again = start_server(tmp_path / "api-again", workers=0, env=env)
+    try:
+        # The lost entry is back at once; the one still waiting gets no duplicate.
+        assert queue.waiting() == Counter({lost: 1, kept: 1})
+    finally:
+        stop_server(again)
