@@ -22,6 +22,7 @@ without their answers changing (torch's matrix kernels round differently for 1 r
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -464,15 +465,20 @@ def _compile(compiler: str, source: str, folder: Path, library: Path) -> None:
         raise NativeUnavailable(f"compiling generated code in {folder} failed: {exc}") from None
 
 
+def cached_library(source: str) -> Path:
+    """Where the compiled library for ``source`` is (or will be) kept on disk."""
+    key = hashlib.sha256("\0".join([source, _compiler(), *_CFLAGS, sys.platform]).encode()).hexdigest()[:32]
+    return cache_dir() / f"step-{key}.so"
+
+
 def load(source: str) -> tuple[ctypes.CDLL, bool]:
     """The compiled library for ``source`` (from the disk cache when there), and whether it was cached."""
     compiler = _compiler()
-    key = hashlib.sha256("\0".join([source, compiler, *_CFLAGS, sys.platform]).encode()).hexdigest()[:32]
+    library = cached_library(source)
+    key, folder = library.stem, library.parent
     with _lock:
         if key in _loaded:
             return _loaded[key], True
-        folder = cache_dir()
-        library = folder / f"step-{key}.so"
         cached = library.exists()
         if not cached:
             _compile(compiler, source, folder, library)
@@ -633,6 +639,15 @@ def generate_forward(layers: list[Any], in_features: int, task: str) -> str:
     emit("  }")
     emit("}")
     return "\n".join(lines) + "\n"
+
+
+def warm_rowwise(layers: list[Any], in_features: int, task: str) -> None:
+    """Compile a trained model's row-wise forward pass into the disk cache ahead of its first
+    prediction (about 0.2 s), so that an API process on this machine only loads it. Quiet
+    where there is none to make: serving then compiles or falls back as usual."""
+    if rowwise_unsupported_reason(layers) is None:
+        with contextlib.suppress(NativeUnavailable):
+            load(generate_forward(layers, in_features, task))
 
 
 class RowwiseForward:

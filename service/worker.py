@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 import service
-from service import engine
+from service import engine, native
 from service.config import Settings
 from service.data import Table
 from service.db import DatasetRecord, JobRecord, ModelRecord, make_engine, make_session_factory, rows_changed, utcnow
@@ -422,6 +422,10 @@ def _run_claimed(ctx: WorkerContext, attempt: _Attempt, job: JobRecord, dataset:
         log.exception("job %s failed", job.id)
         _end_attempt(ctx, attempt, FAILED, error=f"{type(exc).__name__}: {exc}")
         return
+    # Beside the save, not before it: the job's end should not wait for a C compiler.
+    threading.Thread(
+        target=native.warm_rowwise, args=(spec.model, plan.in_features, plan.task), name="warm-rowwise", daemon=True
+    ).start()
     try:
         _save(ctx, attempt, dataset, spec, plan, result)
     except Exception as exc:

@@ -15,6 +15,8 @@ import httpx
 import numpy as np
 import pytest
 
+from service import native
+from service import spec as S
 from service.client import ApiError, TrainserveClient
 from tests.conftest import Server, moons_spec, start_server, stop_server
 
@@ -339,3 +341,27 @@ def test_predict_needs_the_api_key(tmp_path: Path) -> None:
         assert authorised.status_code == 404  # past the key check: no such model
     finally:
         stop_server(guarded)
+
+
+def test_the_worker_compiles_the_rowwise_pass_for_the_api(tmp_path: Path, moons: tuple[bytes, int]) -> None:
+    cache = tmp_path / "native-cache"  # empty: nothing compiled by other tests
+    layers = [{"type": "Linear", "out_features": 7}, {"type": "Softplus"}, {"type": "Linear", "out_features": 2}]
+    server = start_server(tmp_path / "node", env={"TRAINSERVE_NATIVE_CACHE_DIR": str(cache)})
+    try:
+        with TrainserveClient(server.url, timeout=60) as ts:
+            dataset = ts.upload_dataset(moons[0], "moons.csv")
+            job = ts.wait(ts.train(moons_spec(dataset.id, model=layers, epochs=2)).id)
+            assert job.status == "succeeded", job.error
+            spec = S.TrainSpec.model_validate(moons_spec(dataset.id, model=layers))
+            # Its name: what this process would compile for the same model (a hash of the source).
+            library = native.cached_library(native.generate_forward(spec.model, 2, "classification"))
+            deadline = time.monotonic() + 60  # compiled beside the save, in the background
+            while not (cache / library.name).exists():
+                assert time.monotonic() < deadline, "the worker did not compile the row-wise pass"
+                time.sleep(0.1)
+            compiled_at = (cache / library.name).stat().st_mtime_ns
+            answer = ts.predict(job.model_id or "", [[0.5, -0.2]])
+            assert answer.predictions in ([0], [1])
+            assert (cache / library.name).stat().st_mtime_ns == compiled_at  # loaded, not compiled again
+    finally:
+        stop_server(server)
