@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -100,6 +101,10 @@ def test_name_filters_are_validated(client: TrainserveClient) -> None:
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     running = start_server(Path(tmp_path_factory.mktemp("two-workers")), workers=2)
+    deadline = time.monotonic() + 60  # the API answers before its workers have set up
+    while running.log().count("Huey consumer started") < 2:
+        assert time.monotonic() < deadline, running.log()
+        time.sleep(0.1)
     yield running
     stop_server(running)
 
@@ -108,7 +113,10 @@ def test_workers_finishing_together_never_share_a_version(two_workers: Server, m
     with TrainserveClient(two_workers.url) as ts:
         dataset = ts.upload_dataset(moons[0], "moons.csv")
         with ThreadPoolExecutor(4) as pool:
-            submitted = list(pool.map(lambda _: ts.train(quick(dataset.id, name="race")).id, range(4)))
+            # Each job long enough (eager, ~1 s) that an idle worker's next poll comes before
+            # the other has run them all: the native loop ends a quick job in milliseconds.
+            race = moons_spec(dataset.id, name="race", epochs=40, batch_size=1, compile="off")
+            submitted = list(pool.map(lambda _: ts.train(race).id, range(4)))
         finished = [ts.wait(job_id) for job_id in submitted]
         assert all(job.status == "succeeded" for job in finished), [job.error for job in finished]
         assert len({job.worker for job in finished}) == 2  # both workers took part
