@@ -55,10 +55,13 @@ class Settings(BaseSettings):
     # Small models train faster on one thread, and on a shared machine a step split over
     # threads waits for each of them to be scheduled (36x slower measured at load 9.5).
     train_threads: int | None = Field(default=None, ge=1)
-    # torch's intra-op threads in the API process. One: a prediction is too small to gain from
-    # splitting, concurrent requests already use the cores, and on a busy machine a split
-    # forward pass waits for its second thread to be scheduled (20x slower, measured).
-    predict_threads: int = Field(default=1, ge=1)
+    # torch's intra-op threads in the API process; unset, torch's default (one per core).
+    # Only large requests split (small ones, and the row-wise pass, run on one thread): on
+    # 2 cores a 65,536-row forward pass took 2.4 ms on two threads against 6.5 ms on one,
+    # and 9 against 12.6 ms beside a worker training at its lower priority. Set 1 where
+    # other programs at the API's priority keep every core busy: a split pass then waits
+    # for its second thread to be scheduled (20x slower, measured on a shared machine).
+    predict_threads: int | None = Field(default=None, ge=1)
 
     # Micro-batching of concurrent small /predict requests (see service/batching.py).
     predict_batching: bool = True

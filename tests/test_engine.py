@@ -748,7 +748,10 @@ def test_predictor_answers_small_requests_row_wise_and_large_ones_with_torch(tmp
     assert not predictor.takes_rowwise(len(many))
     torch_answer = predictor.infer(many).probabilities
     expected = torch.softmax(predict_raw(result.module, many), dim=1).numpy()
-    np.testing.assert_array_equal(torch_answer, expected)
+    np.testing.assert_allclose(torch_answer, expected, rtol=1e-6, atol=1e-7)  # softmax written out: rounding
+    labels_only = predictor.infer(many, probabilities=False)
+    assert labels_only.probabilities is None
+    assert np.array_equal(labels_only.predictions, predictor.infer(many).predictions)
 
 
 def test_a_model_without_a_rowwise_pass_is_served_by_torch(tmp_path):
@@ -759,7 +762,7 @@ def test_a_model_without_a_rowwise_pass_is_served_by_torch(tmp_path):
     assert not predictor.takes_rowwise(1)
     probabilities = predictor.infer(x[:5].astype(np.float32)).probabilities
     expected = torch.softmax(predict_raw(result.module, x[:5].astype(np.float32)), dim=1).numpy()
-    np.testing.assert_array_equal(probabilities, expected)
+    np.testing.assert_allclose(probabilities, expected, rtol=1e-6, atol=1e-7)
 
 
 # -- devices and precision -------------------------------------------------------------------------------
@@ -1050,6 +1053,11 @@ def test_predictor_binary_model(tmp_path):
     probabilities = np.asarray(prediction.probabilities)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
     assert all(p[1] > 0.5 for p, label in zip(probabilities, prediction.predictions, strict=True) if label == "yes")
+    many = np.repeat(x, 1 + (1 << 18) // (len(x) * predictor.n_parameters), axis=0).astype(np.float32)
+    assert not predictor.takes_rowwise(len(many))  # torch's pass, where labels may skip probabilities
+    labels_only = predictor.infer(many, probabilities=False)
+    assert labels_only.probabilities is None
+    assert np.array_equal(labels_only.predictions, predictor.infer(many).predictions)
 
 
 def test_predictor_regression_model(tmp_path):

@@ -8,6 +8,7 @@ written by orjson, small concurrent requests micro-batched (service/batching.py)
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import orjson
@@ -172,15 +173,17 @@ async def predict(request: Request) -> Response:
         )
         # A JSON answer names its model in the body; headers cost time on the hot path.
         headers = _model_headers(predictor) if content_type == NPY_MEDIA_TYPE else {}
+        wants_npy = NPY_MEDIA_TYPE in request.headers.get("accept", "")
         if batcher.accepts(predictor, len(x)):
             settled = True
             outcome, batch_rows = await batcher.infer(predictor, x)
             headers["X-Batch-Rows"] = str(batch_rows)
-        elif predictor.runs_inline(len(x)):
-            outcome = predictor.infer(x)
         else:
-            outcome = await run_in_threadpool(predictor.infer, x)
-        if NPY_MEDIA_TYPE in request.headers.get("accept", ""):
+            # A .npy answer of labels alone needs no probabilities: skipping them is a tenth
+            # of a 65,536-row request's time.
+            infer = partial(predictor.infer, probabilities=not (wants_npy and output == "predictions"))
+            outcome = infer(x) if predictor.runs_inline(len(x)) else await run_in_threadpool(infer, x)
+        if wants_npy:
             return _npy_answer(predictor, outcome, output, headers)
         content = (
             encode_json(predictor, outcome) if inline else await run_in_threadpool(encode_json, predictor, outcome)
