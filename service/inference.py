@@ -136,9 +136,9 @@ class Predictor:
                 index = (outputs[:, 0] > 0).long() if self.task == "binary" else outputs.argmax(dim=1)
                 assert self._labels is not None
                 return Outcome(self._labels[index.numpy()], None)
-            probabilities_ = outputs_to_probabilities(outputs, self.task)  # type: ignore[arg-type]
+            class_probabilities = outputs_to_probabilities(outputs, self.task)  # type: ignore[arg-type]
             # torch's argmax: numpy's over a narrow last axis took twice as long (65,536 rows).
-            return self._classified(probabilities_.numpy(), probabilities_.argmax(dim=1).numpy())
+            return self._classified(class_probabilities.numpy(), class_probabilities.argmax(dim=1).numpy())
 
     def infer_rowwise(self, x: np.ndarray) -> Outcome:
         """The row-wise generated forward pass: each row's answer independent of the others."""
