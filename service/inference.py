@@ -130,8 +130,7 @@ class Predictor:
         with torch.inference_mode():
             outputs = self.forward(torch.from_numpy(x))
             if self.task == "regression":
-                values = outputs.numpy()
-                return Outcome(values[:, 0] if values.shape[1] == 1 else values, None)
+                return _regressed(outputs.numpy())
             if not probabilities:
                 index = (outputs[:, 0] > 0).long() if self.task == "binary" else outputs.argmax(dim=1)
                 assert self._labels is not None
@@ -145,7 +144,7 @@ class Predictor:
         assert self.rowwise is not None
         outputs = self.rowwise(x)
         if self.task == "regression":
-            return Outcome(outputs[:, 0] if outputs.shape[1] == 1 else outputs, None)
+            return _regressed(outputs)
         return self._classified(outputs, outputs.argmax(axis=1))
 
     def _classified(self, probabilities: np.ndarray, index: np.ndarray) -> Outcome:
@@ -156,6 +155,11 @@ class Predictor:
         outcome = self.infer(x)
         probabilities = None if outcome.probabilities is None else outcome.probabilities.tolist()
         return Prediction(outcome.predictions.tolist(), probabilities, self.classes)
+
+
+def _regressed(values: np.ndarray) -> Outcome:
+    """A regression's outputs as its answer: one value per row for a single target."""
+    return Outcome(values[:, 0] if values.shape[1] == 1 else values, None)
 
 
 class ModelCache:

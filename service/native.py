@@ -149,6 +149,14 @@ static inline float gelu_tanh_grad(float v) {
 """
 
 
+def layer_widths(layers: list[Any], in_features: int) -> list[int]:
+    """The width of the data into the first layer and out of each layer."""
+    widths = [in_features]
+    for layer in layers:
+        widths.append(layer.out_features if isinstance(layer, S.Linear) else widths[-1])
+    return widths
+
+
 class _Program:
     """C source for one spec, and the order of the tensors the function takes."""
 
@@ -160,21 +168,17 @@ class _Program:
         self._layout(in_features)
 
     def _layout(self, in_features: int) -> None:
-        widths = [in_features]
+        self.widths = widths = layer_widths(self.spec.model, in_features)
         self.linear: dict[int, tuple[str, str | None]] = {}
         for k, layer in enumerate(self.spec.model):
             if isinstance(layer, S.Linear):
                 w = f"P{len(self.params)}"
-                self.params.append((w, layer.out_features * widths[-1]))
+                self.params.append((w, layer.out_features * widths[k]))
                 b = None
                 if layer.bias:
                     b = f"P{len(self.params)}"
                     self.params.append((b, layer.out_features))
                 self.linear[k] = (w, b)
-                widths.append(layer.out_features)
-            else:
-                widths.append(widths[-1])
-        self.widths = widths
         opt = self.spec.optimizer
         slots = {
             "SGD": ["momentum_buffer"] if isinstance(opt, S.SGD) and opt.momentum else [],
@@ -465,16 +469,16 @@ def _compile(compiler: str, source: str, folder: Path, library: Path) -> None:
         raise NativeUnavailable(f"compiling generated code in {folder} failed: {exc}") from None
 
 
-def cached_library(source: str) -> Path:
+def cached_library(source: str, compiler: str | None = None) -> Path:
     """Where the compiled library for ``source`` is (or will be) kept on disk."""
-    key = hashlib.sha256("\0".join([source, _compiler(), *_CFLAGS, sys.platform]).encode()).hexdigest()[:32]
-    return cache_dir() / f"step-{key}.so"
+    parts = [source, compiler or _compiler(), *_CFLAGS, sys.platform]
+    return cache_dir() / f"step-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:32]}.so"
 
 
 def load(source: str) -> tuple[ctypes.CDLL, bool]:
     """The compiled library for ``source`` (from the disk cache when there), and whether it was cached."""
     compiler = _compiler()
-    library = cached_library(source)
+    library = cached_library(source, compiler)
     key, folder = library.stem, library.parent
     with _lock:
         if key in _loaded:
@@ -601,9 +605,7 @@ def generate_forward(layers: list[Any], in_features: int, task: str) -> str:
     (classifiers) or outputs (regression). Linear weights come transposed, so that a
     layer's outputs accumulate side by side (vectorised) while each output still sums its
     inputs in one fixed order."""
-    widths, lines = [in_features], [_PRELUDE]
-    for layer in layers:
-        widths.append(layer.out_features if isinstance(layer, S.Linear) else widths[-1])
+    widths, lines = layer_widths(layers, in_features), [_PRELUDE]
     emit = lines.append
     emit("void forward_rows(float **P_, const float *X, const float *mean, const float *sd, long n, float *out) {")
     emit(f"  float bufs[2][{max(widths)}];")
@@ -672,8 +674,7 @@ class RowwiseForward:
                     arrays.append(layer.bias.detach().float().contiguous().numpy())
         self._arrays = arrays  # the pointers below point into these
         self._pointers = (ctypes.c_void_p * max(len(arrays), 1))(*[a.ctypes.data for a in arrays])
-        last = [layer for layer in layers if isinstance(layer, S.Linear)][-1].out_features
-        self.width = 2 if task == "binary" else last
+        self.width = 2 if task == "binary" else layer_widths(layers, in_features)[-1]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float32 rows (n, in_features), C-contiguous -> probabilities or outputs (n, width)."""
