@@ -4,7 +4,7 @@ One process, one data set (``make_moons(200, noise=0.05, seed=0)``), the guide's
 MLP with SGD at batch size 1 (many small steps: the worst case for a per-step hook). Runs,
 in turns so that machine noise hits them alike:
 
-    plain         ``engine.train`` with no checkpoint hook (the baseline)
+    plain         ``loop.train`` with no checkpoint hook (the baseline)
     checkpointed  the same, saving a checkpoint with ``Store.save_checkpoint`` (safetensors,
                   fsync, atomic rename) every ``--every`` seconds, as a worker does
     resumed       preempted half-way (a checkpoint, then ``TrainingPreempted``), reloaded
@@ -33,11 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from service import engine  # noqa: E402
-from service.data import ColumnInfo, TableSchema  # noqa: E402
-from service.examples import MOONS_MLP_LAYERS, make_moons  # noqa: E402
-from service.spec import Limits, TrainingPlan, TrainSpec, plan_training  # noqa: E402
-from service.store import Store, new_id  # noqa: E402
+from trainserve.datasets.tables import ColumnInfo, TableSchema  # noqa: E402
+from trainserve.examples import MOONS_MLP_LAYERS, make_moons  # noqa: E402
+from trainserve.storage.base import new_id  # noqa: E402
+from trainserve.storage.local import LocalStore  # noqa: E402
+from trainserve.training import loop  # noqa: E402
+from trainserve.training.spec import Limits, TrainingPlan, TrainSpec, plan_training  # noqa: E402
 
 
 def setup(epochs: int) -> tuple[TrainSpec, TrainingPlan, np.ndarray, np.ndarray]:
@@ -62,7 +63,7 @@ def setup(epochs: int) -> tuple[TrainSpec, TrainingPlan, np.ndarray, np.ndarray]
     return spec, plan, x.astype(np.float32), y
 
 
-def weights_of(result: engine.TrainedModel) -> dict[str, torch.Tensor]:
+def weights_of(result: loop.TrainedModel) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in result.module.state_dict().items()}
 
 
@@ -75,14 +76,14 @@ def main() -> int:
     args = parser.parse_args()
 
     spec, plan, x, y = setup(args.epochs)
-    store = Store(Path(tempfile.mkdtemp(prefix="trainserve-bench-")))
+    store = LocalStore(Path(tempfile.mkdtemp(prefix="trainserve-bench-")))
     store.ensure()
     job_id = new_id()
     plain_times: list[float] = []
     checkpointed_times: list[float] = []
     save_times: list[float] = []
 
-    def save(checkpoint: engine.Checkpoint) -> None:
+    def save(checkpoint: loop.Checkpoint) -> None:
         started = time.perf_counter()
         store.save_checkpoint(job_id, checkpoint.tensors, {"epoch": checkpoint.epoch, "engine": checkpoint.meta})
         save_times.append(time.perf_counter() - started)
@@ -90,17 +91,17 @@ def main() -> int:
     reference: dict[str, torch.Tensor] = {}
     for _ in range(args.repeat):
         started = time.perf_counter()
-        reference = weights_of(engine.train(spec, plan, x, y))
+        reference = weights_of(loop.train(spec, plan, x, y))
         plain_times.append(time.perf_counter() - started)
         started = time.perf_counter()
-        engine.train(spec, plan, x, y, on_checkpoint=save, checkpoint_every_s=args.every)
+        loop.train(spec, plan, x, y, on_checkpoint=save, checkpoint_every_s=args.every)
         checkpointed_times.append(time.perf_counter() - started)
 
     # Preempt half-way through the plain run's time, then resume from what the store holds.
     half = min(plain_times) / 2
     started = time.monotonic()
     try:
-        engine.train(
+        loop.train(
             spec,
             plan,
             x,
@@ -110,14 +111,12 @@ def main() -> int:
             check_every_s=0.05,
         )
         raise SystemExit("the run ended before it could be preempted; use more --epochs")
-    except engine.TrainingPreempted as preempted:
+    except loop.TrainingPreempted as preempted:
         preempted_at = preempted.checkpoint.epoch
     stored = store.load_checkpoint(job_id)
     assert stored is not None
     tensors, meta = stored
-    resumed = weights_of(
-        engine.train(spec, plan, x, y, resume=engine.Checkpoint(meta["epoch"], tensors, meta["engine"]))
-    )
+    resumed = weights_of(loop.train(spec, plan, x, y, resume=loop.Checkpoint(meta["epoch"], tensors, meta["engine"])))
     identical = resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in reference)
 
     plain, checkpointed = min(plain_times), min(checkpointed_times)

@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from service import engine  # noqa: E402
-from service.data import ColumnInfo, TableSchema  # noqa: E402
-from service.spec import Limits, TrainSpec, plan_training  # noqa: E402
+from trainserve.datasets.tables import ColumnInfo, TableSchema  # noqa: E402
+from trainserve.training import loop  # noqa: E402
+from trainserve.training.spec import Limits, TrainSpec, plan_training  # noqa: E402
 
 FEATURES = 32
 TARGET = 0.95
@@ -90,7 +90,7 @@ def engine_run(x: np.ndarray, y: np.ndarray, width: int, batch: int, bf16: bool)
     )
     plan = plan_training(spec, schema, Limits(10**6, 10**10, 10**6))
     ends: list[float] = []
-    engine.train(spec, plan, x, y, on_epoch=lambda _r: ends.append(time.perf_counter()))
+    loop.train(spec, plan, x, y, on_epoch=lambda _r: ends.append(time.perf_counter()))
     return len(x) / (ends[1] - ends[0])  # the second epoch: warm, as the bare loop's
 
 

@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from service.client import TrainserveClient  # noqa: E402
-from service.examples import MOONS_MLP_LAYERS, make_moons, to_csv  # noqa: E402
+from trainserve.client import TrainserveClient  # noqa: E402
+from trainserve.examples import MOONS_MLP_LAYERS, make_moons, to_csv  # noqa: E402
 
 POSTGRES_ADMIN_DSN = os.environ.get("TRAINSERVE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TRAINSERVE_TEST_REDIS", "redis://127.0.0.1:6379/0")

@@ -5,7 +5,7 @@ shuffled, one epoch each; each run in its own child process, so each peak RSS is
 
     bare     the fastest plain PyTorch loop: the table as one float32 tensor in memory,
              a randperm per epoch, ``x[idx]`` per batch, zero_grad/forward/backward/step
-    engine   what a worker does: ``engine.train`` with the equivalent spec
+    engine   what a worker does: ``loop.train`` with the equivalent spec
 
 Both start from the stored table (uncompressed .npz, as the store writes it) memory-mapped,
 and both clocks run from building the float32 matrix from it (``Table.matrix``) to the end
@@ -44,9 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from service import engine  # noqa: E402
-from service.data import Table, read_table, write_table  # noqa: E402
-from service.spec import Limits, TrainSpec, plan_training  # noqa: E402
+from trainserve.datasets.tables import Table, read_table, write_table  # noqa: E402
+from trainserve.training import loop  # noqa: E402
+from trainserve.training.spec import Limits, TrainSpec, plan_training  # noqa: E402
 
 FEATURES = 32
 BATCH = 4096
@@ -139,7 +139,7 @@ def child_engine(path: Path) -> dict[str, Any]:
     x, y = table.matrix(plan.features), table.matrix(plan.targets, dtype=np.float64)
     built = time.perf_counter()
     trained: list[float] = []
-    result = engine.train(spec, plan, x, y, on_epoch=lambda _report: trained.append(time.perf_counter()))
+    result = loop.train(spec, plan, x, y, on_epoch=lambda _report: trained.append(time.perf_counter()))
     seconds = trained[-1] - started  # building the matrix + training; the final metrics pass is not training
     return {
         "seconds": seconds,

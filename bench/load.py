@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from service.client import TrainserveClient  # noqa: E402
-from service.examples import MOONS_MLP_LAYERS, make_moons, to_csv  # noqa: E402
+from trainserve.client import TrainserveClient  # noqa: E402
+from trainserve.examples import MOONS_MLP_LAYERS, make_moons, to_csv  # noqa: E402
 
 SPEC: dict[str, Any] = {
     "target": "label",
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             runs.append(("given server", measure(args.url, **_load_args(args))))
         else:
-            from service.config import Settings
+            from trainserve.config import Settings
 
             default_nice = Settings.model_fields["worker_nice"].default
             runs.append(("worker nice 0", _own_server(0, args)))

@@ -38,10 +38,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.serving import data_dir, train_moons_model, trainserve  # noqa: E402
-from service.config import Settings  # noqa: E402
-from service.db import ModelRecord, make_engine, make_session_factory  # noqa: E402
-from service.inference import Predictor  # noqa: E402
-from service.store import Store  # noqa: E402
+from trainserve.config import Settings  # noqa: E402
+from trainserve.db import ModelRecord, make_engine, make_session_factory  # noqa: E402
+from trainserve.serving.predictor import Predictor  # noqa: E402
+from trainserve.storage.local import LocalStore  # noqa: E402
 
 TARGET_RATIO = 0.50
 NPY = "application/x-npy"
@@ -80,7 +80,7 @@ def main() -> int:
     with sessions() as session:
         record = session.get(ModelRecord, model_id)
         assert record is not None
-        module = Predictor.load(Store(settings.resolved_store_dir), record).module
+        module = Predictor.load(LocalStore(settings.resolved_store_dir), record).module
 
     def in_process() -> torch.Tensor:
         with torch.inference_mode():

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from service.examples import MOONS_MLP_LAYERS, make_moons, to_csv  # noqa: E402
+from trainserve.examples import MOONS_MLP_LAYERS, make_moons, to_csv  # noqa: E402
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ weights drawn after ``torch.manual_seed(0)``. So the engine starts from the guid
 weights and should end at (nearly) the guide's loss; only the time differs.
 
     guide    bench/guide.py's ``simple_network``: DataLoader, batch 1, ``loss.item()`` per step
-    engine   ``service.engine.train`` with the equivalent spec (standardize false, seed 0): the
+    engine   ``trainserve.training.loop.train`` with the equivalent spec (standardize false, seed 0): the
              native loop (generated C for the whole step), its library found in the on-disk cache
     cold     the same with an empty cache, so the time includes generating and compiling the C
     eager    the same spec with ``"compile": "off"``: the eager PyTorch loop
@@ -46,10 +46,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.guide import accuracy, train_moons  # noqa: E402
-from service import engine, native  # noqa: E402
-from service.data import ColumnInfo, TableSchema  # noqa: E402
-from service.examples import MOONS_MLP_LAYERS, make_moons, to_csv  # noqa: E402
-from service.spec import Limits, TrainSpec, plan_training  # noqa: E402
+from trainserve.datasets.tables import ColumnInfo, TableSchema  # noqa: E402
+from trainserve.examples import MOONS_MLP_LAYERS, make_moons, to_csv  # noqa: E402
+from trainserve.training import loop, native  # noqa: E402
+from trainserve.training.spec import Limits, TrainSpec, plan_training  # noqa: E402
 
 SEED = 0
 MAX_ACCURACY_DROP = 0.02
@@ -108,7 +108,7 @@ def run_engine(
     plan = plan_training(spec, schema, Limits(max_epochs=10**9, max_parameters=10**9, max_layer_width=10**6))
     features = x.astype(np.float32)
     started = time.perf_counter()
-    result = engine.train(spec, plan, features, y)
+    result = loop.train(spec, plan, features, y)
     seconds = time.perf_counter() - started
     # Scored by the guide's own accuracy(), on the module /predict would serve.
     loss = result.history[-1].train_loss
@@ -132,7 +132,7 @@ def run_engine_cold(x: np.ndarray, y: np.ndarray, epochs: int, device: str) -> R
 
 
 def run_service(url: str, api_key: str | None, x: np.ndarray, y: np.ndarray, epochs: int, device: str) -> Run:
-    from service.client import TrainserveClient
+    from trainserve.client import TrainserveClient
 
     with TrainserveClient(url, api_key=api_key) as client:
         csv = to_csv(x, y, feature_names=["x0", "x1"], target="y").encode()

@@ -1,11 +1,11 @@
-"""Alembic environment: one metadata (service.db.Base), the URL from config or settings."""
+"""Alembic environment: one metadata (trainserve.db.Base), the URL from config or settings."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from service.config import get_settings
-from service.db import Base, make_engine
+from trainserve.config import get_settings
+from trainserve.db import Base, make_engine
 
 config = context.config
 target_metadata = Base.metadata

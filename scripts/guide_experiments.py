@@ -1,6 +1,6 @@
 """Reproduce the deep-learning guide's four experiments over HTTP against a running trainserve.
 
-Each experiment builds its toy data with ``service.examples``, uploads it as CSV, submits the
+Each experiment builds its toy data with ``trainserve.examples``, uploads it as CSV, submits the
 guide's own hyper-parameters (SGD lr 0.001, batch size 1, the guide's epochs, raw unscaled
 inputs: ``"standardize": false``), waits for the job, and prints one line per experiment;
 then it asks ``/predict`` about a few points of each model.
@@ -19,7 +19,7 @@ The regressions run on y = x + 2 sin x + noise with x in [0, 20] (``make_wave``)
 every epoch as the guide's ``DataLoader(..., shuffle=True)`` does; the classifiers on
 ``make_moons(200, noise=0.05)`` in a fixed order, as the guide's ``DataLoader(dataset)`` does.
 
-Run it against a server (start one with ``python -m service serve``):
+Run it against a server (start one with ``python -m trainserve serve``):
 
     .venv/bin/python scripts/guide_experiments.py --url http://127.0.0.1:8000
     .venv/bin/python scripts/guide_experiments.py --only moons-mlp
@@ -44,9 +44,9 @@ from typing import Any, Literal
 import httpx
 import numpy as np
 
-from service.client import ApiError, TrainserveClient
-from service.examples import MOONS_MLP_LAYERS, make_moons, make_wave, to_csv
-from service.schemas import JobDetail, Model
+from trainserve.api.schemas import JobDetail, Model
+from trainserve.client import ApiError, TrainserveClient
+from trainserve.examples import MOONS_MLP_LAYERS, make_moons, make_wave, to_csv
 
 Kind = Literal["regression", "classification"]
 

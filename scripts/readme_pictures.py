@@ -29,8 +29,8 @@ from pathlib import Path
 import httpx
 from playwright.sync_api import sync_playwright
 
-from service.client import TrainserveClient
-from service.examples import guide_moons_spec, make_moons, to_csv
+from trainserve.client import TrainserveClient
+from trainserve.examples import guide_moons_spec, make_moons, to_csv
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"

@@ -72,7 +72,7 @@ def start_worker(data_dir: Path, env: dict[str, str], *, args: tuple[str, ...] =
     environment = {**os.environ, "TRAINSERVE_DATA_DIR": str(data_dir), "TRAINSERVE_PROGRESS_INTERVAL_S": "0.2", **env}
     with open(data_dir / "worker.log", "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "service", "worker", *args],
+            [sys.executable, "-m", "trainserve", "worker", *args],
             cwd=data_dir,
             env=environment,
             stdout=log,

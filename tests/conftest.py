@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.client import TrainserveClient
-from service.examples import MOONS_MLP_LAYERS, make_moons, to_csv
 from tests.backends import postgres_database, queue_url_for, unique_name
+from trainserve.client import TrainserveClient
+from trainserve.examples import MOONS_MLP_LAYERS, make_moons, to_csv
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,7 +60,7 @@ def start_server(data_dir: Path, *, workers: int = 1, env: dict[str, str] | None
         "TRAINSERVE_TRAIN_THREADS": "1",  # small models; and CI machines are shared
         **(env or {}),
     }
-    command = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "trainserve", "serve", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--workers", str(workers), "--log-level", "warning"]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(

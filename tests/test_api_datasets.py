@@ -9,8 +9,8 @@ import httpx
 import numpy as np
 import pytest
 
-from service.client import ApiError, TrainserveClient
 from tests.conftest import Server
+from trainserve.client import ApiError, TrainserveClient
 
 
 def test_csv_upload_reports_rows_columns_dtypes_and_sha256(client: TrainserveClient, moons: tuple[bytes, int]) -> None:

@@ -8,10 +8,10 @@ import math
 import httpx
 import pytest
 
-from service.client import ApiError, AsyncTrainserveClient, TrainserveClient
-from service.events import JobEventTracker, Snapshot, parse_last_event_id
-from service.schemas import JobEvent
 from tests.conftest import Server, moons_spec
+from trainserve.api.schemas import JobEvent
+from trainserve.client import ApiError, AsyncTrainserveClient, TrainserveClient
+from trainserve.jobs.events import JobEventTracker, Snapshot, parse_last_event_id
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +81,13 @@ def test_last_event_id_resumes_after_that_epoch(client: TrainserveClient, datase
 def test_a_cancelled_run_ends_its_stream(client: TrainserveClient, dataset_id: str) -> None:
     job = client.train(moons_spec(dataset_id, epochs=100_000, batch_size=2))
     seen: list[JobEvent] = []
+    cancelled = False
     for event in client.events(job.id):
         seen.append(event)
-        if event.event == "epoch" and event.data["epoch"] == 2:
+        # Progress events are coalesced on a busy machine: epoch 2 itself may never be sent.
+        if event.event == "epoch" and event.data["epoch"] >= 2 and not cancelled:
             client.cancel_job(job.id)
+            cancelled = True
     assert seen[-1].event == "end"
     assert seen[-1].data["status"] == "cancelled"
     assert seen[-1].data["model_id"] is None

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from service.client import TrainserveClient
-from service.examples import make_wave, to_csv
 from tests.conftest import Server, moons_spec
+from trainserve.client import TrainserveClient
+from trainserve.examples import make_wave, to_csv
 
 
 @pytest.fixture(scope="module")

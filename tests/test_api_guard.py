@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from service.client import TrainserveClient
 from tests.conftest import Server, start_server, stop_server
+from trainserve.client import TrainserveClient
 
 KEY = "s3cret-key-of-some-length"
 UPLOAD_LIMIT = 256 * 1024

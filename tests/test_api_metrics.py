@@ -11,8 +11,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.client import TrainserveClient
 from tests.conftest import Server, moons_spec, start_server, stop_server
+from trainserve.client import TrainserveClient
 
 API_KEY = "metrics-test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-import service
-from service.client import TrainserveClient
-from service.examples import make_wave, to_csv
+import trainserve
 from tests.conftest import Server, moons_spec, start_server, stop_server
+from trainserve.client import TrainserveClient
+from trainserve.examples import make_wave, to_csv
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_metadata_says_which_data_spec_and_code_made_the_model(client: Trainserv
     assert model.spec["seed"] == 7
     assert model.spec["dataset_id"] == dataset_id
     assert model.spec["model"] == job.spec["model"]
-    assert model.code_version == f"trainserve {service.__version__}"
+    assert model.code_version == f"trainserve {trainserve.__version__}"
     assert model.torch_version == torch.__version__
 
 

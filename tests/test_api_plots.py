@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.client import TrainserveClient
-from service.examples import make_moons, make_wave, to_csv
 from tests.conftest import Server, moons_spec, start_server, stop_server
+from trainserve.client import TrainserveClient
+from trainserve.examples import make_moons, make_wave, to_csv
 
 
 def decode(content: bytes) -> np.ndarray:

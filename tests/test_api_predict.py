@@ -8,8 +8,8 @@ import math
 import httpx
 import pytest
 
-from service.client import ApiError, TrainserveClient
 from tests.conftest import Server, moons_spec
+from trainserve.client import ApiError, TrainserveClient
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ import httpx
 import numpy as np
 import pytest
 
-from service import native
-from service import spec as S
-from service.client import ApiError, TrainserveClient
 from tests.conftest import Server, moons_spec, start_server, stop_server
+from trainserve.client import ApiError, TrainserveClient
+from trainserve.training import native
+from trainserve.training import spec as S
 
 NPY = "application/x-npy"
 
@@ -275,7 +275,7 @@ def test_concurrent_single_rows_are_batched_and_answered_right(client: Trainserv
         for i, response in enumerate(responses):
             assert response.status_code == 200, response.text
             body = response.json()
-            # To the last bit: a batched pass computes each row on its own (service/native.py).
+            # To the last bit: a batched pass computes each row on its own (trainserve.training.native).
             assert body["predictions"] == [alone.predictions[i]]
             assert alone.probabilities is not None
             assert body["probabilities"] == [alone.probabilities[i]]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 
-from service.client import AsyncTrainserveClient
 from tests.conftest import Server, moons_spec
+from trainserve.client import AsyncTrainserveClient
 
 
 def test_docs_and_redoc_load_their_assets_from_the_server(server: Server) -> None:
@@ -47,7 +47,7 @@ def test_unknown_route_is_json_404(server: Server) -> None:
 
 def test_cli_entry_points_answer() -> None:
     for command in (
-        [sys.executable, "-m", "service", "--help"],
+        [sys.executable, "-m", "trainserve", "--help"],
         [str(Path(sys.executable).parent / "trainserve"), "--help"],
     ):
         result = subprocess.run(command, capture_output=True, text=True, check=True, timeout=60)

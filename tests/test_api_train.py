@@ -9,9 +9,9 @@ import time
 import pytest
 from safetensors.numpy import load as load_safetensors
 
-from service.client import TrainserveClient
-from service.store import sha256_file
 from tests.conftest import Server, assert_spec_refused, moons_spec
+from trainserve.client import TrainserveClient
+from trainserve.storage.local import sha256_file
 
 
 @pytest.fixture(scope="module")

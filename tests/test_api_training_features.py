@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.client import TrainserveClient
 from tests.conftest import Server, assert_spec_refused, moons_spec
+from trainserve.client import TrainserveClient
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import httpx
 import numpy as np
 import pytest
 
-from service.client import TrainserveClient
 from tests.conftest import Server, moons_spec, start_server, stop_server
+from trainserve.client import TrainserveClient
 
 UPLOAD_LIMIT = 128 * 1024
 PREDICT_ROWS = 50

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from service.client import TrainserveClient
-from service.spec import TrainSpec
 from tests.conftest import REPO, Server, moons_spec, start_server, stop_server
+from trainserve.client import TrainserveClient
+from trainserve.training.spec import TrainSpec
 
 EXAMPLES = REPO / "examples"
 GUIDE_EXPERIMENTS = ["line", "tanh", "moons-linear", "moons-mlp"]
@@ -29,7 +29,7 @@ def cli(*args: str | Path, url: str | None, env: dict[str, str] | None = None) -
         environment["TRAINSERVE_URL"] = url
     environment.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "service", *map(str, args)],
+        [sys.executable, "-m", "trainserve", *map(str, args)],
         capture_output=True,
         text=True,
         env=environment,

@@ -12,9 +12,9 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from service.cli import build_parser
-from service.config import Settings
 from tests.conftest import REPO
+from trainserve.cli import build_parser
+from trainserve.config import Settings
 
 COMPOSE = REPO / "docker-compose.yml"
 _DEFAULTED = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")

@@ -17,9 +17,9 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, Playwright, sync_playwright
 
-from service.client import TrainserveClient
-from service.examples import guide_moons_spec
 from tests.conftest import Server, start_server, stop_server
+from trainserve.client import TrainserveClient
+from trainserve.examples import guide_moons_spec
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Quiet on a machine without internet: no background connections at all.

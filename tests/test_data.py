@@ -1,4 +1,4 @@
-"""Unit tests for service.data: CSV/NPZ parsing, schemas, sniffing and the stored-table round trip."""
+"""Unit tests for trainserve.datasets.tables: CSV/NPZ parsing, schemas, sniffing and the stored-table round trip."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.data import (
+from trainserve.datasets.tables import (
     MAX_CLASSES,
     Table,
     parse_csv,
@@ -21,7 +21,7 @@ from service.data import (
     sniff_format,
     write_table,
 )
-from service.errors import InvalidInput
+from trainserve.errors import InvalidInput
 
 NPZ_LIMIT = 1_000_000
 

@@ -22,11 +22,11 @@ import pytest
 from safetensors.numpy import load as load_safetensors
 from sqlalchemy import update
 
-from service.client import TrainserveClient
-from service.db import JobRecord, make_engine, make_session_factory, utcnow
-from service.schemas import JobDetail
-from service.store import new_id
 from tests.conftest import Server, moons_spec, start_server
+from trainserve.api.schemas import JobDetail
+from trainserve.client import TrainserveClient
+from trainserve.db import JobRecord, make_engine, make_session_factory, utcnow
+from trainserve.storage.base import new_id
 
 FAST_LEASE = {
     "TRAINSERVE_LEASE_SECONDS": "2",

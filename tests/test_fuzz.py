@@ -23,8 +23,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.client import TrainserveClient
 from tests.conftest import Server, moons_spec, start_server, stop_server
+from trainserve.client import TrainserveClient
 
 EXAMPLES = 15  # per operation and generation mode
 CHECKS = [

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from bench.guide import accuracy, train_moons
-from service.client import TrainserveClient
-from service.examples import guide_moons_spec, make_moons, to_csv
 from tests.conftest import Server
+from trainserve.client import TrainserveClient
+from trainserve.examples import guide_moons_spec, make_moons, to_csv
 
 
 # A minute of CPU training that checks the engine, not the database: the embedded backend suffices.

@@ -17,9 +17,6 @@ import psycopg
 import pytest
 import redis
 
-from service.client import TrainserveClient
-from service.config import Settings
-from service.jobs import build_queue
 from tests.backends import (
     REDIS_URL,
     postgres_database,
@@ -30,6 +27,9 @@ from tests.backends import (
     unique_name,
 )
 from tests.conftest import moons_spec, start_server, stop_server
+from trainserve.client import TrainserveClient
+from trainserve.config import Settings
+from trainserve.jobs.queue import build_queue
 
 GRACE_SECONDS = 1.0
 RESCUE_INTERVAL_SECONDS = 0.3

@@ -13,8 +13,8 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from service.db import MIGRATIONS_DIR, Base, make_engine
 from tests.backends import postgres_database
+from trainserve.db import Base, make_engine, migrations_dir
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -28,7 +28,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 def alembic_config(url: str) -> Config:
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("script_location", migrations_dir())
     config.set_main_option("sqlalchemy.url", url)
     return config
 

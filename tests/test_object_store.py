@@ -15,16 +15,19 @@ import s3fs
 import torch
 from botocore.exceptions import EndpointConnectionError
 
-from service.client import ApiError, TrainserveClient
-from service.config import Settings
-from service.data import Table
-from service.db import DatasetRecord, make_engine, make_session_factory
-from service.object_store import ObjectStore
-from service.orphans import sweep
-from service.store import IntegrityError, Store, new_id, open_store
 from tests.backends import S3Server, s3_server, unique_name
 from tests.conftest import free_port, moons_spec, start_server, stop_server
 from tests.test_faults import drain_with_a_checkpoint
+from trainserve.client import ApiError, TrainserveClient
+from trainserve.config import Settings
+from trainserve.datasets.tables import Table
+from trainserve.db import DatasetRecord, make_engine, make_session_factory
+from trainserve.errors import ChecksumMismatch
+from trainserve.storage.base import new_id
+from trainserve.storage.factory import open_store
+from trainserve.storage.local import LocalStore
+from trainserve.storage.objects import ObjectStore
+from trainserve.storage.sweep import sweep
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +53,7 @@ def filesystem(s3: S3Server) -> s3fs.S3FileSystem:
     )
 
 
-def object_store(s3: S3Server, bucket: str, cache: Path) -> Store:
+def object_store(s3: S3Server, bucket: str, cache: Path) -> ObjectStore:
     settings = Settings(
         store_url=f"s3://{bucket}/models",
         store_endpoint_url=s3.endpoint_url,
@@ -58,14 +61,15 @@ def object_store(s3: S3Server, bucket: str, cache: Path) -> Store:
         store_dir=cache,
     )
     store = open_store(settings)
+    assert isinstance(store, ObjectStore)
     store.ensure()
     return store
 
 
 def test_settings_pick_a_local_folder_or_an_object_store(s3: S3Server, bucket: str, tmp_path: Path) -> None:
-    assert type(open_store(Settings(store_dir=tmp_path / "a"))) is Store
+    assert type(open_store(Settings(store_dir=tmp_path / "a"))) is LocalStore
     local = open_store(Settings(store_url=f"file://{tmp_path / 'b'}"))
-    assert type(local) is Store
+    assert type(local) is LocalStore
     assert local.root == tmp_path / "b"
     assert isinstance(object_store(s3, bucket, tmp_path / "cache"), ObjectStore)
 
@@ -88,29 +92,29 @@ def test_weights_and_datasets_round_trip_and_are_checked(s3: S3Server, bucket: s
     assert np.array_equal(loaded.columns[1], table.columns[1])
     with reader.open_weights(model_id, sha) as sent:  # a checked local copy, to send as it is
         assert sent.read() == remote.cat_file(f"{bucket}/models/weights/{model_id}.safetensors")
-    download = reader.weights_path(model_id)
+    download = reader.cache.weights_path(model_id)
     assert download.is_relative_to(tmp_path / "node-b")
     assert os.path.getsize(download) == size
-    assert list(writer.tmp.iterdir()) == []  # nothing staged is left behind
+    assert list(writer.cache.tmp.iterdir()) == []  # nothing staged is left behind
 
     # A damaged copy on a node is fetched again from the store, whose object counts.
     download.write_bytes(b"damaged on this node")
     with reader.open_weights(model_id, sha) as sent:
         assert hashlib.sha256(sent.read()).hexdigest() == sha
     assert os.path.getsize(download) == size
-    dataset_copy = reader.dataset_path(dataset_id)
+    dataset_copy = reader.cache.dataset_path(dataset_id)
     dataset_copy.write_bytes(dataset_copy.read_bytes()[:-10])
     assert reader.load_dataset(dataset_id, table_sha).names == ["x", "y"]
 
     # A changed object is refused, not served.
     remote.pipe_file(f"{bucket}/models/weights/{model_id}.safetensors", b"tampered")
-    with pytest.raises(IntegrityError):
+    with pytest.raises(ChecksumMismatch):
         reader.load_weights(model_id, sha)
     node_c = object_store(s3, bucket, tmp_path / "node-c")
-    with pytest.raises(IntegrityError):
+    with pytest.raises(ChecksumMismatch):
         node_c.open_weights(model_id, sha)
-    assert not node_c.weights_path(model_id).exists()  # no copy of what was refused
-    assert list(node_c.tmp.iterdir()) == []
+    assert not node_c.cache.weights_path(model_id).exists()  # no copy of what was refused
+    assert list(node_c.cache.tmp.iterdir()) == []
 
     # A checkpoint is replaced as training goes on; any node resumes from the latest one.
     job_id = new_id()
@@ -125,7 +129,7 @@ def test_weights_and_datasets_round_trip_and_are_checked(s3: S3Server, bucket: s
     stored = remote.cat_file(f"{bucket}/models/checkpoints/{job_id}.safetensors")
     for damaged in (stored[:-1] + bytes([stored[-1] ^ 0xFF]), stored[: len(stored) // 2]):
         remote.pipe_file(f"{bucket}/models/checkpoints/{job_id}.safetensors", damaged)
-        with pytest.raises(IntegrityError, match=job_id):
+        with pytest.raises(ChecksumMismatch, match=job_id):
             reader.load_checkpoint(job_id)
     writer.delete_checkpoint(job_id)
     assert reader.load_checkpoint(job_id) is None
@@ -267,11 +271,11 @@ def test_start_up_sweep_removes_old_orphan_objects_and_keeps_owned_and_young_one
 def test_objects_listed_without_a_time_are_never_taken_for_orphans(tmp_path: Path) -> None:
     # fsspec's in-memory filesystem lists no modification time: a store there cannot tell
     # an orphan from an upload in progress, so the sweep leaves its objects alone.
-    store = ObjectStore(f"memory://{unique_name('trainserve')}/store", tmp_path, {})
+    store = ObjectStore(f"memory://{unique_name('trainserve')}/store", LocalStore(tmp_path), {})
     store.ensure()
     orphan = f"{store.remote_root}/weights/{new_id()}.safetensors"
     store.fs.pipe_file(orphan, b"debris")
-    assert store.sweep_orphans(store.weights, older_than_s=0, owned=lambda ids: set()) == []
+    assert store.sweep_orphans("weights", older_than_s=0, owned=lambda ids: set()) == []
     assert store.fs.exists(orphan)
 
 

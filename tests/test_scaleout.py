@@ -16,10 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from service.client import TrainserveClient
-from service.config import Settings
-from service.jobs import build_queue
-from service.schemas import JobDetail
 from tests.backends import (
     REDIS_URL,
     postgres_database,
@@ -31,6 +27,10 @@ from tests.backends import (
     wait_for_log,
 )
 from tests.conftest import Server, moons_spec, start_server, stop_server
+from trainserve.api.schemas import JobDetail
+from trainserve.client import TrainserveClient
+from trainserve.config import Settings
+from trainserve.jobs.queue import build_queue
 
 JOBS = 20
 
@@ -156,7 +156,7 @@ def test_worker_device_flag_decides_where_auto_specs_train(
 ) -> None:
     # No GPU here: "--device cpu" must win over "auto", and an unknown device is refused by the CLI.
     refused = subprocess.run(
-        [sys.executable, "-m", "service", "worker", "--device", "tpu:0"],
+        [sys.executable, "-m", "trainserve", "worker", "--device", "tpu:0"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -1,4 +1,4 @@
-"""Unit tests for service.spec: parsing the allow-listed TrainSpec and checking it against a dataset."""
+"""Unit tests for trainserve.training.spec: parsing the allow-listed TrainSpec and checking it against a dataset."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from service import spec as S
-from service.data import Table, TableSchema
-from service.errors import InvalidInput
-from service.spec import Limits, TrainSpec, estimate_memory_bytes, plan_training
+from trainserve.datasets.tables import Table, TableSchema
+from trainserve.errors import InvalidInput
+from trainserve.training import spec as S
+from trainserve.training.spec import Limits, TrainSpec, estimate_memory_bytes, plan_training
 
 LIMITS = Limits(max_epochs=1_000, max_parameters=100_000, max_layer_width=512)
 
@@ -30,7 +30,7 @@ def linear(width: int, **kwargs: Any) -> dict[str, Any]:
 
 
 def schema_of(**columns: list[Any]) -> TableSchema:
-    """The schema service.data would report for these columns, in this order."""
+    """The schema trainserve.datasets.tables would report for these columns, in this order."""
     return Table(list(columns), [np.asarray(values) for values in columns.values()]).schema()
 
 

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from trainserve.api.deps import RuntimeDep, SessionDep
+from trainserve.api.runtime import Runtime
+from trainserve.api.schemas import Dataset
+from trainserve.api.uploads import ReceivedFile, receive_form, require_multipart
+from trainserve.datasets import catalog as datasets
+from trainserve.db import DatasetRecord
+from trainserve.errors import InvalidInput
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+_UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary", "description": "CSV or .npz"}},
+                }
+            }
+        },
+    }
+}
+
+
+def create_from_upload(session: Session, runtime: Runtime, upload: ReceivedFile) -> DatasetRecord:
+    return datasets.create_from_file(
+        session=session,
+        store=runtime.store,
+        settings=runtime.settings,
+        raw=upload.path,
+        size=upload.size,
+        sha256=upload.sha256,
+        filename=upload.filename,
+    )
+
+
+@router.post("", status_code=201, response_model=Dataset, openapi_extra=_UPLOAD_BODY)
+async def upload_dataset(request: Request, session: SessionDep, runtime: RuntimeDep, response: Response) -> Dataset:
+    """Upload a CSV (header row, numeric features, numeric or text label) or an .npz with X and y."""
+    require_multipart(request)
+    async with receive_form(request, runtime.store, max_file_bytes=runtime.settings.max_upload_bytes) as form:
+        if form.file is None:
+            raise InvalidInput(
+                "the multipart form needs a 'file' field holding a CSV or .npz",
+                errors=[{"loc": ["body", "file"], "msg": "field required"}],
+            )
+        record = await run_in_threadpool(create_from_upload, session, runtime, form.file)
+    response.headers["Location"] = f"/datasets/{record.id}"
+    return Dataset.model_validate(record)
+
+
+@router.get("", response_model=list[Dataset])
+def list_datasets(
+    session: SessionDep, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=2**62)
+) -> list[Dataset]:
+    return [Dataset.model_validate(r) for r in datasets.list_all(session=session, limit=limit, offset=offset)]
+
+
+@router.get("/{dataset_id}", response_model=Dataset)
+def get_dataset(dataset_id: str, session: SessionDep) -> Dataset:
+    return Dataset.model_validate(datasets.get(session=session, dataset_id=dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204)
+def delete_dataset(dataset_id: str, session: SessionDep, runtime: RuntimeDep) -> None:
+    datasets.delete(session=session, store=runtime.store, dataset_id=dataset_id)

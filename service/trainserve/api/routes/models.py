@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
+
+from trainserve.api.deps import RuntimeDep, SessionDep
+from trainserve.api.schemas import Model
+from trainserve.errors import NotFound
+from trainserve.serving import registry
+from trainserve.training.spec import MODEL_NAME_PATTERN
+
+router = APIRouter(tags=["models"])
+# Sent from the handle the store checked (not re-opened by path, as FileResponse would):
+# the bytes sent are the bytes whose sha256 matched. Each chunk is read in a thread.
+_SEND_CHUNK = 1024 * 1024
+
+
+@router.get("/models", response_model=list[Model])
+def list_models(
+    session: SessionDep,
+    name: str | None = Query(None, pattern=MODEL_NAME_PATTERN, description="Only this model's versions"),
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0, le=2**62),
+) -> list[Model]:
+    """Newest first; with ``name``, the versions of that model, newest version first."""
+    records = registry.list_all(session=session, name=name, limit=limit, offset=offset)
+    return [Model.model_validate(m) for m in records]
+
+
+@router.get("/models/{model_id}", response_model=Model)
+def get_model(model_id: str, session: SessionDep) -> Model:
+    return Model.model_validate(registry.get(session=session, model_id=model_id))
+
+
+@router.get(
+    "/models/{model_id}/weights",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors file"}},
+)
+def download_weights(model_id: str, session: SessionDep, runtime: RuntimeDep) -> StreamingResponse:
+    """The trained weights as safetensors (no pickle); the scaler's mean/std are inside.
+    ``X-Content-SHA256`` is their sha256, which the file was checked against before sending."""
+    record = registry.get(session=session, model_id=model_id)
+    try:
+        handle = runtime.store.open_weights(record.id, record.weights_sha256)
+    except FileNotFoundError:  # deleted by a concurrent request
+        raise NotFound(f"model {model_id!r} does not exist") from None
+    return StreamingResponse(
+        _chunks(handle),
+        media_type="application/octet-stream",
+        headers={
+            "Content-Length": str(os.fstat(handle.fileno()).st_size),
+            "Content-Disposition": f'attachment; filename="{record.id}.safetensors"',
+            "X-Content-SHA256": record.weights_sha256,
+        },
+    )
+
+
+def _chunks(handle: BinaryIO) -> Iterator[bytes]:
+    with handle:
+        while chunk := handle.read(_SEND_CHUNK):
+            yield chunk
+
+
+@router.delete("/models/{model_id}", status_code=204)
+def delete_model(model_id: str, session: SessionDep, runtime: RuntimeDep) -> None:
+    registry.delete(session=session, store=runtime.store, cache=runtime.models, model_id=model_id)

@@ -1,0 +1,64 @@
+"""PNG plots: a job's loss curve, a model's decision regions / fitted curve / predicted vs actual.
+
+The routes are plain ``def``: FastAPI runs them in its thread pool, so drawing (CPU work)
+never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import Response
+
+from trainserve.api.deps import RuntimeDep, SessionDep
+from trainserve.errors import Conflict
+from trainserve.jobs import lifecycle as jobs
+from trainserve.jobs.status import ACTIVE
+from trainserve.serving import plots, registry
+
+router = APIRouter(tags=["plots"])
+
+_PNG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
+Width = Annotated[int, Query(ge=plots.MIN_SIDE, le=plots.MAX_SIDE, description="pixels")]
+Height = Annotated[int, Query(ge=plots.MIN_SIDE, le=plots.MAX_SIDE, description="pixels")]
+
+
+def _png(content: bytes, cache_control: str, **headers: str) -> Response:
+    return Response(content, media_type="image/png", headers={"Cache-Control": cache_control, **headers})
+
+
+@router.get("/jobs/{job_id}/loss.png", response_class=Response, responses=_PNG)
+def job_loss_plot(
+    job_id: str, session: SessionDep, width: Width = plots.DEFAULT_SIZE[0], height: Height = plots.DEFAULT_SIZE[1]
+) -> Response:
+    """Train and validation loss per epoch; 409 while the job has no finished epoch."""
+    job = jobs.get_job(session, job_id)
+    if not job.history:
+        raise Conflict(f"job {job_id} has no finished epoch yet ({job.status})")
+    title = f"{job.name or 'job ' + job.id[:8]}: {job.status}, epoch {job.epoch}/{job.epochs}"
+    png = plots.loss_curve(job.history, title=title, size=(width, height))
+    # A running job's curve grows; an ended job's never changes.
+    return _png(png, "no-cache" if job.status in ACTIVE else "max-age=86400")
+
+
+@router.get("/models/{model_id}/plot.png", response_class=Response, responses=_PNG)
+def model_plot(
+    model_id: str,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    width: Width = plots.DEFAULT_SIZE[0],
+    height: Height = plots.DEFAULT_SIZE[1],
+) -> Response:
+    """A classifier on two features: decision regions with the training points (the guide's
+    visualize2DSoftmax). A regressor on one feature: the data and the fitted curve.
+    Anything else: predicted against actual on the training data (a confusion matrix for a
+    classifier). The ``X-Plot-Kind`` header says which. 409 once the training dataset is deleted."""
+    record = registry.get(session=session, model_id=model_id)
+    predictor = runtime.models.get(record)
+    x, y = registry.training_data(session=session, store=runtime.store, record=record)
+    metric = next((f"{k} {v:.3f}" for k, v in record.metrics.items() if k in ("train_accuracy", "train_r2")), "")
+    title = f"{registry.describe(record)}: {metric}" if metric else registry.describe(record)
+    kind, png = plots.model_plot(predictor, x, y, title=title, size=(width, height))
+    # Weights and data never change under one model id, nor does its plot.
+    return _png(png, "max-age=86400", **{"X-Plot-Kind": kind})

@@ -1,0 +1,149 @@
+"""Pydantic request and response bodies of the HTTP API (apart from the ORM tables).
+
+The client imports these too, so they stay free of FastAPI and SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+
+from trainserve.jobs.status import JobStatus
+
+
+def _as_utc(value: datetime) -> datetime:
+    # SQLite hands timestamps back without a zone; they were written in UTC.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+UTCDateTime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class Column(_Out):
+    name: str
+    dtype: str = Field(description="int64, float64 or string")
+    classes: list[Any] | None = Field(description="Distinct values, when the column can be a class label")
+
+
+class Dataset(_Out):
+    id: str
+    filename: str | None
+    format: str
+    n_rows: int
+    columns: list[Column]
+    size_bytes: int
+    sha256: str = Field(description="sha256 of the uploaded bytes")
+    created_at: UTCDateTime
+
+
+class Job(_Out):
+    id: str
+    name: str | None = Field(default=None, description="The spec's model name, if it gave one")
+    status: JobStatus
+    dataset_id: str | None
+    model_id: str | None
+    epoch: int
+    epochs: int
+    train_loss: float | None
+    val_loss: float | None
+    val_metrics: dict[str, float] | None
+    device: str | None
+    error: str | None
+    cancel_requested: bool
+    attempts: int = Field(description="How many times a worker claimed it (a worker that died costs one)")
+    worker: str | None = Field(description="host:pid of the worker process that ran it")
+    lease_expires_at: UTCDateTime | None = Field(
+        default=None, description="While running: when the job goes back to the queue unless its worker renews"
+    )
+    heartbeat_at: UTCDateTime | None = Field(default=None, description="The worker's last lease renewal")
+    checkpoint_epoch: int | None = Field(default=None, description="Epoch of the last checkpoint saved to resume from")
+    created_at: UTCDateTime
+    started_at: UTCDateTime | None
+    finished_at: UTCDateTime | None
+    spec: dict[str, Any]
+    notes: list[str] = Field(
+        default_factory=list,
+        description="How it ran: which training loop, re-queued, resumed, handed back, stopped early",
+    )
+
+
+class JobDetail(Job):
+    history: list[list[Any]] = Field(description="[epoch, train_loss, val_loss] rows, at most ~1000")
+
+
+class Model(_Out):
+    id: str
+    name: str | None = Field(default=None, description="The model name its spec gave, if any")
+    version: int | None = Field(default=None, description="1, 2, ... among the models of that name")
+    job_id: str = Field(description="The training job that made it")
+    dataset_id: str | None = Field(description="The dataset it was trained on (null once that is deleted)")
+    dataset_sha256: str = Field(description="sha256 of the uploaded bytes it was trained on")
+    task: str = Field(description="classification, binary or regression")
+    features: list[str]
+    targets: list[str]
+    classes: list[Any] | None
+    input_mean: list[float] | None
+    input_std: list[float] | None
+    metrics: dict[str, float]
+    n_parameters: int
+    weights_sha256: str
+    weights_bytes: int
+    torch_version: str
+    code_version: str | None = Field(default=None, description="The trainserve release that trained it")
+    device: str
+    train_seconds: float
+    created_at: UTCDateTime
+    spec: dict[str, Any]
+    notes: list[str] = Field(default_factory=list, description="How it was trained: training loop, early stopping")
+
+
+_INPUTS_SCHEMA = {
+    "oneOf": [
+        {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+        {"type": "array", "items": {"type": "object", "additionalProperties": {"type": "number"}}},
+    ],
+    "description": "Rows as lists of numbers in feature order, or as objects keyed by feature name.",
+    "examples": [[[0.5, -0.2]], [{"x0": 0.5, "x1": -0.2}]],
+}
+
+
+class PredictRequest(BaseModel):
+    """Name the model by ``model_id``, or by ``name`` (the newest version) and optionally ``version``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str | None = None
+    name: str | None = None
+    version: int | None = Field(default=None, ge=1)
+    # Read by trainserve.serving.formats, checked by serving.predictor.inputs_to_matrix with numpy: faster
+    # than per-element pydantic validation, and its errors name the row and column.
+    inputs: Annotated[list[Any], WithJsonSchema(_INPUTS_SCHEMA)]
+
+
+class PredictResponse(BaseModel):
+    model_id: str
+    name: str | None = None
+    version: int | None = None
+    predictions: list[Any]
+    probabilities: list[list[float]] | None = None
+    classes: list[Any] | None = Field(default=None, description="Labels of the probability columns")
+
+
+class JobEvent(BaseModel):
+    """One Server-Sent Event of ``GET /jobs/{id}/events``."""
+
+    event: str = Field(description="status, epoch or end")
+    id: int | None = Field(default=None, description="The last epoch sent so far (resume with Last-Event-ID)")
+    data: dict[str, Any]
+
+
+class Error(BaseModel):
+    type: str
+    detail: str
+    errors: list[dict[str, Any]] = []

@@ -1,0 +1,236 @@
+"""``trainserve serve | worker | migrate``, and the client commands of ``cli_client``
+(``train``, ``predict``, ``jobs``, ...); also ``python -m trainserve ...``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from trainserve.client.cli import add_client_commands
+from trainserve.config import DEVICE_PATTERN, get_settings
+
+log = logging.getLogger("trainserve")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from trainserve.api.app import create_app
+    from trainserve.db import make_engine, make_session_factory, upgrade_to_head
+    from trainserve.jobs.queue import build_queue, worker_name
+    from trainserve.jobs.rescuer import Rescuer, expire_leases_of, requeue_queued
+    from trainserve.storage.factory import open_store
+    from trainserve.storage.sweep import sweep
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Migrate before any worker starts, so workers never see an old schema.
+    upgrade_to_head(settings.resolved_database_url)
+    sessions = make_session_factory(make_engine(settings.resolved_database_url))
+    store = open_store(settings)
+    sweep(sessions, store, grace_seconds=settings.orphan_grace_seconds)
+    queue = build_queue(settings)
+    # A job that was running when the service stopped keeps its lease until it runs out,
+    # then the rescuer re-queues it: this process cannot know whether a worker on another
+    # machine still runs it. Queued jobs go back on the queue at once.
+    rescuer = Rescuer(sessions, queue, store, settings)
+    rescuer.rescue_now()
+    requeue_queued(sessions, queue)
+    rescuer.start()
+    supervisor = None
+    if args.workers:
+        supervisor = _WorkerSupervisor(
+            args.workers,
+            on_death=lambda pid: expire_leases_of(sessions, worker_name(pid)),
+            drain_timeout=settings.drain_timeout_seconds,
+        )
+        supervisor.start()
+    # uvicorn stops on SIGINT/SIGTERM once the requests in flight are answered, then raises
+    # the signal again for the handler it found; with the default one, the process would
+    # die right there, before its workers hand their jobs back.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, lambda signum, _frame: log.info("received %s", signal.Signals(signum).name))
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # The workers start handing their jobs back now, while uvicorn answers the
+            # requests in flight: a job must not run on to its end during a slow upload.
+            if supervisor is not None:
+                supervisor.begin_drain()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        Server(config).run()
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+        rescuer.stop()
+    return 0
+
+
+class _WorkerSupervisor:
+    """Keeps N ``trainserve worker`` child processes alive beside the API (the embedded default).
+
+    Training runs in these processes, never in the API's: the API stays responsive while a
+    worker saturates the CPU or GPU.
+    """
+
+    def __init__(self, count: int, *, on_death: Callable[[int], object], drain_timeout: float) -> None:
+        self.count = count
+        self.on_death = on_death
+        self.drain_timeout = drain_timeout
+        self.children: list[subprocess.Popen[bytes]] = []
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        command = [sys.executable, "-m", "trainserve", "worker", "--exit-with-parent"]
+        return subprocess.Popen(command, env=os.environ.copy())
+
+    def start(self) -> None:
+        self.children = [self._spawn() for _ in range(self.count)]
+        if self.count:
+            self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(1.0):
+            for i, child in enumerate(self.children):
+                if child.poll() is not None and not self._stopping.is_set():
+                    log.warning("worker %s exited with %s; starting a new one", child.pid, child.returncode)
+                    try:
+                        self.on_death(child.pid)  # its lease can end now: nobody will renew it
+                    except Exception:
+                        log.exception("could not end the leases of worker %s", child.pid)
+                    self.children[i] = self._spawn()
+
+    def begin_drain(self) -> None:
+        """Ask every worker to hand its running job back (SIGTERM drains); do not wait."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        """Drain the workers (see ``begin_drain``) and wait for them, killing any that overstay."""
+        self.begin_drain()
+        deadline = time.monotonic() + self.drain_timeout
+        for child in self.children:
+            try:
+                child.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("worker %s did not drain in %.0f s; killing it", child.pid, self.drain_timeout)
+                child.kill()
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from trainserve.db import make_engine, make_session_factory, upgrade_to_head
+    from trainserve.jobs.worker import run_worker
+    from trainserve.storage.factory import open_store
+    from trainserve.storage.sweep import sweep
+
+    settings = get_settings()
+    if args.device:
+        settings = settings.model_copy(update={"worker_device": args.device})
+    upgrade_to_head(settings.resolved_database_url)
+    log.info(
+        "worker on queue %r, training specs with device 'auto' on %s",
+        settings.queue_name,
+        settings.worker_device or "the first visible GPU, else the CPU",
+    )
+    if not args.exit_with_parent:  # a worker that `serve` started: serve has swept already
+        engine = make_engine(settings.resolved_database_url)
+        sweep(
+            make_session_factory(engine),
+            open_store(settings),
+            grace_seconds=settings.orphan_grace_seconds,
+        )
+        engine.dispose()
+    run_worker(settings, exit_with_parent=args.exit_with_parent)
+    return 0
+
+
+def _device(value: str) -> str:
+    if not DEVICE_PATTERN.match(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device: use cpu, cuda, cuda:N or mps")
+    return value
+
+
+def _migrate(_args: argparse.Namespace) -> int:
+    from trainserve.db import upgrade_to_head
+
+    upgrade_to_head(get_settings().resolved_database_url)
+    print("database is at the newest schema")
+    return 0
+
+
+def _check(_args: argparse.Namespace) -> int:
+    from trainserve.api.runtime import Runtime
+
+    try:
+        runtime = Runtime.from_settings(get_settings())
+    except Exception as exc:  # a queue on Postgres or SQLite connects as soon as it is built
+        print(f"error: {exc}")
+        return 1
+    try:
+        checks = runtime.check()
+    finally:
+        runtime.engine.dispose()
+        runtime.queue.close()
+    for name, result in checks.items():
+        print(f"{name}: {result}")
+    return 0 if all(result == "ok" for result in checks.values()) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trainserve",
+        description="Train PyTorch models described in JSON and serve their predictions: run the service "
+        "(serve, worker, migrate) or talk to one (train, follow, predict, jobs, models, cancel, plot, export).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the API and its worker(s) on this machine")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1, help="worker processes to start beside the API (0: API only)")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(run=_serve)
+    worker = commands.add_parser(
+        "worker", help="run a training worker only, one per GPU (SIGTERM/SIGINT: hand the job back, exit)"
+    )
+    worker.add_argument(
+        "--device",
+        type=_device,
+        default=None,
+        help="where specs with device 'auto' train, e.g. cuda:1 (default: TRAINSERVE_WORKER_DEVICE, "
+        "else the first GPU that CUDA_VISIBLE_DEVICES leaves visible, else the CPU)",
+    )
+    worker.add_argument(
+        "--exit-with-parent", action="store_true", help="drain and exit when the process that started it dies"
+    )
+    worker.set_defaults(run=_worker)
+    migrate = commands.add_parser("migrate", help="upgrade the database schema to the newest version")
+    migrate.set_defaults(run=_migrate)
+    check = commands.add_parser(
+        "check", help="exit 0 when the database, queue and model store answer (a worker's health check)"
+    )
+    check.set_defaults(run=_check)
+    add_client_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    result: int = args.run(args)
+    return result

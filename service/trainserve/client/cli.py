@@ -1,0 +1,416 @@
+"""The CLI's client commands: ``trainserve train | follow | predict | jobs | models | cancel | plot | export``.
+
+They talk to a running server through the typed client: ``--url`` / ``TRAINSERVE_URL``
+and ``--api-key`` / ``TRAINSERVE_API_KEY``. Exit status: 0 done, 1 a followed job did
+not succeed, 2 a refused request or an unreachable server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+from tqdm import tqdm
+
+from trainserve.api.schemas import Job, Model
+from trainserve.client.http import ApiError, TrainserveClient
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+_ID = re.compile(r"^[0-9a-f]{32}$")
+# Rows sent in one POST /predict: well under the server's default limit of 100,000.
+PREDICT_CHUNK_ROWS = 5_000
+
+Command = Callable[[TrainserveClient, argparse.Namespace], int]
+
+
+class CommandError(Exception):
+    """A problem to report in one line (exit status 2)."""
+
+
+def _connection_flags() -> argparse.ArgumentParser:
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument(
+        "--url",
+        default=os.environ.get("TRAINSERVE_URL", DEFAULT_URL),
+        help=f"server URL (default: $TRAINSERVE_URL or {DEFAULT_URL})",
+    )
+    flags.add_argument(
+        "--api-key", default=os.environ.get("TRAINSERVE_API_KEY"), help="API key (default: $TRAINSERVE_API_KEY)"
+    )
+    return flags
+
+
+def add_client_commands(commands: Any) -> None:
+    """Register the client commands on ``trainserve``'s subparsers."""
+    common = [_connection_flags()]
+
+    train = commands.add_parser("train", parents=common, help="upload a table and train a model on it")
+    train.add_argument("data", help="a CSV or .npz file, or the id of an uploaded dataset")
+    train.add_argument("--spec", required=True, type=Path, help="the training spec, a JSON file")
+    train.add_argument("--name", help="model name: the model becomes that name's next version")
+    train.add_argument("--epochs", type=int, help="override the spec's epochs")
+    train.add_argument("--device", help="override the spec's device (auto, cpu, cuda, cuda:N)")
+    train.add_argument("--follow", "-f", action="store_true", help="show a progress bar until the job ends")
+    train.add_argument("--json", action="store_true", help="print the job (or, with --follow, the model) as JSON")
+    train.set_defaults(run=_with_client(_train))
+
+    follow = commands.add_parser("follow", parents=common, help="show a job's progress until it ends")
+    follow.add_argument("job", help="job id")
+    follow.add_argument("--json", action="store_true", help="print the model as JSON at the end")
+    follow.set_defaults(run=_with_client(_follow))
+
+    predict = commands.add_parser("predict", parents=common, help="predict every row of a CSV, write CSV")
+    predict.add_argument("model", help="model id, NAME (its newest version) or NAME:VERSION")
+    predict.add_argument("data", type=Path, help="CSV with a header row holding the model's feature columns")
+    predict.add_argument("--output", "-o", type=Path, help="write here instead of standard output")
+    predict.set_defaults(run=_with_client(_predict))
+
+    jobs = commands.add_parser("jobs", parents=common, help="list training jobs, newest first")
+    jobs.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    jobs.add_argument("--name", help="only jobs training this model name")
+    jobs.add_argument("--limit", type=int, default=20)
+    jobs.add_argument("--json", action="store_true")
+    jobs.set_defaults(run=_with_client(_jobs))
+
+    models = commands.add_parser("models", parents=common, help="list trained models, newest first")
+    models.add_argument("--name", help="only this model's versions")
+    models.add_argument("--limit", type=int, default=20)
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(run=_with_client(_models))
+
+    cancel = commands.add_parser("cancel", parents=common, help="cancel a queued or running job")
+    cancel.add_argument("job", help="job id")
+    cancel.set_defaults(run=_with_client(_cancel))
+
+    plot = commands.add_parser("plot", parents=common, help="save a model's plot, or a job's loss curve, as PNG")
+    plot.add_argument("target", help="model id, NAME or NAME:VERSION; or a job id with --loss")
+    plot.add_argument("--loss", action="store_true", help="the job's loss curve instead of a model's plot")
+    plot.add_argument("--output", "-o", type=Path, required=True)
+    plot.add_argument("--width", type=int, default=800)
+    plot.add_argument("--height", type=int, default=600)
+    plot.set_defaults(run=_with_client(_plot))
+
+    export = commands.add_parser("export", parents=common, help="download a model as TorchScript or torch.export")
+    export.add_argument("model", help="model id, NAME or NAME:VERSION")
+    export.add_argument("--format", choices=["torchscript", "torch.export"], default="torchscript")
+    export.add_argument("--output", "-o", type=Path, required=True)
+    export.set_defaults(run=_with_client(_export))
+
+
+def _with_client(command: Command) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per request on stderr
+        try:
+            with TrainserveClient(args.url, api_key=args.api_key) as client:
+                return command(client, args)
+        except ApiError as exc:
+            print(f"error: {_explain(exc)}", file=sys.stderr)
+            return 2
+        except httpx.TransportError as exc:
+            print(f"error: cannot reach the server at {args.url}: {exc}", file=sys.stderr)
+            return 2
+        except CommandError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
+
+    return run
+
+
+def _explain(exc: ApiError) -> str:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    lines = [f"{exc.status_code} {body.get('detail', exc.body)}"]
+    for error in body.get("errors", [])[1:5]:
+        where = ".".join(str(part) for part in error.get("loc", []))
+        lines.append(f"  {where}: {error.get('msg', '')}")
+    return "\n".join(lines)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+# -- train and follow ----------------------------------------------------------------------------
+
+
+def _read_spec(path: Path) -> dict[str, Any]:
+    try:
+        spec = json.loads(path.read_text())
+    except OSError as exc:
+        raise CommandError(f"cannot read the spec {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise CommandError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(spec, dict):
+        raise CommandError(f"{path} must hold a JSON object (the training spec)")
+    return spec
+
+
+def _train(client: TrainserveClient, args: argparse.Namespace) -> int:
+    spec = _read_spec(args.spec)
+    for key in ("name", "epochs", "device"):
+        if getattr(args, key) is not None:
+            spec[key] = getattr(args, key)
+    data = Path(args.data)
+    if data.is_file():
+        spec.pop("dataset_id", None)  # the file given here is the data
+        job = client.train(spec, file=data)
+    elif _ID.match(args.data):
+        job = client.train({**spec, "dataset_id": args.data})
+    else:
+        raise CommandError(f"{args.data} is neither a file nor a dataset id")
+    if not args.follow:
+        if args.json:
+            _print_json(job.model_dump(mode="json"))
+        else:
+            print(f"job {job.id} {job.status}; follow it with: trainserve follow {job.id}")
+        return 0
+    print(f"job {job.id} {job.status}", file=sys.stderr)
+    return _follow_job(client, job.id, as_json=args.json)
+
+
+def _follow(client: TrainserveClient, args: argparse.Namespace) -> int:
+    return _follow_job(client, args.job, as_json=args.json)
+
+
+def _loss_text(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, int | float) and math.isfinite(value) else "-"
+
+
+def _follow_job(client: TrainserveClient, job_id: str, *, as_json: bool) -> int:
+    """A progress bar fed by the job's events; the outcome printed when it ends."""
+    job = client.get_job(job_id)
+    label = job.name or job.id[:8]
+    end: dict[str, Any] = {}
+    with tqdm(total=job.epochs, desc=label, unit="epoch", file=sys.stderr, dynamic_ncols=True) as bar:
+        try:
+            for event in client.events(job_id):
+                data = event.data
+                if event.event == "epoch":
+                    shown = {"loss": _loss_text(data["train_loss"])}
+                    if data.get("val_loss") is not None:
+                        shown["val_loss"] = _loss_text(data["val_loss"])
+                    for key, value in (data.get("val_metrics") or {}).items():
+                        shown[f"val_{key}"] = _loss_text(value)
+                    bar.set_postfix(shown, refresh=False)
+                    bar.update(data["epoch"] - bar.n)  # draws the bar with the losses above
+                elif event.event == "status":
+                    bar.set_description(f"{label} {data['status']}", refresh=True)
+                elif event.event == "end":
+                    end = data
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"stopped following; the job goes on (trainserve cancel {job_id} stops it)", file=sys.stderr)
+            return 130
+    status = end.get("status", "unknown")
+    if status != "succeeded":
+        print(f"job {job_id} {status}: {end.get('error') or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    model = client.get_model(end["model_id"])
+    if as_json:
+        _print_json(model.model_dump(mode="json"))
+    else:
+        metrics = ", ".join(f"{k} {_loss_text(v)}" for k, v in model.metrics.items())
+        print(f"job {job_id} succeeded: {_describe(model)} ({metrics})")
+    return 0
+
+
+def _describe(model: Model) -> str:
+    return f"model {model.id} ({model.name} v{model.version})" if model.name else f"model {model.id}"
+
+
+# -- models by id or name -------------------------------------------------------------------------
+
+
+def resolve_model(client: TrainserveClient, reference: str) -> Model:
+    """A model id, a NAME (its newest version) or NAME:VERSION."""
+    if _ID.match(reference):
+        return client.get_model(reference)
+    name, _, version = reference.partition(":")
+    if version and not version.isdigit():
+        raise CommandError(f"{reference!r}: the version after ':' must be a number")
+    versions = client.list_models(name=name, limit=1000)
+    if not versions:
+        raise CommandError(f"no model is named {name!r}")
+    if not version:
+        return versions[0]
+    for model in versions:
+        if model.version == int(version):
+            return model
+    raise CommandError(f"model {name!r} has no version {version} (newest: {versions[0].version})")
+
+
+# -- predict --------------------------------------------------------------------------------------
+
+
+def _number(text: str) -> Any:
+    try:
+        value = float(text)
+    except ValueError:
+        return text  # the server names the row and column it cannot use
+    # JSON has no NaN or infinity: send the text, which the server refuses by row and column.
+    return value if math.isfinite(value) else text
+
+
+def _chunks(rows: Iterator[dict[str, str]], size: int) -> Iterator[list[dict[str, str]]]:
+    chunk: list[dict[str, str]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def prediction_columns(model: Model) -> list[str]:
+    """The columns ``trainserve predict`` adds to each row."""
+    if model.task == "regression":
+        return ["prediction"] if len(model.targets) == 1 else [f"prediction_{t}" for t in model.targets]
+    return ["prediction", *(f"probability_{c}" for c in model.classes or [])]
+
+
+def _predict(client: TrainserveClient, args: argparse.Namespace) -> int:
+    model = resolve_model(client, args.model)
+    try:
+        source = open(args.data, newline="")  # noqa: SIM115 - closed below, after streaming
+    except OSError as exc:
+        raise CommandError(f"cannot read {args.data}: {exc.strerror}") from None
+    with source:
+        reader = csv.DictReader(source)
+        header = list(reader.fieldnames or [])
+        missing = [f for f in model.features if f not in header]
+        if missing:
+            raise CommandError(f"{args.data} has no column {missing[0]!r}; the model takes {model.features}")
+        out: TextIO = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
+        try:
+            written = _write_predictions(client, model, reader, header, out)
+        finally:
+            if args.output:
+                out.close()
+    if args.output:
+        print(f"{written} rows predicted by {_describe(model)} -> {args.output}", file=sys.stderr)
+    return 0
+
+
+def _write_predictions(
+    client: TrainserveClient, model: Model, reader: csv.DictReader[str], header: list[str], out: TextIO
+) -> int:
+    writer = csv.writer(out)
+    writer.writerow([*header, *prediction_columns(model)])
+    written = 0
+    for chunk in _chunks(iter(reader), PREDICT_CHUNK_ROWS):
+        inputs = [{f: _number(row[f]) for f in model.features} for row in chunk]
+        try:
+            answer = client.predict(model.id, inputs)
+        except ApiError as exc:
+            _shift_rows(exc, written)
+            raise
+        for i, row in enumerate(chunk):
+            predicted = answer.predictions[i]
+            extra = predicted if isinstance(predicted, list) else [predicted]
+            if answer.probabilities is not None:
+                extra = [predicted, *answer.probabilities[i]]
+            writer.writerow([*(row[h] for h in header), *extra])
+        written += len(chunk)
+    return written
+
+
+def _shift_rows(exc: ApiError, offset: int) -> None:
+    """Report the file's data row (1 = first after the header), not the row within a chunk."""
+    if not isinstance(exc.body, dict):
+        return
+    for error in exc.body.get("errors", []):
+        loc = error.get("loc", [])
+        if len(loc) >= 2 and loc[0] == "inputs" and isinstance(loc[1], int):
+            error["loc"] = ["file row", offset + loc[1] + 1, *loc[2:]]
+    match = re.match(r"row (\d+)", str(exc.body.get("detail", "")))
+    if match:
+        exc.body["detail"] = f"data row {offset + int(match.group(1)) + 1}{exc.body['detail'][match.end() :]}"
+
+
+# -- jobs, models, cancel --------------------------------------------------------------------------
+
+
+def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _jobs(client: TrainserveClient, args: argparse.Namespace) -> int:
+    found = client.list_jobs(args.status, name=args.name, limit=args.limit)
+    if args.json:
+        _print_json([j.model_dump(mode="json") for j in found])
+        return 0
+    _table([_job_row(j) for j in found], ["JOB", "STATUS", "NAME", "EPOCH", "LOSS", "VAL LOSS", "MODEL", "CREATED"])
+    return 0
+
+
+def _job_row(job: Job) -> list[str]:
+    return [
+        job.id,
+        job.status,
+        job.name or "-",
+        f"{job.epoch}/{job.epochs}",
+        _loss_text(job.train_loss),
+        _loss_text(job.val_loss),
+        job.model_id or "-",
+        job.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+    ]
+
+
+def _models(client: TrainserveClient, args: argparse.Namespace) -> int:
+    found = client.list_models(name=args.name, limit=args.limit)
+    if args.json:
+        _print_json([m.model_dump(mode="json") for m in found])
+        return 0
+    rows = []
+    for model in found:
+        metric = next((f"{k} {v:.3f}" for k, v in model.metrics.items() if k in ("train_accuracy", "train_r2")), "-")
+        name = f"{model.name}:{model.version}" if model.name else "-"
+        rows.append([model.id, name, model.task, metric, model.created_at.strftime("%Y-%m-%d %H:%M:%S")])
+    _table(rows, ["MODEL", "NAME:VERSION", "TASK", "METRIC", "CREATED"])
+    return 0
+
+
+def _cancel(client: TrainserveClient, args: argparse.Namespace) -> int:
+    job = client.cancel_job(args.job)
+    state = "cancel requested" if job.status == "running" else job.status
+    print(f"job {job.id} {state}")
+    return 0
+
+
+# -- plot and export -------------------------------------------------------------------------------
+
+
+def _save(path: Path, content: bytes, what: str) -> None:
+    path.write_bytes(content)
+    print(f"{what} -> {path} ({len(content):,} bytes)", file=sys.stderr)
+
+
+def _plot(client: TrainserveClient, args: argparse.Namespace) -> int:
+    size = {"width": args.width, "height": args.height}
+    if args.loss:
+        png = client.loss_plot(args.target, **size)
+        _save(args.output, png, f"loss curve of job {args.target}")
+    else:
+        model = resolve_model(client, args.target)
+        _save(args.output, client.model_plot(model.id, **size), f"plot of {_describe(model)}")
+    return 0
+
+
+def _export(client: TrainserveClient, args: argparse.Namespace) -> int:
+    model = resolve_model(client, args.model)
+    _save(args.output, client.export_model(model.id, args.format), f"{args.format} of {_describe(model)}")
+    return 0

@@ -1,0 +1,118 @@
+"""A job's life as the API sees it: submit, look up, list and cancel.
+
+Every state change is a conditional UPDATE (``WHERE status = ...``), so a cancel and a
+worker's claim can race without either being lost. A job is enqueued only after the
+transaction that created it commits, so a worker never looks for a row that is not there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from trainserve.config import Settings
+from trainserve.datasets.tables import TableSchema
+from trainserve.db import DatasetRecord, JobRecord, on_commit, rows_changed, utcnow
+from trainserve.errors import Conflict, NotFound
+from trainserve.jobs.queue import JobQueue
+from trainserve.jobs.status import JobStatus
+from trainserve.storage.base import Store, new_id
+from trainserve.training.spec import Limits, TrainSpec, plan_training
+
+
+def limits_of(settings: Settings) -> Limits:
+    return Limits(
+        settings.max_epochs,
+        settings.max_parameters,
+        settings.max_layer_width,
+        max_job_seconds=settings.max_job_seconds,
+        max_memory_bytes=settings.max_train_memory_bytes,
+    )
+
+
+def get_job(session: Session, job_id: str) -> JobRecord:
+    job = session.get(JobRecord, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id!r} does not exist")
+    return job
+
+
+def list_jobs(
+    session: Session, *, status: JobStatus | None = None, name: str | None = None, limit: int = 100, offset: int = 0
+) -> list[JobRecord]:
+    query = select(JobRecord).order_by(JobRecord.created_at.desc(), JobRecord.id).limit(limit).offset(offset)
+    if status is not None:
+        query = query.where(JobRecord.status == status)
+    if name is not None:
+        query = query.where(JobRecord.name == name)
+    return list(session.scalars(query))
+
+
+def submit(session: Session, queue: JobQueue, spec: TrainSpec, dataset: DatasetRecord, limits: Limits) -> JobRecord:
+    """Validate the spec against the dataset, record a queued job, enqueue it on commit."""
+    plan_training(spec, TableSchema.from_dicts(dataset.n_rows, dataset.columns), limits)
+    spec = spec.model_copy(update={"dataset_id": dataset.id})
+    job = JobRecord(
+        id=new_id(),
+        status=JobStatus.QUEUED,
+        spec=spec.model_dump(mode="json"),
+        dataset_id=dataset.id,
+        epochs=spec.epochs,
+        history=[],
+        name=spec.name,
+    )
+    session.add(job)
+    session.flush()
+    job_id = job.id
+    sessions = sessionmaker(session.get_bind())
+
+    def enqueue() -> None:
+        try:
+            queue.enqueue(job_id)
+        except Exception as exc:
+            with sessions.begin() as fresh:
+                _end(fresh, job_id, JobStatus.QUEUED, JobStatus.FAILED, error=f"the job could not be queued: {exc}")
+            raise
+
+    on_commit(session, enqueue)
+    return job
+
+
+def _end(session: Session, job_id: str, current: JobStatus, status: JobStatus, **values: Any) -> int:
+    now = utcnow()
+    return rows_changed(
+        session,
+        update(JobRecord)
+        .where(JobRecord.id == job_id, JobRecord.status == current)
+        .values(status=status, finished_at=now, updated_at=now, **values),
+    )
+
+
+def with_note(notes: list[Any] | None, note: str) -> list[Any]:
+    """A job's notes with one more at the end."""
+    return [*(notes or []), note]
+
+
+def cancel(session: Session, store: Store, job_id: str) -> JobRecord:
+    """A queued job ends now; a running one is asked to stop and ends within a progress interval
+    (its worker deletes its checkpoint)."""
+    job = get_job(session, job_id)
+    ended = _end(session, job_id, JobStatus.QUEUED, JobStatus.CANCELLED, error="cancelled before it started")
+    if ended:
+        # A job handed back, or re-queued after its worker died, may have a checkpoint: no
+        # attempt will resume from it now.
+        on_commit(session, lambda: store.delete_checkpoint(job_id))
+    else:
+        asked = rows_changed(
+            session,
+            update(JobRecord)
+            .where(JobRecord.id == job_id, JobRecord.status == JobStatus.RUNNING)
+            .values(cancel_requested=True, updated_at=utcnow()),
+        )
+        if not asked:
+            session.refresh(job)
+            raise Conflict(f"job {job_id} has already ended ({job.status})")
+    session.refresh(job)
+    return job

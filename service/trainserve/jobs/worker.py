@@ -1,0 +1,365 @@
+"""The worker process: take training jobs off the queue, claim them, train them under a
+lease, save checkpoints and models, and hand jobs back when asked to stop.
+
+Everything a worker writes for a job is fenced by its lease (``Lease`` in
+``trainserve.jobs.attempt``): once the rescuer (``trainserve.jobs.rescuer``) has given the job to another
+worker, the old one writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+from huey import Huey
+from huey.consumer import Consumer
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+import trainserve
+from trainserve.config import Settings
+from trainserve.datasets.tables import Table
+from trainserve.db import DatasetRecord, JobRecord, ModelRecord, make_engine, make_session_factory, rows_changed, utcnow
+from trainserve.errors import CheckpointMismatch, InvalidInput, TrainserveError
+from trainserve.jobs.attempt import Attempt, StopReason, TimeLimit, WorkerContext, thin_history
+from trainserve.jobs.lifecycle import limits_of
+from trainserve.jobs.queue import build_queue
+from trainserve.jobs.rescuer import Rescuer
+from trainserve.jobs.status import JobStatus
+from trainserve.storage.base import new_id
+from trainserve.training import loop, native
+from trainserve.training.spec import TrainingPlan, TrainSpec, plan_training
+
+log = logging.getLogger(__name__)
+
+
+class _DrainingConsumer(Consumer):  # type: ignore[misc]
+    """Huey's consumer, where SIGINT and SIGTERM both stop it gracefully after ``on_stop``.
+
+    Huey interrupts running tasks on SIGTERM and waits for them (maybe hours) on SIGINT;
+    a training worker instead asks its running job to checkpoint and go back to the queue,
+    then waits for that, which takes seconds.
+    """
+
+    def __init__(self, huey: Huey, *, on_stop: Callable[[], None], **options: Any) -> None:
+        super().__init__(huey, **options)
+        self._on_stop = on_stop
+        self._signal_actions[signal.SIGINT] = (False, True)  # (restart, graceful)
+        self._signal_actions[signal.SIGTERM] = (False, True)
+
+    def _handle_signal(self, signum: int, frame: Any) -> None:
+        super()._handle_signal(signum, frame)
+        self._on_stop()
+
+
+def run_worker(settings: Settings, *, exit_with_parent: bool = False) -> None:
+    """Consume training jobs until SIGINT/SIGTERM (``trainserve worker``), which drain it.
+
+    The worker also runs the rescuer, so jobs of a dead worker on any machine come back.
+    With ``exit_with_parent`` it drains itself when the process that started it dies.
+    """
+    if settings.worker_nice:
+        os.nice(settings.worker_nice)
+    if settings.train_threads is not None:
+        torch.set_num_threads(settings.train_threads)
+    draining = threading.Event()  # set on SIGTERM/SIGINT: a running job hands itself back
+
+    def run(job_id: str) -> None:
+        run_job(ctx, job_id)
+
+    queue = build_queue(settings, run=run)
+    # Built before the first entry is taken, so that taking an entry and claiming its job
+    # are moments apart: the rescuer re-enqueues a queued job whose entry it cannot see
+    # (``jobs.requeue_lost``), and the engine's one-off costs take a second or more.
+    ctx = WorkerContext.from_settings(settings, queue, draining)
+    consumer = _DrainingConsumer(
+        queue.huey,
+        on_stop=draining.set,
+        workers=settings.worker_threads,
+        worker_type="thread",
+        periodic=False,
+        initial_delay=0.05,
+        backoff=1.15,
+        max_delay=settings.queue_poll_max_s,
+    )
+    sessions = make_session_factory(make_engine(settings.resolved_database_url))
+    rescuer = Rescuer(sessions, queue, ctx.store, settings)
+    rescuer.start()
+    if exit_with_parent:
+        _stop_when_orphaned()
+    try:
+        consumer.run()
+    finally:
+        rescuer.stop()
+
+
+def _stop_when_orphaned() -> None:
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        log.warning("the process that started this worker is gone; draining")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _targets(table: Table, plan: TrainingPlan) -> np.ndarray:
+    if plan.task == "regression":
+        return table.matrix(plan.targets, dtype=np.float64)
+    return table.column(plan.targets[0])
+
+
+def on_this_worker(spec: TrainSpec, settings: Settings) -> TrainSpec:
+    """The spec to train here: "auto" means the device this worker was started for
+    (``trainserve worker --device cuda:1``), if any; otherwise the engine's choice, which
+    honours ``CUDA_VISIBLE_DEVICES``. The job and the model keep the spec as sent."""
+    if spec.device == "auto" and settings.worker_device:
+        return spec.model_copy(update={"device": settings.worker_device})
+    return spec
+
+
+def _claim(ctx: WorkerContext, job_id: str) -> tuple[JobRecord, DatasetRecord | None] | None:
+    """queued -> running for this worker, one more attempt, a fresh lease; None if not queued."""
+    now = utcnow()
+    with ctx.sessions.begin() as session:
+        claimed = rows_changed(
+            session,
+            update(JobRecord)
+            .where(JobRecord.id == job_id, JobRecord.status == JobStatus.QUEUED)
+            .values(
+                status=JobStatus.RUNNING,
+                started_at=func.coalesce(JobRecord.started_at, now),
+                attempts=JobRecord.attempts + 1,
+                worker=ctx.name,
+                lease_expires_at=now + timedelta(seconds=ctx.settings.lease_seconds),
+                heartbeat_at=now,
+                updated_at=now,
+            ),
+        )
+        if not claimed:
+            return None
+        job = session.get(JobRecord, job_id)
+        assert job is not None
+        dataset = session.get(DatasetRecord, job.dataset_id) if job.dataset_id else None
+    return job, dataset
+
+
+def run_job(ctx: WorkerContext, job_id: str) -> None:
+    """Claim a queued job, train it, save the model; every outcome lands in the job row,
+    unless this worker lost its lease, in which case it writes nothing at all."""
+    claim = _claim(ctx, job_id)
+    if claim is None:
+        log.info("job %s is not queued any more; skipping", job_id)
+        return
+    job, dataset = claim
+    spec_limit = job.spec.get("max_seconds")
+    if spec_limit is not None and spec_limit < ctx.settings.max_job_seconds:
+        limit = TimeLimit(spec_limit, f"the spec's max_seconds of {spec_limit:g} seconds")
+    else:
+        limit = TimeLimit(ctx.settings.max_job_seconds, "TRAINSERVE_MAX_JOB_SECONDS")
+    attempt = Attempt(ctx, job, time_limit=limit)
+    attempt.lease.start()
+    try:
+        _run_claimed(ctx, attempt, job, dataset)
+    finally:
+        attempt.lease.stop()
+
+
+def _run_claimed(ctx: WorkerContext, attempt: Attempt, job: JobRecord, dataset: DatasetRecord | None) -> None:
+    try:
+        if dataset is None:
+            raise InvalidInput("the job's dataset was deleted before the job ran")
+        spec = TrainSpec.model_validate(job.spec)
+        table = ctx.store.load_dataset(dataset.id, dataset.file_sha256)
+        plan = plan_training(spec, table.schema(), limits_of(ctx.settings))
+        x, y = table.matrix(plan.features), _targets(table, plan)
+        result = _train(ctx, attempt, spec, plan, x, y)
+    except loop.TrainingPreempted as preempted:
+        attempt.hand_back(
+            f"attempt {attempt.lease.attempt}: worker {ctx.name} stopped; handed back at epoch "
+            f"{preempted.checkpoint.epoch} with a checkpoint"
+        )
+        return
+    except loop.TrainingCancelled:
+        _stopped(ctx, attempt)
+        return
+    except TrainserveError as exc:
+        _end_attempt(ctx, attempt, JobStatus.FAILED, error=str(exc))
+        return
+    except Exception as exc:  # a worker must record every failure, not die on it
+        log.exception("job %s failed", job.id)
+        _end_attempt(ctx, attempt, JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
+        return
+    # Beside the save, not before it: the job's end should not wait for a C compiler.
+    threading.Thread(
+        target=native.warm_rowwise, args=(spec.model, plan.in_features, plan.task), name="warm-rowwise", daemon=True
+    ).start()
+    try:
+        _save(ctx, attempt, dataset, spec, plan, result)
+    except Exception as exc:
+        log.exception("job %s: saving the model failed", job.id)
+        _end_attempt(ctx, attempt, JobStatus.FAILED, error=f"saving the model failed: {type(exc).__name__}: {exc}")
+    else:
+        ctx.store.delete_checkpoint(job.id)
+
+
+def _train(
+    ctx: WorkerContext, attempt: Attempt, spec: TrainSpec, plan: TrainingPlan, x: np.ndarray, y: np.ndarray
+) -> loop.TrainedModel:
+    """Train, resuming from the job's checkpoint when an earlier attempt left one."""
+    spec = on_this_worker(spec, ctx.settings)
+    resume = attempt.resume_point()
+    options: dict[str, Any] = {
+        "on_epoch": attempt.on_epoch,
+        "should_stop": attempt.should_stop,
+        "check_every_s": ctx.settings.progress_interval_s,
+        "on_checkpoint": attempt.save_checkpoint,
+        "checkpoint_every_s": ctx.settings.checkpoint_seconds,
+        "should_preempt": attempt.should_preempt,
+    }
+    try:
+        return loop.train(spec, plan, x, y, resume=resume, **options)
+    except CheckpointMismatch:  # taken for another spec or dataset shape: not ours to use
+        ctx.store.delete_checkpoint(attempt.job_id)
+        attempt.note("the checkpoint did not match this job; started over")
+        return loop.train(spec, plan, x, y, **options)
+
+
+def _end_attempt(ctx: WorkerContext, attempt: Attempt, status: str, **values: Any) -> None:
+    """End the job; its checkpoint goes too, unless the job belongs to another worker now."""
+    if attempt.finish(status, **values):
+        ctx.store.delete_checkpoint(attempt.job_id)
+
+
+def _stopped(ctx: WorkerContext, attempt: Attempt) -> None:
+    reason = attempt.stop_reason
+    if reason is StopReason.CANCELLED:
+        _end_attempt(ctx, attempt, JobStatus.CANCELLED, error="cancelled while running")
+    elif reason is StopReason.TIME_LIMIT:
+        _end_attempt(
+            ctx,
+            attempt,
+            JobStatus.FAILED,
+            error=f"the job trained longer than its limit of {attempt.time_limit.seconds:g} seconds "
+            f"({attempt.time_limit.source})",
+        )
+    else:  # the lease is lost: the job belongs to the rescuer or another worker now
+        log.warning("job %s: stopped after losing the lease; nothing written", attempt.job_id)
+
+
+def _save(
+    ctx: WorkerContext,
+    attempt: Attempt,
+    dataset: DatasetRecord,
+    spec: TrainSpec,
+    plan: TrainingPlan,
+    result: loop.TrainedModel,
+) -> None:
+    job_id = attempt.job_id
+    model_id = new_id()
+    metadata = {"trainserve_model_id": model_id, "job_id": job_id, "spec": json.dumps(spec.model_dump(mode="json"))}
+    weights_sha256, weights_bytes = ctx.store.save_weights(model_id, result.module.state_dict(), metadata)
+    last = result.history[-1]
+    now = utcnow()
+    job_values = {
+        "status": JobStatus.SUCCEEDED,
+        "model_id": model_id,
+        "epoch": last.epoch,
+        "train_loss": last.train_loss,
+        "val_loss": last.val_loss,
+        "val_metrics": last.val_metrics,
+        "history": thin_history(result.history),
+        "device": result.device,
+        "finished_at": now,
+        "updated_at": now,
+    }
+    # Lineage: which data, which spec, which code made this model.
+    model_values = {
+        "id": model_id,
+        "name": spec.name,
+        "job_id": job_id,
+        "dataset_id": dataset.id,
+        "dataset_sha256": dataset.sha256,
+        "spec": spec.model_dump(mode="json"),
+        "task": plan.task,
+        "features": plan.features,
+        "targets": plan.targets,
+        "classes": plan.classes,
+        "input_mean": result.input_mean,
+        "input_std": result.input_std,
+        "metrics": result.metrics,
+        "n_parameters": plan.n_parameters,
+        "weights_sha256": weights_sha256,
+        "weights_bytes": weights_bytes,
+        "torch_version": torch.__version__,
+        "code_version": f"trainserve {trainserve.__version__}",
+        "device": result.device,
+        "train_seconds": result.train_seconds,
+    }
+    try:
+        # Two workers finishing jobs under one name at once may both pick the same next
+        # version; the unique (name, version) constraint refuses the second, which retries.
+        for try_number in range(_VERSION_ATTEMPTS):
+            try:
+                finished = _record_success(ctx, attempt, job_values, model_values, result.notes)
+                break
+            except IntegrityError:
+                if spec.name is None or try_number == _VERSION_ATTEMPTS - 1:
+                    raise
+                log.info("job %s: a concurrent job took the version of %r; retrying", job_id, spec.name)
+    except BaseException:
+        ctx.store.delete_weights(model_id)
+        raise
+    if not finished:  # cancelled in the last instant, or the lease is gone: keep no model
+        ctx.store.delete_weights(model_id)
+        _end_attempt(
+            ctx, attempt, JobStatus.CANCELLED, error="cancelled while running"
+        )  # fenced: a lost lease writes nothing
+
+
+_VERSION_ATTEMPTS = 5
+
+
+def next_version(session: Session, name: str) -> int:
+    """The version the next model saved under ``name`` gets: 1 for a new name."""
+    latest = session.scalar(select(func.max(ModelRecord.version)).where(ModelRecord.name == name))
+    return (latest or 0) + 1
+
+
+def _record_success(
+    ctx: WorkerContext,
+    attempt: Attempt,
+    job_values: dict[str, Any],
+    model_values: dict[str, Any],
+    notes: list[str],
+) -> int:
+    """Mark the job succeeded and add its model row in one transaction, fenced by the
+    lease; 0 if it was cancelled or this worker no longer owns it."""
+    with ctx.sessions.begin() as session:
+        previous_notes = session.scalar(select(JobRecord.notes).where(JobRecord.id == attempt.job_id)) or []
+        # The job row is written first: on SQLite that takes the write lock, so the version
+        # read below already sees every other worker's committed models.
+        finished = rows_changed(
+            session,
+            update(JobRecord)
+            .where(*attempt.lease.owned(), JobRecord.cancel_requested.is_(False))
+            .values(**job_values, notes=[*previous_notes, *notes], lease_expires_at=None),
+        )
+        if finished:
+            name = model_values["name"]
+            version = next_version(session, name) if name is not None else None
+            session.add(ModelRecord(**model_values, version=version, notes=notes))
+            session.flush()  # a taken (name, version) fails here, inside the retry loop
+    return finished

@@ -1,0 +1,82 @@
+"""The network a spec describes: the user's ``nn.Sequential`` behind an input scaler.
+
+Used by the worker that trains it and by every process that serves it; torch only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainserve.training import spec as S
+
+_LAYERS: dict[str, type[nn.Module]] = {
+    "Dropout": nn.Dropout,
+    "ReLU": nn.ReLU,
+    "Tanh": nn.Tanh,
+    "Sigmoid": nn.Sigmoid,
+    "GELU": nn.GELU,
+    "SiLU": nn.SiLU,
+    "Mish": nn.Mish,
+    "ELU": nn.ELU,
+    "LeakyReLU": nn.LeakyReLU,
+    "Softplus": nn.Softplus,
+    "Identity": nn.Identity,
+}
+
+
+class Standardize(nn.Module):
+    """(x - mean) / std with the training set's statistics, saved with the weights."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("std", torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class TabularNet(nn.Module):
+    """The user's ``nn.Sequential`` behind an input scaler: raw feature rows in, outputs out."""
+
+    def __init__(self, layers: list[Any], in_features: int) -> None:
+        super().__init__()
+        self.scaler = Standardize(in_features)
+        self.net = build_sequential(layers, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(self.scaler(x))
+        return out
+
+
+def build_sequential(layers: list[Any], in_features: int) -> nn.Sequential:
+    """Instantiate allow-listed layers, inferring each one's input width from the last."""
+    modules: list[nn.Module] = []
+    width = in_features
+    for layer in layers:
+        if isinstance(layer, S.Linear):
+            modules.append(nn.Linear(width, layer.out_features, bias=layer.bias))
+            width = layer.out_features
+        elif isinstance(layer, S.BatchNorm1d):
+            modules.append(nn.BatchNorm1d(width, **layer.kwargs()))
+        elif isinstance(layer, S.LayerNorm):
+            modules.append(nn.LayerNorm(width, **layer.kwargs()))
+        else:
+            modules.append(_LAYERS[layer.type](**layer.kwargs()))
+    return nn.Sequential(*modules)
+
+
+def outputs_to_probabilities(outputs: torch.Tensor, task: S.Task) -> torch.Tensor:
+    if task == "binary":
+        p = torch.sigmoid(outputs[:, 0])
+        return torch.stack([1 - p, p], dim=1)
+    # Softmax written out: torch.softmax over a narrow last dimension is slow (two classes,
+    # 65,536 rows: 3.0 ms on one thread against 0.6 ms for these five operations).
+    exp = (outputs - outputs.amax(dim=1, keepdim=True)).exp_()
+    return exp.div_(exp.sum(dim=1, keepdim=True))

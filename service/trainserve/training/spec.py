@@ -1,0 +1,593 @@
+"""The training spec: a JSON description of a model that mirrors PyTorch's own names.
+
+A spec is data, never code. Every layer, loss and optimizer is one of a fixed allow-list
+of pydantic models (``extra="forbid"``), so an unknown name or keyword argument is
+rejected when the spec is parsed, long before a worker sees it. ``plan_training`` then
+checks the spec against a dataset's schema: columns exist, widths fit the labels,
+sizes stay under the configured limits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from trainserve.datasets.tables import ColumnInfo, TableSchema
+from trainserve.errors import InvalidInput
+from trainserve.examples import MOONS_MLP_LAYERS
+
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    # strict: a JSON "10" or true is not the number 10 or 1; a spec says what it means.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the torch class of the same name."""
+        return self.model_dump(exclude={"type"})
+
+
+# -- layers -------------------------------------------------------------------------------
+
+
+class Linear(_Strict):
+    type: Literal["Linear"]
+    out_features: int = Field(ge=1)
+    bias: bool = True
+
+
+class BatchNorm1d(_Strict):
+    type: Literal["BatchNorm1d"]
+    eps: Positive = 1e-5
+    momentum: Annotated[float, Field(gt=0, le=1)] | None = 0.1
+    affine: bool = True
+
+
+class LayerNorm(_Strict):
+    type: Literal["LayerNorm"]
+    eps: Positive = 1e-5
+    elementwise_affine: bool = True
+
+
+class Dropout(_Strict):
+    type: Literal["Dropout"]
+    p: Fraction = 0.5
+
+
+class ReLU(_Strict):
+    type: Literal["ReLU"]
+
+
+class Tanh(_Strict):
+    type: Literal["Tanh"]
+
+
+class Sigmoid(_Strict):
+    type: Literal["Sigmoid"]
+
+
+class GELU(_Strict):
+    type: Literal["GELU"]
+    approximate: Literal["none", "tanh"] = "none"
+
+
+class SiLU(_Strict):
+    type: Literal["SiLU"]
+
+
+class Mish(_Strict):
+    type: Literal["Mish"]
+
+
+class ELU(_Strict):
+    type: Literal["ELU"]
+    alpha: Positive = 1.0
+
+
+class LeakyReLU(_Strict):
+    type: Literal["LeakyReLU"]
+    negative_slope: NonNegative = 0.01
+
+
+class Softplus(_Strict):
+    type: Literal["Softplus"]
+    beta: Positive = 1.0
+    threshold: Positive = 20.0
+
+
+class Identity(_Strict):
+    type: Literal["Identity"]
+
+
+Layer = Annotated[
+    Linear
+    | BatchNorm1d
+    | LayerNorm
+    | Dropout
+    | ReLU
+    | Tanh
+    | Sigmoid
+    | GELU
+    | SiLU
+    | Mish
+    | ELU
+    | LeakyReLU
+    | Softplus
+    | Identity,
+    Field(discriminator="type"),
+]
+
+# -- losses -------------------------------------------------------------------------------
+
+
+class MSELoss(_Strict):
+    type: Literal["MSELoss"]
+
+
+class L1Loss(_Strict):
+    type: Literal["L1Loss"]
+
+
+class HuberLoss(_Strict):
+    type: Literal["HuberLoss"]
+    delta: Positive = 1.0
+
+
+class SmoothL1Loss(_Strict):
+    type: Literal["SmoothL1Loss"]
+    beta: NonNegative = 1.0
+
+
+class CrossEntropyLoss(_Strict):
+    type: Literal["CrossEntropyLoss"]
+    label_smoothing: Fraction = 0.0
+
+
+class BCEWithLogitsLoss(_Strict):
+    type: Literal["BCEWithLogitsLoss"]
+
+
+Loss = Annotated[
+    MSELoss | L1Loss | HuberLoss | SmoothL1Loss | CrossEntropyLoss | BCEWithLogitsLoss,
+    Field(discriminator="type"),
+]
+
+CLASSIFICATION_LOSSES = frozenset({"CrossEntropyLoss"})
+BINARY_LOSSES = frozenset({"BCEWithLogitsLoss"})
+
+# -- optimizers (defaults are torch's own) -------------------------------------------------
+
+
+class SGD(_Strict):
+    type: Literal["SGD"]
+    lr: Positive = 0.001
+    momentum: NonNegative = 0.0
+    dampening: NonNegative = 0.0
+    weight_decay: NonNegative = 0.0
+    nesterov: bool = False
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> SGD:
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("nesterov requires momentum > 0 and dampening = 0")
+        return self
+
+
+# JSON has no tuples: a pair arrives as a list (and comes back from the database as one).
+Betas = Annotated[tuple[Fraction, Fraction], Field(strict=False)]
+
+
+class Adam(_Strict):
+    type: Literal["Adam"]
+    lr: Positive = 0.001
+    betas: Betas = (0.9, 0.999)
+    eps: Positive = 1e-8
+    weight_decay: NonNegative = 0.0
+    amsgrad: bool = False
+
+
+class AdamW(_Strict):
+    type: Literal["AdamW"]
+    lr: Positive = 0.001
+    betas: Betas = (0.9, 0.999)
+    eps: Positive = 1e-8
+    weight_decay: NonNegative = 0.01
+    amsgrad: bool = False
+
+
+class RMSprop(_Strict):
+    type: Literal["RMSprop"]
+    lr: Positive = 0.01
+    alpha: Fraction = 0.99
+    eps: Positive = 1e-8
+    weight_decay: NonNegative = 0.0
+    momentum: NonNegative = 0.0
+    centered: bool = False
+
+
+class Adagrad(_Strict):
+    type: Literal["Adagrad"]
+    lr: Positive = 0.01
+    lr_decay: NonNegative = 0.0
+    weight_decay: NonNegative = 0.0
+    eps: Positive = 1e-10
+
+
+Optimizer = Annotated[SGD | Adam | AdamW | RMSprop | Adagrad, Field(discriminator="type")]
+
+
+# -- learning-rate schedulers (stepped once per epoch) and early stopping --------------------
+
+
+class StepLR(_Strict):
+    type: Literal["StepLR"]
+    step_size: int = Field(ge=1)
+    gamma: Positive = 0.1
+
+
+class MultiStepLR(_Strict):
+    type: Literal["MultiStepLR"]
+    milestones: list[Annotated[int, Field(ge=1)]] = Field(min_length=1, max_length=1_000)
+    gamma: Positive = 0.1
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, value: list[int]) -> list[int]:
+        if any(b <= a for a, b in itertools.pairwise(value)):
+            raise ValueError("milestones must be strictly increasing")
+        return value
+
+
+class ExponentialLR(_Strict):
+    type: Literal["ExponentialLR"]
+    gamma: Positive
+
+
+class CosineAnnealingLR(_Strict):
+    type: Literal["CosineAnnealingLR"]
+    T_max: int = Field(ge=1)
+    eta_min: NonNegative = 0.0
+
+
+class LinearLR(_Strict):
+    type: Literal["LinearLR"]
+    start_factor: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0 / 3
+    end_factor: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
+    total_iters: int = Field(default=5, ge=1)
+
+
+class ReduceLROnPlateau(_Strict):
+    """Watches the validation loss when there is a validation split, else the training loss."""
+
+    type: Literal["ReduceLROnPlateau"]
+    factor: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = 0.1
+    patience: int = Field(default=10, ge=0)
+    threshold: NonNegative = 1e-4
+    threshold_mode: Literal["rel", "abs"] = "rel"
+    cooldown: int = Field(default=0, ge=0)
+    min_lr: NonNegative = 0.0
+    eps: NonNegative = 1e-8
+
+
+Scheduler = Annotated[
+    StepLR | MultiStepLR | ExponentialLR | CosineAnnealingLR | LinearLR | ReduceLROnPlateau,
+    Field(discriminator="type"),
+]
+
+
+class EarlyStopping(_Strict):
+    """Stop when the validation loss has not improved by ``min_delta`` for ``patience`` epochs."""
+
+    patience: int = Field(default=5, ge=1)
+    min_delta: NonNegative = 0.0
+    restore_best_weights: bool = Field(
+        default=True, description="Keep the weights of the best epoch rather than the last one."
+    )
+
+
+def _named(value: Any) -> Any:
+    """Let ``"loss": "MSELoss"`` stand for ``{"type": "MSELoss"}``."""
+    return {"type": value} if isinstance(value, str) else value
+
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d{1,2}|mps)$")
+# A model name is a slug: it appears in URLs, file names the CLI writes and log lines.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_COLUMN_LIMIT = 10_000
+
+
+# The guide's make_moons experiment, shown on the docs page.
+_EXAMPLE: dict[str, Any] = {
+    "dataset_id": "3f2c9a0e6b1d4c5e8f7a9b0c1d2e3f40",
+    "target": "label",
+    "model": MOONS_MLP_LAYERS,
+    "loss": "CrossEntropyLoss",
+    "optimizer": {"type": "SGD", "lr": 0.001},
+    "epochs": 300,
+    "batch_size": 1,
+}
+
+
+class TrainSpec(BaseModel):
+    """What to train, on which data, and how."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [_EXAMPLE]})
+
+    dataset_id: str | None = Field(
+        default=None, description="An uploaded dataset; omit when the file travels in the same request."
+    )
+    name: str | None = Field(
+        default=None,
+        pattern=MODEL_NAME_PATTERN,
+        description="Model name: each successful job under a name adds its next version (1, 2, ...). "
+        "Letters, digits, '.', '_' and '-', starting with a letter or digit, at most 64 characters.",
+        examples=["moons-classifier"],
+    )
+    target: str | list[str] | None = Field(default=None, description="Label column(s); default: the last column.")
+    features: list[str] | None = Field(
+        default=None, max_length=_COLUMN_LIMIT, description="Input columns; default: every other column."
+    )
+    model: list[Layer] = Field(min_length=1, max_length=256, description="nn.Sequential's layers, in order.")
+    loss: Loss
+    optimizer: Optimizer = Field(default_factory=lambda: SGD(type="SGD"))
+    epochs: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=32, ge=1, le=1_000_000)
+    shuffle: bool = True
+    seed: int = Field(default=0, ge=0, le=2**63 - 1, description="Same seed, same data, same CPU: same weights.")
+    standardize: bool = Field(default=True, description="Scale inputs with training-set mean and std.")
+    validation_split: Fraction = 0.0
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
+    scheduler: Scheduler | None = Field(
+        default=None, description="A torch.optim.lr_scheduler by name, stepped once per epoch."
+    )
+    early_stopping: EarlyStopping | None = Field(
+        default=None, description="Stop on a validation-loss plateau; needs validation_split > 0."
+    )
+    clip_grad_norm: Positive | None = Field(
+        default=None, description="max_norm for torch.nn.utils.clip_grad_norm_, applied every step."
+    )
+    compile: Literal["auto", "off"] = Field(
+        default="auto",
+        description="auto: run the whole training step as generated native code where the spec allows "
+        "and it pays off; off: always the eager PyTorch loop.",
+    )
+    autocast: Literal["bf16"] | None = Field(
+        default=None, description="Mixed precision on CUDA: forward and loss under torch.autocast(bfloat16)."
+    )
+    max_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="Fail the job if it trains longer than this; at most the server's TRAINSERVE_MAX_JOB_SECONDS.",
+    )
+
+    @field_validator("loss", "optimizer", "scheduler", mode="before")
+    @classmethod
+    def _accept_bare_name(cls, value: Any) -> Any:
+        return _named(value)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _accept_bare_layer_names(cls, value: Any) -> Any:
+        return [_named(layer) for layer in value] if isinstance(value, list) else value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not _DEVICE.fullmatch(value):
+            raise ValueError("device must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @field_validator("features")
+    @classmethod
+    def _distinct_features(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("features must name at least one column")
+            seen: set[str] = set()
+            for name in value:
+                if name in seen:
+                    raise ValueError(f"feature {name!r} is listed twice")
+                seen.add(name)
+        return value
+
+    @property
+    def target_names(self) -> list[str] | None:
+        return [self.target] if isinstance(self.target, str) else self.target
+
+
+# -- checking a spec against its data --------------------------------------------------------
+
+Task = Literal["classification", "binary", "regression"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_epochs: int
+    max_parameters: int
+    max_layer_width: int
+    max_job_seconds: float = math.inf
+    # A rough upper bound on what one job may allocate (see estimate_memory_bytes).
+    max_memory_bytes: int = 8 * 1024**3
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """A spec resolved against its dataset: everything a worker needs besides the arrays."""
+
+    features: list[str]
+    targets: list[str]
+    task: Task
+    classes: list[Any] | None
+    in_features: int
+    out_features: int
+    n_parameters: int
+
+
+def task_of(loss: Loss) -> Task:
+    if loss.type in CLASSIFICATION_LOSSES:
+        return "classification"
+    if loss.type in BINARY_LOSSES:
+        return "binary"
+    return "regression"
+
+
+def _fail(msg: str, loc: list[str | int]) -> InvalidInput:
+    return InvalidInput(msg, errors=[{"loc": loc, "msg": msg}])
+
+
+def _column(schema: TableSchema, name: str, field: str) -> ColumnInfo:
+    column = schema.column(name)
+    if column is None:
+        names = ", ".join(repr(c.name) for c in schema.columns[:20])
+        raise _fail(f"{field} column {name!r} is not in the dataset (columns: {names})", [field])
+    return column
+
+
+def count_parameters(layers: list[Any], in_features: int) -> tuple[int, int]:
+    """(parameter count, output width) of the network the layers describe."""
+    width, params = in_features, 0
+    for layer in layers:
+        if isinstance(layer, Linear):
+            params += width * layer.out_features + (layer.out_features if layer.bias else 0)
+            width = layer.out_features
+        elif isinstance(layer, BatchNorm1d | LayerNorm) and (
+            layer.affine if isinstance(layer, BatchNorm1d) else layer.elementwise_affine
+        ):
+            params += 2 * width
+    return params, width
+
+
+def estimate_memory_bytes(spec: TrainSpec, n_rows: int, n_columns: int, n_parameters: int) -> int:
+    """An upper-bound guess of a job's float32 memory: the table on the device plus the
+    shuffled copy the engine gathers each epoch, weights with their gradients and up to two
+    optimizer slots (Adam's moments), and each layer's activations and their gradients for
+    one batch."""
+    data = 2 * n_rows * n_columns
+    parameters = 4 * n_parameters
+    width, outputs = n_columns, n_columns
+    for layer in spec.model:
+        width = layer.out_features if isinstance(layer, Linear) else width
+        outputs += width
+    activations = 2 * min(spec.batch_size, n_rows) * outputs
+    return 4 * (data + parameters + activations)
+
+
+def _gib(n_bytes: int) -> str:
+    return f"{n_bytes / 1024**3:.2f} GiB"
+
+
+def plan_training(spec: TrainSpec, schema: TableSchema, limits: Limits) -> TrainingPlan:
+    """Check ``spec`` against the dataset it names; raise InvalidInput naming the field."""
+    if spec.epochs > limits.max_epochs:
+        raise _fail(f"epochs is {spec.epochs}, the limit is {limits.max_epochs}", ["epochs"])
+    if spec.max_seconds is not None and spec.max_seconds > limits.max_job_seconds:
+        raise _fail(
+            f"max_seconds is {spec.max_seconds:g}, the server's limit (TRAINSERVE_MAX_JOB_SECONDS) is "
+            f"{limits.max_job_seconds:g}",
+            ["max_seconds"],
+        )
+    for i, layer in enumerate(spec.model):
+        if isinstance(layer, Linear) and layer.out_features > limits.max_layer_width:
+            raise _fail(
+                f"out_features is {layer.out_features}, the limit is {limits.max_layer_width}",
+                ["model", i, "out_features"],
+            )
+        if isinstance(layer, BatchNorm1d) and spec.batch_size < 2:
+            raise _fail("BatchNorm1d needs batch_size >= 2", ["batch_size"])
+
+    if spec.early_stopping is not None and spec.validation_split <= 0:
+        raise _fail(
+            "early_stopping watches the validation loss: set validation_split > 0 (e.g. 0.2)",
+            ["early_stopping"],
+        )
+
+    targets = spec.target_names or [schema.columns[-1].name]
+    for name in targets:
+        _column(schema, name, "target")
+    if spec.features is None:
+        features = [c.name for c in schema.columns if c.name not in targets]
+    else:
+        features = list(spec.features)
+        overlap = set(features) & set(targets)
+        if overlap:
+            raise _fail(f"column {sorted(overlap)[0]!r} is both a feature and the target", ["features"])
+    if not features:
+        raise _fail("there are no feature columns left besides the target", ["features"])
+    for name in features:
+        column = _column(schema, name, "features")
+        if column.dtype == "string":
+            raise _fail(f"feature column {name!r} holds text; features must be numeric", ["features"])
+
+    task = task_of(spec.loss)
+    classes: list[Any] | None = None
+    if task == "regression":
+        for name in targets:
+            if _column(schema, name, "target").dtype == "string":
+                raise _fail(
+                    f"{spec.loss.type} needs a numeric target, column {name!r} holds text labels; "
+                    "use CrossEntropyLoss for classification",
+                    ["loss"],
+                )
+        expected_width = len(targets)
+    else:
+        if len(targets) != 1:
+            raise _fail(f"{spec.loss.type} takes exactly one target column", ["target"])
+        column = _column(schema, targets[0], "target")
+        if column.classes is None:
+            raise _fail(
+                f"{spec.loss.type} needs class labels, but column {column.name!r} holds "
+                "non-integer numbers or too many distinct values",
+                ["target"],
+            )
+        classes = list(column.classes)
+        if len(classes) < 2:
+            raise _fail(f"target column {column.name!r} has a single class", ["target"])
+        if task == "binary" and len(classes) != 2:
+            raise _fail(
+                f"BCEWithLogitsLoss needs exactly 2 classes, column {column.name!r} has {len(classes)}",
+                ["loss"],
+            )
+        expected_width = len(classes) if task == "classification" else 1
+
+    n_parameters, out_width = count_parameters(spec.model, len(features))
+    if out_width != expected_width:
+        what = {
+            "classification": f"{expected_width} classes in {targets[0]!r}",
+            "binary": "1 logit for BCEWithLogitsLoss",
+            "regression": f"{expected_width} target column(s)",
+        }[task]
+        last = max((i for i, layer in enumerate(spec.model) if isinstance(layer, Linear)), default=None)
+        loc: list[str | int] = ["model", last, "out_features"] if last is not None else ["model"]
+        raise _fail(f"the model's output width is {out_width}, the data needs {what}", loc)
+    if n_parameters == 0:
+        raise _fail("the model has no trainable parameters: add a Linear layer", ["model"])
+    if n_parameters > limits.max_parameters:
+        raise _fail(f"the model has {n_parameters:,} parameters, the limit is {limits.max_parameters:,}", ["model"])
+    memory = estimate_memory_bytes(spec, schema.n_rows, len(features) + len(targets), n_parameters)
+    if memory > limits.max_memory_bytes:
+        raise _fail(
+            f"training would need about {_gib(memory)} (table, weights with optimizer state, and "
+            f"activations for batch_size {spec.batch_size}), the limit is {_gib(limits.max_memory_bytes)}",
+            ["batch_size"] if spec.batch_size > 1 else ["model"],
+        )
+    if spec.validation_split and math.floor(schema.n_rows * spec.validation_split) < 1:
+        raise _fail("validation_split leaves no validation rows for this dataset", ["validation_split"])
+    if schema.n_rows - math.floor(schema.n_rows * spec.validation_split) < 1:
+        raise _fail("validation_split leaves no training rows", ["validation_split"])
+    return TrainingPlan(
+        features=features,
+        targets=targets,
+        task=task,
+        classes=classes,
+        in_features=len(features),
+        out_features=out_width,
+        n_parameters=n_parameters,
+    )
