@@ -27,7 +27,6 @@ import trainserve
 from trainserve.training.network import TabularNet
 
 ExportFormat = Literal["torchscript", "torch.export"]
-FORMATS: tuple[ExportFormat, ...] = ("torchscript", "torch.export")
 METADATA_FILE = "trainserve.json"
 # Artifacts larger than this are rebuilt per request rather than held in memory.
 _CACHE_MAX_BYTES = 32 * 1024 * 1024
