@@ -1,4 +1,4 @@
-"""``trainserve serve | worker | migrate``, and the client commands of ``cli_client``
+"""``trainserve serve | worker | migrate``, and the client commands of ``trainserve.client.cli``
 (``train``, ``predict``, ``jobs``, ...); also ``python -m trainserve ...``."""
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def recent_throughput(*, session: Session, last: int = 50) -> Throughput:
     jobs = epochs = samples = 0
     seconds = 0.0
     for epoch, spec, n_rows, train_seconds in rows:
-        # The rows the engine trains on: what engine.split_indices leaves after validation.
+        # The rows the engine trains on: what loop.split_indices leaves after validation.
         training_rows = n_rows - math.floor(n_rows * float(spec.get("validation_split") or 0.0))
         jobs += 1
         epochs += epoch

@@ -80,7 +80,7 @@ def run_worker(settings: Settings, *, exit_with_parent: bool = False) -> None:
     queue = build_queue(settings, run=run)
     # Built before the first entry is taken, so that taking an entry and claiming its job
     # are moments apart: the rescuer re-enqueues a queued job whose entry it cannot see
-    # (``jobs.requeue_lost``), and the engine's one-off costs take a second or more.
+    # (``rescuer.requeue_lost``), and the engine's one-off costs take a second or more.
     ctx = WorkerContext.from_settings(settings, queue, draining)
     consumer = _DrainingConsumer(
         queue.huey,

@@ -1,4 +1,4 @@
-"""The training engine: spec -> nn.Module, the guide's training loop made fast, metrics.
+"""The training loop: the guide's loop made fast, checkpoints, metrics (the network is ``network``).
 
 Knows torch and numpy; no HTTP, no SQL. The loop is the guide's ``simple_network``
 (zero_grad, forward, loss, backward, step) with its overheads removed: the table becomes
