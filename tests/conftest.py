@@ -72,13 +72,20 @@ def start_server(data_dir: Path, *, workers: int = 1, env: dict[str, str] | None
             start_new_session=True,
         )
     server = Server(f"http://127.0.0.1:{port}", data_dir, process, log_path, dict(env or {}))
-    deadline = time.monotonic() + 90
+    wait_until_ready(server)
+    return server
+
+
+def wait_until_ready(server: Server, timeout: float = 90) -> None:
+    """Poll ``/readyz`` until the database, queue and store answer; stop the server and
+    raise, with its log, if it exits or does not get there in time."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
         try:
             if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                return server
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
