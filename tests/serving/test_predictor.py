@@ -11,12 +11,22 @@ import math
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 import torch
 
 from tests.small_models import fit, linear, moons, predict_raw, save_and_load, wave
 from trainserve.errors import InvalidInput, PayloadTooLarge
-from trainserve.serving.predictor import inputs_to_matrix
+from trainserve.serving.formats import encode_json
+from trainserve.serving.predictor import Predictor, inputs_to_matrix
+
+
+def answer(predictor: Predictor, inputs: list[Any], *, max_rows: int) -> dict[str, Any]:
+    """The JSON body /predict answers for these rows: read, inferred and encoded as its route does."""
+    x = inputs_to_matrix(inputs, predictor.features, max_rows=max_rows)
+    body: dict[str, Any] = orjson.loads(encode_json(predictor, predictor.infer(x)))
+    return body
+
 
 # -- inference: inputs_to_matrix -------------------------------------------------------------------------
 
@@ -140,12 +150,12 @@ def test_predictor_decodes_string_classes(tmp_path, moons_classifier):
     assert predictor.classes == ["inner", "outer"]
 
     rows = [dict(zip(predictor.features, map(float, row), strict=True)) for row in x]
-    prediction = predictor.predict(inputs_to_matrix(rows, predictor.features, max_rows=1_000))
+    prediction = answer(predictor, rows, max_rows=1_000)
 
-    assert set(prediction.predictions) <= {"inner", "outer"}
-    assert np.mean(np.asarray(prediction.predictions) == labels) >= 0.95
-    assert prediction.classes == ["inner", "outer"]
-    probabilities = np.asarray(prediction.probabilities)
+    assert set(prediction["predictions"]) <= {"inner", "outer"}
+    assert np.mean(np.asarray(prediction["predictions"]) == labels) >= 0.95
+    assert prediction["classes"] == ["inner", "outer"]
+    probabilities = np.asarray(prediction["probabilities"])
     assert probabilities.shape == (len(x), 2)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
     # The loaded weights are the trained ones, bit for bit; the answers torch's to rounding
@@ -162,12 +172,12 @@ def test_predictor_binary_model(tmp_path):
     spec, plan, result = fit(x, labels, model=[linear(16), "Tanh", linear(1)], loss="BCEWithLogitsLoss")
     predictor = save_and_load(tmp_path, spec, plan, result)
 
-    prediction = predictor.predict(inputs_to_matrix(x.tolist(), predictor.features, max_rows=1_000))
-    assert prediction.classes == ["no", "yes"]
-    assert np.mean(np.asarray(prediction.predictions) == labels) >= 0.9
-    probabilities = np.asarray(prediction.probabilities)
+    prediction = answer(predictor, x.tolist(), max_rows=1_000)
+    assert prediction["classes"] == ["no", "yes"]
+    assert np.mean(np.asarray(prediction["predictions"]) == labels) >= 0.9
+    probabilities = np.asarray(prediction["probabilities"])
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
-    assert all(p[1] > 0.5 for p, label in zip(probabilities, prediction.predictions, strict=True) if label == "yes")
+    assert all(p[1] > 0.5 for p, label in zip(probabilities, prediction["predictions"], strict=True) if label == "yes")
     many = np.repeat(x, 1 + (1 << 18) // (len(x) * predictor.n_parameters), axis=0).astype(np.float32)
     assert not predictor.takes_rowwise(len(many))  # torch's pass, where labels may skip probabilities
     labels_only = predictor.infer(many, probabilities=False)
@@ -180,15 +190,15 @@ def test_predictor_regression_model(tmp_path):
     spec, plan, result = fit(x, y, model=[linear(16), "Tanh", linear(1)], loss="MSELoss", epochs=40)
     predictor = save_and_load(tmp_path, spec, plan, result)
 
-    prediction = predictor.predict(inputs_to_matrix([[2.0], [10.0], [18.0]], predictor.features, max_rows=10))
-    assert prediction.probabilities is None
-    assert prediction.classes is None
-    assert all(isinstance(v, float) for v in prediction.predictions)
+    prediction = answer(predictor, [[2.0], [10.0], [18.0]], max_rows=10)
+    assert prediction["probabilities"] is None
+    assert prediction["classes"] is None
+    assert all(isinstance(v, float) for v in prediction["predictions"])
     expected = predict_raw(result.module, np.array([[2.0], [10.0], [18.0]], dtype=np.float32))[:, 0]
-    np.testing.assert_allclose(prediction.predictions, expected.tolist(), rtol=1e-5)
+    np.testing.assert_allclose(prediction["predictions"], expected.tolist(), rtol=1e-5)
     # y = x + 2 sin(x) + noise: predictions land near the curve.
     truth = [v + 2 * math.sin(v) for v in (2.0, 10.0, 18.0)]
-    assert all(abs(p - t) < 3.0 for p, t in zip(prediction.predictions, truth, strict=True))
+    assert all(abs(p - t) < 3.0 for p, t in zip(prediction["predictions"], truth, strict=True))
 
 
 def test_predictor_answers_small_requests_row_wise_and_large_ones_with_torch(tmp_path, moons_classifier):

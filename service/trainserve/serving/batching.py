@@ -41,9 +41,6 @@ class MicroBatcher:
         self.enabled, self.max_wait_s, self.max_rows = enabled, max_wait_s, max_rows
         self._open: dict[str, _OpenBatch] = {}
         self._approaching = 0  # requests inside the route that have not joined a batch or left
-        # Counters for tests and monitoring: forward passes run, and requests they answered.
-        self.passes = 0
-        self.requests = 0
 
     def arrive(self) -> None:
         """A prediction request entered the route: batches may wait for it."""
@@ -113,8 +110,6 @@ class MicroBatcher:
             batch.soon.cancel()
         parts = batch.parts
         x = parts[0][0] if len(parts) == 1 else np.concatenate([part for part, _ in parts])
-        self.passes += 1
-        self.requests += len(parts)
         try:
             outcome = batch.predictor.infer_rowwise(x)
         except Exception as exc:
