@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from trainserve.errors import InvalidInput
 from trainserve.serving.predictor import Outcome, Predictor
 
 
@@ -63,7 +64,14 @@ class MicroBatcher:
 
     async def infer(self, predictor: Predictor, x: np.ndarray) -> tuple[Outcome, int]:
         """This request's answer, and the number of rows in the forward pass that produced it.
-        Counts as the request's ``leave``."""
+        Counts as the request's ``leave``.
+
+        Rows that do not fit the model are refused here, before they join: a pass
+        concatenates its requests, and one such request would break it and leave all of them unanswered."""
+        width = len(predictor.features)
+        if x.ndim != 2 or x.shape[1] != width:
+            self.leave()
+            raise InvalidInput(f"inputs of shape {x.shape} do not fit: the model takes {width} features a row")
         self._approaching -= 1
         loop = asyncio.get_running_loop()
         batch = self._open.get(predictor.model_id)
