@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from trainserve.errors import InvalidInput
 from trainserve.serving.predictor import Outcome, Predictor
 
 
@@ -41,9 +42,6 @@ class MicroBatcher:
         self.enabled, self.max_wait_s, self.max_rows = enabled, max_wait_s, max_rows
         self._open: dict[str, _OpenBatch] = {}
         self._approaching = 0  # requests inside the route that have not joined a batch or left
-        # Counters for tests and monitoring: forward passes run, and requests they answered.
-        self.passes = 0
-        self.requests = 0
 
     def arrive(self) -> None:
         """A prediction request entered the route: batches may wait for it."""
@@ -66,7 +64,14 @@ class MicroBatcher:
 
     async def infer(self, predictor: Predictor, x: np.ndarray) -> tuple[Outcome, int]:
         """This request's answer, and the number of rows in the forward pass that produced it.
-        Counts as the request's ``leave``."""
+        Counts as the request's ``leave``.
+
+        Rows that do not fit the model are refused here, before they join: a pass
+        concatenates its requests, and one such request would break it and leave all of them unanswered."""
+        width = len(predictor.features)
+        if x.ndim != 2 or x.shape[1] != width:
+            self.leave()
+            raise InvalidInput(f"inputs of shape {x.shape} do not fit: the model takes {width} features a row")
         self._approaching -= 1
         loop = asyncio.get_running_loop()
         batch = self._open.get(predictor.model_id)
@@ -113,8 +118,6 @@ class MicroBatcher:
             batch.soon.cancel()
         parts = batch.parts
         x = parts[0][0] if len(parts) == 1 else np.concatenate([part for part, _ in parts])
-        self.passes += 1
-        self.requests += len(parts)
         try:
             outcome = batch.predictor.infer_rowwise(x)
         except Exception as exc:

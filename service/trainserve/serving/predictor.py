@@ -32,13 +32,6 @@ ROWWISE_WORK = 1 << 18
 
 
 @dataclass(frozen=True)
-class Prediction:
-    predictions: list[Any]
-    probabilities: list[list[float]] | None
-    classes: list[Any] | None
-
-
-@dataclass(frozen=True)
 class Outcome:
     """A forward pass's answer as arrays: predictions (labels or values), probabilities for classifiers."""
 
@@ -150,11 +143,6 @@ class Predictor:
     def _classified(self, probabilities: np.ndarray, index: np.ndarray) -> Outcome:
         assert self._labels is not None
         return Outcome(self._labels[index], probabilities)
-
-    def predict(self, x: np.ndarray) -> Prediction:
-        outcome = self.infer(x)
-        probabilities = None if outcome.probabilities is None else outcome.probabilities.tolist()
-        return Prediction(outcome.predictions.tolist(), probabilities, self.classes)
 
 
 def _regressed(values: np.ndarray) -> Outcome:
