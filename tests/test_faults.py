@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ import pytest
 from safetensors.numpy import load as load_safetensors
 from sqlalchemy import update
 
+from tests.backends import start_worker, stop_process, wait_for_log
 from tests.conftest import Server, moons_spec, start_server
 from trainserve.api.schemas import JobDetail
 from trainserve.client import TrainserveClient
@@ -426,6 +428,71 @@ def drain_with_a_checkpoint(server: Server, dataset_id: str) -> JobDetail:
     assert job_row(server, job.id).status == "queued"
     assert (server.store_dir / "checkpoints" / f"{job.id}.safetensors").exists()
     return job
+
+
+@contextlib.contextmanager
+def standalone_worker(server: Server, **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``trainserve worker`` on its own, beside an API-only ``server``: it shares the
+    server's SQLite database and queue (its data dir), as a worker on a GPU box shares
+    Postgres. Its output goes to ``worker.log`` there."""
+    worker = start_worker(server.data_dir, {**FAST_LEASE, "TRAINSERVE_TRAIN_THREADS": "1", **env})
+    try:
+        wait_for_log(server.data_dir / "worker.log", "Huey consumer started", worker)
+        yield worker
+    finally:
+        stop_process(worker)
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_standalone_worker_stopped_by_a_signal_hands_its_job_back_and_exits_0_without_waiting_for_it(
+    faulty: Callable[..., Server], moons: tuple[bytes, int], stop_signal: signal.Signals
+) -> None:
+    server = faulty(workers=0)
+    with TrainserveClient(server.url, timeout=30) as ts, standalone_worker(server) as worker:
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+        job = ts.train(slow_spec(dataset.id, epochs=100_000))  # hours: the worker must not wait for its end
+        running_at_epoch(ts, job.id, attempt=1)
+        worker.send_signal(stop_signal)
+        assert worker.wait(30) == 0
+
+    handed_back = job_row(server, job.id)
+    assert handed_back.status == "queued"
+    assert handed_back.attempts == 0  # a preemption costs no attempt
+    assert handed_back.worker is None
+    assert any("handed back at epoch" in note for note in handed_back.notes), handed_back.notes
+    assert handed_back.checkpoint_epoch is not None
+    assert (server.store_dir / "checkpoints" / f"{job.id}.safetensors").exists()
+
+
+def test_the_same_signal_twice_stops_a_worker_at_once_leaving_its_job_to_the_rescuer(
+    faulty: Callable[..., Server], moons: tuple[bytes, int]
+) -> None:
+    # The job looks at the drain flag only every 10 minutes here: the first SIGINT cannot
+    # hand it back during this test, so the worker waits for it until asked again. A long
+    # lease keeps the rescuer off the job until the test has read it.
+    server = faulty(workers=0, TRAINSERVE_LEASE_SECONDS="60")
+    with (
+        TrainserveClient(server.url, timeout=30) as ts,
+        standalone_worker(server, TRAINSERVE_PROGRESS_INTERVAL_S="600", TRAINSERVE_LEASE_SECONDS="60") as worker,
+    ):
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+        job = ts.train(slow_spec(dataset.id, epochs=100_000))
+
+        def running() -> JobDetail | None:
+            current = ts.get_job(job.id)
+            return current if current.status == "running" else None
+
+        wait_for(running, what="the job to run")
+        worker.send_signal(signal.SIGINT)
+        with pytest.raises(subprocess.TimeoutExpired):
+            worker.wait(3)  # draining: waits for the running job
+        worker.send_signal(signal.SIGINT)
+        assert worker.wait(30) == 128 + signal.SIGINT  # the shell's code for "ended by SIGINT"
+
+    left = job_row(server, job.id)
+    assert left.status == "running"  # not handed back: its lease runs out, then the rescuer re-queues it
+    assert left.attempts == 1
+    assert not any("handed back" in note for note in left.notes), left.notes
 
 
 def test_cancelling_a_queued_job_that_has_a_checkpoint_deletes_the_checkpoint(

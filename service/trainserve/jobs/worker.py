@@ -14,13 +14,12 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 from datetime import timedelta
+from types import FrameType
 from typing import Any
 
 import numpy as np
 import torch
-from huey import Huey
 from huey.consumer import Consumer
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -43,25 +42,6 @@ from trainserve.training.spec import TrainingPlan, TrainSpec, plan_training
 log = logging.getLogger(__name__)
 
 
-class _DrainingConsumer(Consumer):  # type: ignore[misc]
-    """Huey's consumer, where SIGINT and SIGTERM both stop it gracefully after ``on_stop``.
-
-    Huey interrupts running tasks on SIGTERM and waits for them (maybe hours) on SIGINT;
-    a training worker instead asks its running job to checkpoint and go back to the queue,
-    then waits for that, which takes seconds.
-    """
-
-    def __init__(self, huey: Huey, *, on_stop: Callable[[], None], **options: Any) -> None:
-        super().__init__(huey, **options)
-        self._on_stop = on_stop
-        self._signal_actions[signal.SIGINT] = (False, True)  # (restart, graceful)
-        self._signal_actions[signal.SIGTERM] = (False, True)
-
-    def _handle_signal(self, signum: int, frame: Any) -> None:
-        super()._handle_signal(signum, frame)
-        self._on_stop()
-
-
 def run_worker(settings: Settings, *, exit_with_parent: bool = False) -> None:
     """Consume training jobs until SIGINT/SIGTERM (``trainserve worker``), which drain it.
 
@@ -82,9 +62,7 @@ def run_worker(settings: Settings, *, exit_with_parent: bool = False) -> None:
     # are moments apart: the rescuer re-enqueues a queued job whose entry it cannot see
     # (``rescuer.requeue_lost``), and the engine's one-off costs take a second or more.
     ctx = WorkerContext.from_settings(settings, queue, draining)
-    consumer = _DrainingConsumer(
-        queue.huey,
-        on_stop=draining.set,
+    consumer = queue.huey.create_consumer(
         workers=settings.worker_threads,
         worker_type="thread",
         periodic=False,
@@ -98,9 +76,64 @@ def run_worker(settings: Settings, *, exit_with_parent: bool = False) -> None:
     if exit_with_parent:
         _stop_when_orphaned()
     try:
-        consumer.run()
+        _consume_until_drained(consumer, draining)
     finally:
         rescuer.stop()
+
+
+def _consume_until_drained(consumer: Consumer, draining: threading.Event) -> None:
+    """Run Huey's consumer until SIGINT or SIGTERM. Either sets ``draining`` at once, so
+    the running job checkpoints and hands itself back (seconds); then no new entry is
+    taken, and the worker exits once the running task has returned. The same signal a
+    second time stops the worker without waiting.
+
+    Huey's own handlers differ (SIGTERM interrupts the running task, SIGINT waits for it,
+    maybe hours), and changing them means its private attributes, which move between
+    releases (3.5.0 and 3.5.4 name them differently). So only Huey's documented API is
+    used: ``Consumer.start()`` starts the workers, registers its handlers and returns;
+    ours replace them for SIGINT and SIGTERM; ``Consumer.stop(graceful=True)`` blocks
+    until every worker has finished its task. ``Consumer.run()`` would use Huey's
+    handlers; what else it adds is not needed here: restarting a worker thread that died
+    (a job's errors are all caught) and a restart on SIGHUP.
+    """
+    received: list[int] = []
+    again: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        # Runs on the main thread between two of its bytecodes: it only sets flags. The
+        # loop below polls ``draining`` rather than waiting on it: setting an Event from
+        # a handler that interrupted a wait on that same Event can deadlock.
+        if signum in received:
+            again.append(signum)
+            raise KeyboardInterrupt  # ends the wait below, or Huey's in ``stop``
+        received.append(signum)
+        draining.set()
+
+    consumer.start()
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, on_signal)
+    try:
+        while not draining.is_set():
+            time.sleep(0.1)
+        log.info("received %s: the running job hands itself back, then this worker exits", _name(received[0]))
+        consumer.stop(graceful=True)
+    except KeyboardInterrupt:
+        consumer.stop()  # sets the stop flag and returns: no new entry is taken
+    if again:
+        log.warning(
+            "received %s again: exiting without waiting for the running job; "
+            "its lease runs out, then the rescuer re-queues it",
+            _name(again[0]),
+        )
+        logging.shutdown()
+        # Not a normal exit: the job still trains in a worker thread, and the interpreter
+        # aborts ("terminate called without an active exception") if torch runs while it
+        # shuts down. 128 + the signal: the shell's code for a process a signal ended.
+        os._exit(128 + again[0])
+
+
+def _name(signum: int) -> str:
+    return signal.Signals(signum).name
 
 
 def _stop_when_orphaned() -> None:
