@@ -464,6 +464,35 @@ def test_a_standalone_worker_stopped_by_a_signal_hands_its_job_back_and_exits_0_
     assert (server.store_dir / "checkpoints" / f"{job.id}.safetensors").exists()
 
 
+def gone(pid: int) -> bool:
+    """Whether the process has exited (a zombie not reaped yet counts: it runs no code)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
+def test_a_worker_whose_serve_process_died_hands_its_job_back_and_exits(
+    faulty: Callable[..., Server], moons: tuple[bytes, int]
+) -> None:
+    server = faulty(workers=1)
+    with TrainserveClient(server.url, timeout=30) as ts:
+        dataset = ts.upload_dataset(moons[0], "moons.csv")
+        job = ts.train(slow_spec(dataset.id, epochs=100_000))  # hours: the worker must not wait for its end
+        pid = worker_pid(running_at_epoch(ts, job.id, attempt=1))
+    server.process.kill()  # the serve process alone: its worker is left without a parent
+    server.process.wait()
+    deadline = time.monotonic() + 60
+    while not gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gone(pid), "the orphaned worker is still running"
+    handed_back = job_row(server, job.id)
+    assert handed_back.status == "queued"
+    assert any("handed back at epoch" in note for note in handed_back.notes), handed_back.notes
+    assert (server.store_dir / "checkpoints" / f"{job.id}.safetensors").exists()
+
+
 def test_the_same_signal_twice_stops_a_worker_at_once_leaving_its_job_to_the_rescuer(
     faulty: Callable[..., Server], moons: tuple[bytes, int]
 ) -> None:

@@ -74,7 +74,7 @@ def run_worker(settings: Settings, *, exit_with_parent: bool = False) -> None:
     rescuer = Rescuer(sessions, queue, ctx.store, settings)
     rescuer.start()
     if exit_with_parent:
-        _stop_when_orphaned()
+        _drain_when_orphaned(draining)
     try:
         _consume_until_drained(consumer, draining)
     finally:
@@ -115,7 +115,8 @@ def _consume_until_drained(consumer: Consumer, draining: threading.Event) -> Non
     try:
         while not draining.is_set():
             time.sleep(0.1)
-        log.info("received %s: the running job hands itself back, then this worker exits", _name(received[0]))
+        why = f"received {_name(received[0])}" if received else "draining"
+        log.info("%s: the running job hands itself back, then this worker exits", why)
         consumer.stop(graceful=True)
     except KeyboardInterrupt:
         consumer.stop()  # sets the stop flag and returns: no new entry is taken
@@ -136,14 +137,16 @@ def _name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
-def _stop_when_orphaned() -> None:
+def _drain_when_orphaned(draining: threading.Event) -> None:
+    # Sets the event itself rather than signalling this process: a SIGTERM on top of one
+    # that is already draining would count as the second, which stops without waiting.
     parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
         log.warning("the process that started this worker is gone; draining")
-        os.kill(os.getpid(), signal.SIGTERM)
+        draining.set()
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
