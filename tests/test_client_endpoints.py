@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import csv
 import inspect
 import io
 import re
+import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -221,3 +224,81 @@ def test_every_endpoint_through_the_async_client(server: Server, moons: tuple[by
             return ts
 
     _check_coverage(asyncio.run(run()))
+
+
+# -- events() across a dropped connection -----------------------------------------------------------
+
+
+class CuttingProxy:
+    """A TCP proxy in front of the real server that cuts the first event stream right after
+    it forwarded an epoch event, as a load balancer's idle timeout or a network blip would."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = httpx.URL(upstream).host, httpx.URL(upstream).port
+        self.upstream = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.streams: list[bytes] = []  # the request head of each event stream opened
+        self.cut = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                downstream, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(downstream,), daemon=True).start()
+
+    def _serve(self, downstream: socket.socket) -> None:
+        with downstream, socket.create_connection(self.upstream) as upstream:
+            head = downstream.recv(65536)
+            upstream.sendall(head)
+            is_stream = b"/events " in head.split(b"\r\n", 1)[0]
+            if is_stream:
+                self.streams.append(head)
+            cut_this = is_stream and not self.cut.is_set()
+            threading.Thread(target=self._pipe, args=(downstream, upstream), daemon=True).start()
+            while chunk := upstream.recv(65536):
+                downstream.sendall(chunk)
+                if cut_this and b"event: epoch" in chunk:
+                    self.cut.set()
+                    downstream.shutdown(socket.SHUT_RDWR)
+                    return
+
+    @staticmethod
+    def _pipe(source: socket.socket, target: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := source.recv(65536):
+                target.sendall(chunk)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_events_resume_after_the_connection_breaks_off(server: Server, moons: tuple[bytes, int], kind: str) -> None:
+    with TrainserveClient(server.url) as direct:
+        dataset = direct.upload_dataset(moons[0], "moons.csv")
+        job = direct.train(moons_spec(dataset.id, epochs=300))  # long enough to cut mid-run
+    proxy = CuttingProxy(server.url)
+    try:
+        if kind == "sync":
+            with TrainserveClient(proxy.url) as client:
+                events = list(client.events(job.id))
+        else:
+
+            async def run() -> list[JobEvent]:
+                async with AsyncTrainserveClient(proxy.url) as client:
+                    return [event async for event in client.events(job.id)]
+
+            events = asyncio.run(run())
+    finally:
+        proxy.close()
+    assert proxy.cut.is_set()
+    assert len(proxy.streams) >= 2
+    assert b"last-event-id: " in proxy.streams[1].lower()  # the second asks for what came after
+    epochs = [e.data["epoch"] for e in events if e.event == "epoch"]
+    assert epochs == list(range(1, 301))  # each epoch once, in order, across the two streams
+    assert events[-1].event == "end"
+    assert events[-1].data["status"] == JobStatus.SUCCEEDED
