@@ -92,13 +92,13 @@ def test_predict_writes_the_rows_with_predictions_and_probabilities(
     assert result.returncode == 0, result.stderr
     assert "200 rows predicted" in result.stderr
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
-    assert list(rows[0]) == ["x0", "x1", "y", "prediction", "probability_0", "probability_1"]
+    assert list(rows[0]) == ["x0", "x1", "y", "predicted_y", "probability_0", "probability_1"]
     assert len(rows) == 200
     answer = client.predict(moons_model, [[float(r["x0"]), float(r["x1"])] for r in rows])
-    assert [int(r["prediction"]) for r in rows] == answer.predictions
+    assert [int(r["predicted_y"]) for r in rows] == answer.predictions
     assert answer.probabilities is not None
     assert [float(r["probability_1"]) for r in rows] == pytest.approx([p[1] for p in answer.probabilities])
-    assert sum(r["prediction"] == r["y"] for r in rows) > 190
+    assert sum(r["predicted_y"] == r["y"] for r in rows) > 190
 
     # by name (the newest version) and by name:version, to standard output
     for reference in ("cli-moons", "cli-moons:1"):
@@ -119,7 +119,7 @@ def test_predict_regression_and_its_errors(server: Server, tmp_path: Path) -> No
     result = cli("predict", model_id, rows, url=server.url)
     assert result.returncode == 0, result.stderr
     table = list(csv.reader(io.StringIO(result.stdout)))
-    assert table[0] == ["x", "comment", "prediction"]
+    assert table[0] == ["x", "comment", "predicted_y"]
     assert [r[:2] for r in table[1:]] == [["1.5", "a"], ["2.5", "b"]]
     assert all(float(r[2]) == float(r[2]) for r in table[1:])  # numbers, not NaN
 

@@ -23,7 +23,9 @@ import httpx
 from tqdm import tqdm
 
 from trainserve.api.schemas import Job, Model
+from trainserve.api.wire import prediction_columns
 from trainserve.client.http import ApiError, TrainserveClient
+from trainserve.jobs.status import JobStatus
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 _ID = re.compile(r"^[0-9a-f]{32}$")
@@ -76,7 +78,7 @@ def add_client_commands(commands: Any) -> None:
     predict.set_defaults(run=_with_client(_predict))
 
     jobs = commands.add_parser("jobs", parents=common, help="list training jobs, newest first")
-    jobs.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    jobs.add_argument("--status", choices=[str(status) for status in JobStatus])
     jobs.add_argument("--name", help="only jobs training this model name")
     jobs.add_argument("--limit", type=int, default=20)
     jobs.add_argument("--json", action="store_true")
@@ -213,7 +215,7 @@ def _follow_job(client: TrainserveClient, job_id: str, *, as_json: bool) -> int:
             print(f"stopped following; the job goes on (trainserve cancel {job_id} stops it)", file=sys.stderr)
             return 130
     status = end.get("status", "unknown")
-    if status != "succeeded":
+    if status != JobStatus.SUCCEEDED:
         print(f"job {job_id} {status}: {end.get('error') or ''}".rstrip(": "), file=sys.stderr)
         return 1
     model = client.get_model(end["model_id"])
@@ -273,13 +275,6 @@ def _chunks(rows: Iterator[dict[str, str]], size: int) -> Iterator[list[dict[str
         yield chunk
 
 
-def prediction_columns(model: Model) -> list[str]:
-    """The columns ``trainserve predict`` adds to each row."""
-    if model.task == "regression":
-        return ["prediction"] if len(model.targets) == 1 else [f"prediction_{t}" for t in model.targets]
-    return ["prediction", *(f"probability_{c}" for c in model.classes or [])]
-
-
 def _predict(client: TrainserveClient, args: argparse.Namespace) -> int:
     model = resolve_model(client, args.model)
     try:
@@ -307,7 +302,7 @@ def _write_predictions(
     client: TrainserveClient, model: Model, reader: csv.DictReader[str], header: list[str], out: TextIO
 ) -> int:
     writer = csv.writer(out)
-    writer.writerow([*header, *prediction_columns(model)])
+    writer.writerow([*header, *prediction_columns(model.targets, model.classes)])
     written = 0
     for chunk in _chunks(iter(reader), PREDICT_CHUNK_ROWS):
         inputs = [{f: _number(row[f]) for f in model.features} for row in chunk]
@@ -386,7 +381,7 @@ def _models(client: TrainserveClient, args: argparse.Namespace) -> int:
 
 def _cancel(client: TrainserveClient, args: argparse.Namespace) -> int:
     job = client.cancel_job(args.job)
-    state = "cancel requested" if job.status == "running" else job.status
+    state = "cancel requested" if job.status == JobStatus.RUNNING else job.status
     print(f"job {job.id} {state}")
     return 0
 

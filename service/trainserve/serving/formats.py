@@ -18,11 +18,10 @@ from typing import Any
 import numpy as np
 import orjson
 
+from trainserve.api.wire import prediction_columns
 from trainserve.errors import InvalidInput, PayloadTooLarge
 from trainserve.serving.predictor import Outcome, Predictor, check_finite, inputs_to_matrix
 
-NPY_MEDIA_TYPE = "application/x-npy"
-CSV_MEDIA_TYPE = "text/csv"
 _JSON_FIELDS = ("model_id", "name", "version", "inputs")
 
 
@@ -218,13 +217,6 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def prediction_columns(predictor: Predictor) -> list[str]:
-    names = [f"predicted_{target}" for target in predictor.targets]
-    if predictor.classes is not None:
-        names = names[:1] + [f"probability_{label}" for label in predictor.classes]
-    return names
-
-
 def encode_csv(table: CsvTable, predictor: Predictor, outcome: Outcome) -> bytes:
     """The rows as sent, each followed by its prediction (and class probabilities)."""
     predictions = outcome.predictions.reshape(len(table.rows), -1)
@@ -234,6 +226,6 @@ def encode_csv(table: CsvTable, predictor: Predictor, outcome: Outcome) -> bytes
     extra = np.concatenate(parts, axis=1).tolist()
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(table.header + prediction_columns(predictor))
+    writer.writerow(table.header + prediction_columns(predictor.targets, predictor.classes))
     writer.writerows(row + added for row, added in zip(table.rows, extra, strict=True))
     return out.getvalue().encode()

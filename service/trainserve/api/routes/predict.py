@@ -22,11 +22,10 @@ from trainserve.api.deps import get_runtime
 from trainserve.api.errors import exception_response
 from trainserve.api.runtime import Runtime
 from trainserve.api.schemas import PredictResponse
+from trainserve.api.wire import CSV_MEDIA_TYPE, NPY_MEDIA_TYPE
 from trainserve.errors import InvalidInput
 from trainserve.serving import registry
 from trainserve.serving.formats import (
-    CSV_MEDIA_TYPE,
-    NPY_MEDIA_TYPE,
     ModelSelector,
     csv_to_matrix,
     encode_csv,

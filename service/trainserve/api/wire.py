@@ -1,0 +1,26 @@
+"""What the server and its clients agree on beyond the JSON schemas: media types and the
+column names of a predicted CSV.
+
+Both ``trainserve.serving`` (which writes the answers) and ``trainserve.client`` (which
+reads and writes them) import this module, so it imports nothing: no torch, no FastAPI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+NPY_MEDIA_TYPE = "application/x-npy"
+CSV_MEDIA_TYPE = "text/csv"
+
+
+def prediction_columns(targets: Sequence[str], classes: Sequence[Any] | None) -> list[str]:
+    """The columns a predicted CSV adds after the input columns, from HTTP and the CLI alike.
+
+    ``predicted_<target>`` names what is predicted and cannot collide with an input column
+    called ``prediction``; a classifier adds ``probability_<class>`` per class.
+    """
+    names = [f"predicted_{target}" for target in targets]
+    if classes is not None:
+        names = names[:1] + [f"probability_{label}" for label in classes]
+    return names

@@ -1,0 +1,308 @@
+"""Every endpoint the clients call, described once: its route (method and path template),
+how a call's arguments become the request, and the type its answer is read into.
+
+An endpoint applied to arguments is a ``Call[T]``, a request ready to send; both clients
+(``trainserve.client.http``) only send it and hand its answer to ``Call.read``, so mypy
+knows what each verb returns and neither client spells out a method or a path. Several
+endpoints may share a route: ``POST /predict`` takes JSON rows, a ``.npy`` matrix or a CSV,
+and answers in kind.
+
+Imports stay light (httpx, numpy, pydantic and the API's schemas): no torch, no FastAPI.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, ParamSpec, TypeVar
+from urllib.parse import quote
+
+import httpx
+import numpy as np
+from pydantic import TypeAdapter
+
+from trainserve.api.schemas import Dataset, Job, JobDetail, Model, PredictResponse
+from trainserve.api.wire import NPY_MEDIA_TYPE
+
+T = TypeVar("T")
+P = ParamSpec("P")
+FileArg = str | os.PathLike[str] | bytes
+
+
+class ApiError(Exception):
+    """A refused request: the server's status code and its JSON body (or text). Status 0:
+    no answer at all, an event stream that kept breaking off."""
+
+    def __init__(self, status_code: int, body: Any) -> None:
+        self.status_code = status_code
+        self.body = body
+        detail = body.get("detail") if isinstance(body, dict) else body
+        super().__init__(f"{status_code}: {detail}")
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The headers every request carries: the API key given, else ``$TRAINSERVE_API_KEY``."""
+    key = api_key or os.environ.get("TRAINSERVE_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+# -- answers --------------------------------------------------------------------------------------
+
+Reader = Callable[[httpx.Response], T]
+
+
+def checked(response: httpx.Response) -> httpx.Response:
+    """The response itself, or ``ApiError`` for an error status (its body must be read)."""
+    if response.is_error:
+        try:
+            body = response.json()
+        except ValueError:
+            body = response.text
+        raise ApiError(response.status_code, body)
+    return response
+
+
+def no_body(response: httpx.Response) -> None:
+    checked(response)
+
+
+def raw_bytes(response: httpx.Response) -> bytes:
+    return checked(response).content
+
+
+def npy_array(response: httpx.Response) -> np.ndarray:
+    array: np.ndarray = np.load(io.BytesIO(checked(response).content), allow_pickle=False)
+    return array
+
+
+def json_as(kind: type[T]) -> Reader[T]:
+    """A reader validating the JSON answer as ``kind`` (a schema, or a list of them)."""
+    adapter = TypeAdapter(kind)
+
+    def read(response: httpx.Response) -> T:
+        return adapter.validate_json(checked(response).content)
+
+    return read
+
+
+# -- requests -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a call sends besides its route: the path template's values and the rest."""
+
+    path: Mapping[str, str] = field(default_factory=dict)
+    params: Mapping[str, str | int] | None = None
+    json: Any = None
+    data: Mapping[str, str] | None = None
+    files: Mapping[str, tuple[str, bytes]] | None = None
+    content: bytes | None = None
+    headers: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One request ready to send, and how its answer is read."""
+
+    method: str
+    url: str
+    request: Request
+    read: Reader[T]
+
+    def build(self, http: httpx.Client | httpx.AsyncClient) -> httpx.Request:
+        """The httpx request, on ``http``'s base URL and with its headers (the API key)."""
+        sent = self.request
+        return http.build_request(
+            self.method,
+            self.url,
+            params=sent.params,
+            json=sent.json,
+            data=sent.data,
+            files=sent.files,
+            content=sent.content,
+            headers=sent.headers,
+        )
+
+
+@dataclass(frozen=True)
+class Route:
+    """A method and a path template of the server's API, e.g. ``GET /jobs/{job_id}``."""
+
+    method: str
+    path: str
+
+    def reads(self, read: Reader[T]) -> Callable[[Callable[P, Request]], Endpoint[P, T]]:
+        """Decorates a request builder into an endpoint on this route answering ``T``."""
+
+        def endpoint(build: Callable[P, Request]) -> Endpoint[P, T]:
+            return Endpoint(self, build, read)
+
+        return endpoint
+
+
+class Endpoint(Generic[P, T]):
+    """A route, how its request is built from the verb's arguments (``P``), and what its answer
+    is read into (``T``). Calling it gives the ``Call[T]`` a client sends."""
+
+    def __init__(self, route: Route, build: Callable[P, Request], read: Reader[T]) -> None:
+        self.route = route
+        self.build = build
+        self.read = read
+        self.name = build.__name__
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Call[T]:
+        request = self.build(*args, **kwargs)
+        # Quoted, so that an id holding "/" or ".." stays one path segment.
+        url = self.route.path.format_map({key: quote(value, safe="") for key, value in request.path.items()})
+        return Call(self.route.method, url, request, self.read)
+
+    def __repr__(self) -> str:
+        return f"<Endpoint {self.name}: {self.route.method} {self.route.path}>"
+
+
+def _file_part(file: FileArg, name: str | None) -> tuple[str, bytes]:
+    if isinstance(file, bytes):
+        return name or "upload.csv", file
+    path = Path(file)
+    return name or path.name, path.read_bytes()
+
+
+def _present(**values: str | int | None) -> dict[str, str | int]:
+    """The values given: a ``None`` argument is left out of the query or form."""
+    return {key: value for key, value in values.items() if value is not None}
+
+
+# -- the table ------------------------------------------------------------------------------------
+# One builder per endpoint; the decorator names its route and the type of its answer.
+
+
+@Route("POST", "/datasets").reads(json_as(Dataset))
+def upload_dataset(file: FileArg, filename: str | None = None) -> Request:
+    return Request(files={"file": _file_part(file, filename)})
+
+
+@Route("GET", "/datasets").reads(json_as(list[Dataset]))
+def list_datasets() -> Request:
+    return Request()
+
+
+@Route("GET", "/datasets/{dataset_id}").reads(json_as(Dataset))
+def get_dataset(dataset_id: str) -> Request:
+    return Request(path={"dataset_id": dataset_id})
+
+
+@Route("DELETE", "/datasets/{dataset_id}").reads(no_body)
+def delete_dataset(dataset_id: str) -> Request:
+    return Request(path={"dataset_id": dataset_id})
+
+
+@Route("POST", "/train").reads(json_as(Job))
+def train(spec: Mapping[str, Any], *, file: FileArg | None = None, filename: str | None = None) -> Request:
+    """The spec as JSON naming an uploaded dataset, or as a form field beside the file to train on."""
+    if file is None:
+        return Request(json=dict(spec))
+    return Request(data={"spec": json.dumps(dict(spec))}, files={"file": _file_part(file, filename)})
+
+
+@Route("GET", "/jobs/{job_id}").reads(json_as(JobDetail))
+def get_job(job_id: str) -> Request:
+    return Request(path={"job_id": job_id})
+
+
+@Route("GET", "/jobs").reads(json_as(list[Job]))
+def list_jobs(status: str | None = None, *, name: str | None = None, limit: int = 100) -> Request:
+    return Request(params=_present(status=status, name=name, limit=limit))
+
+
+@Route("POST", "/jobs/{job_id}/cancel").reads(json_as(Job))
+def cancel_job(job_id: str) -> Request:
+    return Request(path={"job_id": job_id})
+
+
+# Server-Sent Events: the clients stream the body line by line (trainserve.client.events);
+# the reader only turns an error status into ApiError.
+@Route("GET", "/jobs/{job_id}/events").reads(no_body)
+def events(job_id: str, *, last_event_id: int | None = None) -> Request:
+    headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else None
+    return Request(path={"job_id": job_id}, headers=headers)
+
+
+@Route("GET", "/jobs/{job_id}/loss.png").reads(raw_bytes)
+def loss_plot(job_id: str, *, width: int = 800, height: int = 600) -> Request:
+    return Request(path={"job_id": job_id}, params={"width": width, "height": height})
+
+
+@Route("GET", "/models").reads(json_as(list[Model]))
+def list_models(*, name: str | None = None, limit: int = 100) -> Request:
+    return Request(params=_present(name=name, limit=limit))
+
+
+@Route("GET", "/models/{model_id}").reads(json_as(Model))
+def get_model(model_id: str) -> Request:
+    return Request(path={"model_id": model_id})
+
+
+@Route("DELETE", "/models/{model_id}").reads(no_body)
+def delete_model(model_id: str) -> Request:
+    return Request(path={"model_id": model_id})
+
+
+@Route("GET", "/models/{model_id}/weights").reads(raw_bytes)
+def download_weights(model_id: str) -> Request:
+    return Request(path={"model_id": model_id})
+
+
+@Route("GET", "/models/{model_id}/plot.png").reads(raw_bytes)
+def model_plot(model_id: str, *, width: int = 800, height: int = 600) -> Request:
+    return Request(path={"model_id": model_id}, params={"width": width, "height": height})
+
+
+@Route("GET", "/models/{model_id}/export").reads(raw_bytes)
+def export_model(model_id: str, format: str = "torchscript") -> Request:
+    return Request(path={"model_id": model_id}, params={"format": format})
+
+
+_PREDICT = Route("POST", "/predict")
+
+
+@_PREDICT.reads(json_as(PredictResponse))
+def predict(model_id: str | None, inputs: list[Any], *, name: str | None = None, version: int | None = None) -> Request:
+    return Request(json={**_present(model_id=model_id, name=name, version=version), "inputs": inputs})
+
+
+@_PREDICT.reads(npy_array)
+def predict_array(
+    x: Any,
+    *,
+    model_id: str | None = None,
+    name: str | None = None,
+    version: int | None = None,
+    output: str = "predictions",
+) -> Request:
+    """The model named in the query string, since the body is the matrix."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(x), allow_pickle=False)
+    return Request(
+        params={**_present(model_id=model_id, name=name, version=version), "output": output},
+        content=buffer.getvalue(),
+        headers={"Content-Type": NPY_MEDIA_TYPE, "Accept": NPY_MEDIA_TYPE},
+    )
+
+
+@_PREDICT.reads(raw_bytes)
+def predict_csv(
+    file: FileArg,
+    *,
+    model_id: str | None = None,
+    name: str | None = None,
+    version: int | None = None,
+    filename: str | None = None,
+) -> Request:
+    """The model named in form fields beside the file."""
+    fields = {key: str(value) for key, value in _present(model_id=model_id, name=name, version=version).items()}
+    return Request(data=fields, files={"file": _file_part(file, filename)})
