@@ -23,9 +23,9 @@ import httpx
 from tqdm import tqdm
 
 from trainserve.api.schemas import Job, Model
-from trainserve.api.wire import prediction_columns
 from trainserve.client.http import ApiError, TrainserveClient
 from trainserve.jobs.status import JobStatus
+from trainserve.wire import prediction_columns
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 _ID = re.compile(r"^[0-9a-f]{32}$")

@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import TypeAdapter
 
 from trainserve.api.schemas import Dataset, Job, JobDetail, Model, PredictResponse
-from trainserve.api.wire import NPY_MEDIA_TYPE
+from trainserve.wire import NPY_MEDIA_TYPE
 
 T = TypeVar("T")
 P = ParamSpec("P")

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from trainserve.api.wire import prediction_columns
 from trainserve.errors import InvalidInput, PayloadTooLarge
 from trainserve.serving.predictor import Outcome, Predictor, check_finite, inputs_to_matrix
+from trainserve.wire import prediction_columns
 
 _JSON_FIELDS = ("model_id", "name", "version", "inputs")
 

@@ -22,7 +22,6 @@ from trainserve.api.deps import get_runtime
 from trainserve.api.errors import exception_response
 from trainserve.api.runtime import Runtime
 from trainserve.api.schemas import PredictResponse
-from trainserve.api.wire import CSV_MEDIA_TYPE, NPY_MEDIA_TYPE
 from trainserve.errors import InvalidInput
 from trainserve.serving import registry
 from trainserve.serving.formats import (
@@ -36,6 +35,7 @@ from trainserve.serving.formats import (
     parse_json_request,
 )
 from trainserve.serving.predictor import Outcome, Predictor
+from trainserve.wire import CSV_MEDIA_TYPE, NPY_MEDIA_TYPE
 
 router = APIRouter(tags=["predict"])
 
