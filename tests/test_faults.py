@@ -36,8 +36,10 @@ FAST_LEASE = {
 }
 
 
-def slow_spec(dataset_id: str, epochs: int = 30, **overrides: object) -> dict[str, object]:
-    """A job that runs a few seconds (200 steps an epoch), long enough to be killed mid-way.
+def slow_spec(dataset_id: str, epochs: int = 100, **overrides: object) -> dict[str, object]:
+    """A job that runs a few seconds (200 steps an epoch), long enough to be killed mid-way:
+    100 epochs take about 3 s on an idle 2-core machine (30 ended in a second, sometimes
+    before a test could catch the epoch it waits for).
 
     The eager loop keeps that duration alike on every machine; the generated native loop,
     20x faster where it applies, would end the job before the kill (its resume is tested
@@ -147,7 +149,7 @@ def test_damaged_checkpoint_is_not_resumed_from_and_the_job_starts_over_saying_s
     server = faulty(TRAINSERVE_CHECKPOINT_SECONDS="0.3")
     with TrainserveClient(server.url, timeout=30) as ts:
         dataset = ts.upload_dataset(moons[0], "moons.csv")
-        job = ts.train(slow_spec(dataset.id, epochs=10))
+        job = ts.train(slow_spec(dataset.id))
         checkpoint = server.store_dir / "checkpoints" / f"{job.id}.safetensors"
 
         def has_checkpoint() -> JobDetail | None:
