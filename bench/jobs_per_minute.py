@@ -94,7 +94,7 @@ def free_port() -> int:
 def spawn(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as handle:
         return subprocess.Popen(
-            [sys.executable, "-m", "service", *command],
+            [sys.executable, "-m", "trainserve", *command],
             env={**os.environ, **env},
             stdout=handle,
             stderr=subprocess.STDOUT,

@@ -90,7 +90,7 @@ def running(command: list[str], env: dict[str, str], cwd: Path, ready_path: str)
 def trainserve(data_dir: Path, *, workers: int = 0, **settings: str) -> Iterator[Server]:
     """``trainserve serve`` on a free port; ``settings`` become TRAINSERVE_* variables."""
     env = {"TRAINSERVE_DATA_DIR": str(data_dir), **{f"TRAINSERVE_{k.upper()}": v for k, v in settings.items()}}
-    command = [sys.executable, "-m", "service", "serve", "--port", "{port}", "--log-level", "warning"]
+    command = [sys.executable, "-m", "trainserve", "serve", "--port", "{port}", "--log-level", "warning"]
     with running([*command, "--workers", str(workers)], env, data_dir, "/readyz") as server:
         yield server
 

@@ -56,7 +56,7 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {**os.environ, "TRAINSERVE_DATA_DIR": str(data_dir), "TRAINSERVE_PROGRESS_INTERVAL_S": "0.2"}
     env.pop("TRAINSERVE_API_KEY", None)
-    command = [sys.executable, "-m", "service", "serve", "--port", str(port), "--log-level", "warning"]
+    command = [sys.executable, "-m", "trainserve", "serve", "--port", str(port), "--log-level", "warning"]
     with open(data_dir / "server.log", "wb") as log:
         process = subprocess.Popen(
             command, cwd=data_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

@@ -445,7 +445,9 @@ def standalone_worker(server: Server, **env: str) -> Iterator[subprocess.Popen[b
         stop_process(worker)
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    "stop_signal", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
+)
 def test_a_standalone_worker_stopped_by_a_signal_hands_its_job_back_and_exits_0_without_waiting_for_it(
     faulty: Callable[..., Server], moons: tuple[bytes, int], stop_signal: signal.Signals
 ) -> None:

@@ -430,4 +430,8 @@ def test_nothing_is_importable_as_service() -> None:
                 continue
             if any(name.split(".")[0] == "service" for name in names):
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+        # ... nor starts a process on it: [sys.executable, "-m", "service", ...]
+        text = path.read_text()
+        if path != Path(__file__).resolve() and ('"-m", "service"' in text or "-m service" in text):
+            offenders.append(f"{path.relative_to(REPO)}: python -m service")
     assert not offenders, f"imports of `service`: {offenders}"

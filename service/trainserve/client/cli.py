@@ -78,7 +78,7 @@ def add_client_commands(commands: Any) -> None:
     predict.set_defaults(run=_with_client(_predict))
 
     jobs = commands.add_parser("jobs", parents=common, help="list training jobs, newest first")
-    jobs.add_argument("--status", choices=[str(status) for status in JobStatus])
+    jobs.add_argument("--status", type=JobStatus, choices=list(JobStatus))
     jobs.add_argument("--name", help="only jobs training this model name")
     jobs.add_argument("--limit", type=int, default=20)
     jobs.add_argument("--json", action="store_true")

@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import TypeAdapter
 
 from trainserve.api.schemas import Dataset, Job, JobDetail, Model, PredictResponse
+from trainserve.jobs.status import JobStatus
 from trainserve.wire import NPY_MEDIA_TYPE
 
 T = TypeVar("T")
@@ -215,7 +216,7 @@ def get_job(job_id: str) -> Request:
 
 
 @Route("GET", "/jobs").reads(json_as(list[Job]))
-def list_jobs(status: str | None = None, *, name: str | None = None, limit: int = 100) -> Request:
+def list_jobs(status: JobStatus | None = None, *, name: str | None = None, limit: int = 100) -> Request:
     return Request(params=_present(status=status, name=name, limit=limit))
 
 

@@ -26,7 +26,7 @@ from trainserve.api.schemas import Dataset, Job, JobDetail, JobEvent, Model, Pre
 from trainserve.client import endpoints
 from trainserve.client.endpoints import ApiError, Call, FileArg, auth_headers
 from trainserve.client.events import EventStream, is_last
-from trainserve.jobs.status import ENDED
+from trainserve.jobs.status import ENDED, JobStatus
 
 __all__ = ["ApiError", "AsyncTrainserveClient", "FileArg", "TrainserveClient"]
 
@@ -89,7 +89,7 @@ class TrainserveClient:
     def get_job(self, job_id: str) -> JobDetail:
         return self._send(endpoints.get_job(job_id))
 
-    def list_jobs(self, status: str | None = None, *, name: str | None = None, limit: int = 100) -> list[Job]:
+    def list_jobs(self, status: JobStatus | None = None, *, name: str | None = None, limit: int = 100) -> list[Job]:
         return self._send(endpoints.list_jobs(status, name=name, limit=limit))
 
     def cancel_job(self, job_id: str) -> Job:
@@ -228,7 +228,9 @@ class AsyncTrainserveClient:
     async def get_job(self, job_id: str) -> JobDetail:
         return await self._send(endpoints.get_job(job_id))
 
-    async def list_jobs(self, status: str | None = None, *, name: str | None = None, limit: int = 100) -> list[Job]:
+    async def list_jobs(
+        self, status: JobStatus | None = None, *, name: str | None = None, limit: int = 100
+    ) -> list[Job]:
         return await self._send(endpoints.list_jobs(status, name=name, limit=limit))
 
     async def cancel_job(self, job_id: str) -> Job:

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from trainserve.config import Settings
 from trainserve.db import JobRecord, make_engine, make_session_factory, rows_changed, utcnow
-from trainserve.errors import ChecksumMismatch as StoreIntegrityError
+from trainserve.errors import ChecksumMismatch
 from trainserve.jobs.lifecycle import with_note
 from trainserve.jobs.queue import JobQueue, worker_name
 from trainserve.jobs.status import JobStatus
@@ -183,7 +183,7 @@ class Attempt:
         """The job's last checkpoint, if a previous attempt left one; noted on the job."""
         try:
             stored = self.ctx.store.load_checkpoint(self.job_id)
-        except StoreIntegrityError as exc:  # damaged: training from it would bake the damage in
+        except ChecksumMismatch as exc:  # damaged: training from it would bake the damage in
             self.ctx.store.delete_checkpoint(self.job_id)
             self.note(f"{exc.detail}; started over")
             return None
@@ -212,7 +212,7 @@ class Attempt:
             notes = session.scalar(select(JobRecord.notes).where(JobRecord.id == self.job_id))
             self.lease.update(session, notes=with_note(notes, note))
 
-    def finish(self, status: str, **values: Any) -> bool:
+    def finish(self, status: JobStatus, **values: Any) -> bool:
         """End the job (fenced by the lease): False if this worker no longer owns it."""
         now = utcnow()
         with self.ctx.sessions.begin() as session:

@@ -21,12 +21,12 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from trainserve.jobs.lifecycle import get_job
-from trainserve.jobs.status import ACTIVE
+from trainserve.jobs.status import ACTIVE, JobStatus
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    status: str
+    status: JobStatus
     epoch: int
     epochs: int
     model_id: str | None
@@ -68,7 +68,7 @@ class JobEventTracker:
 
     def __init__(self, last_epoch: int = 0) -> None:
         self.last_epoch = last_epoch
-        self.status: str | None = None
+        self.status: JobStatus | None = None
 
     def events(self, current: Snapshot) -> list[Event]:
         changed = current.status != self.status

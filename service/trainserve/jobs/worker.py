@@ -82,7 +82,7 @@ def run_worker(settings: Settings, *, exit_with_parent: bool = False) -> None:
 
 
 def _consume_until_drained(consumer: Consumer, draining: threading.Event) -> None:
-    """Run Huey's consumer until SIGINT or SIGTERM. Either sets ``draining`` at once, so
+    """Run Huey's consumer until SIGINT, SIGTERM or SIGHUP. Each sets ``draining`` at once, so
     the running job checkpoints and hands itself back (seconds); then no new entry is
     taken, and the worker exits once the running task has returned. The same signal a
     second time stops the worker without waiting.
@@ -94,7 +94,8 @@ def _consume_until_drained(consumer: Consumer, draining: threading.Event) -> Non
     ours replace them for SIGINT and SIGTERM; ``Consumer.stop(graceful=True)`` blocks
     until every worker has finished its task. ``Consumer.run()`` would use Huey's
     handlers; what else it adds is not needed here: restarting a worker thread that died
-    (a job's errors are all caught) and a restart on SIGHUP.
+    (a job's errors are all caught) and a restart in place on SIGHUP (a lost terminal):
+    here SIGHUP drains like SIGTERM, and ``serve``, or the service manager, starts a new worker.
     """
     received: list[int] = []
     again: list[int] = []
@@ -109,8 +110,14 @@ def _consume_until_drained(consumer: Consumer, draining: threading.Event) -> Non
         received.append(signum)
         draining.set()
 
+    # Ours before start() too: it starts Huey's threads, then installs Huey's handlers as
+    # its last step, which ours then replace. A signal that lands in Huey's handler would
+    # set flags of Huey's that nothing reads; the window is those few lines of Huey's.
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    for stop_signal in stop_signals:
+        signal.signal(stop_signal, on_signal)
     consumer.start()
-    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+    for stop_signal in stop_signals:
         signal.signal(stop_signal, on_signal)
     try:
         while not draining.is_set():
@@ -273,7 +280,7 @@ def _train(
         return loop.train(spec, plan, x, y, **options)
 
 
-def _end_attempt(ctx: WorkerContext, attempt: Attempt, status: str, **values: Any) -> None:
+def _end_attempt(ctx: WorkerContext, attempt: Attempt, status: JobStatus, **values: Any) -> None:
     """End the job; its checkpoint goes too, unless the job belongs to another worker now."""
     if attempt.finish(status, **values):
         ctx.store.delete_checkpoint(attempt.job_id)
