@@ -24,7 +24,7 @@ from safetensors.torch import save as save_safetensors
 
 from trainserve.datasets.tables import Table, read_table, write_table
 from trainserve.errors import ChecksumMismatch
-from trainserve.storage.base import ID_PATTERN, Kind, Store, named_by_id, new_id
+from trainserve.storage.base import ID_PATTERN, KINDS, Kind, Store, named_by_id, new_id
 
 _CHUNK = 1024 * 1024
 
@@ -63,12 +63,12 @@ class LocalStore(Store):
     def __init__(self, root: Path) -> None:
         self.root = root
         self.tmp = root / "tmp"
-        self.datasets = self.folder("datasets")
-        self.weights = self.folder("weights")
-        self.checkpoints = self.folder("checkpoints")
+
+    def folder(self, kind: Kind) -> Path:
+        return self.root / kind
 
     def ensure(self) -> None:
-        for folder in (self.tmp, self.datasets, self.weights, self.checkpoints):
+        for folder in (self.tmp, *map(self.folder, KINDS)):
             folder.mkdir(parents=True, exist_ok=True)
 
     # -- writing --------------------------------------------------------------------------
@@ -95,7 +95,7 @@ class LocalStore(Store):
     # -- datasets -------------------------------------------------------------------------
 
     def dataset_path(self, dataset_id: str) -> Path:
-        return self.datasets / f"{_checked(dataset_id)}.npz"
+        return self.folder("datasets") / f"{_checked(dataset_id)}.npz"
 
     def save_dataset(self, dataset_id: str, table: Table) -> str:
         """Write the parsed table; returns the stored file's sha256."""
@@ -117,7 +117,7 @@ class LocalStore(Store):
     # -- weights --------------------------------------------------------------------------
 
     def weights_path(self, model_id: str) -> Path:
-        return self.weights / f"{_checked(model_id)}.safetensors"
+        return self.folder("weights") / f"{_checked(model_id)}.safetensors"
 
     def save_weights(
         self, model_id: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
@@ -149,13 +149,13 @@ class LocalStore(Store):
 
     def check(self) -> None:
         """Raise if the store cannot be reached (for readiness checks)."""
-        if not self.weights.is_dir():
-            raise FileNotFoundError(f"store folder {self.weights} is missing")
+        if not self.folder("weights").is_dir():
+            raise FileNotFoundError(f"store folder {self.folder('weights')} is missing")
 
     # -- training checkpoints -------------------------------------------------------------
 
     def checkpoint_path(self, job_id: str) -> Path:
-        return self.checkpoints / f"{_checked(job_id)}.safetensors"
+        return self.folder("checkpoints") / f"{_checked(job_id)}.safetensors"
 
     def save_checkpoint(
         self,
@@ -203,9 +203,6 @@ class LocalStore(Store):
         self.checkpoint_path(job_id).unlink(missing_ok=True)
 
     # -- crash debris ---------------------------------------------------------------------
-
-    def folder(self, kind: Kind) -> Path:
-        return self.root / kind
 
     def sweep_orphans(self, kind: Kind, *, older_than_s: float, owned: Callable[[list[str]], set[str]]) -> list[str]:
         folder = self.folder(kind)
