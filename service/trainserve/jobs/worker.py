@@ -2,8 +2,8 @@
 lease, save checkpoints and models, and hand jobs back when asked to stop.
 
 Everything a worker writes for a job is fenced by its lease (``Lease`` in
-``trainserve.jobs.attempt``): once the rescuer (``trainserve.jobs.rescuer``) has given the job to another
-worker, the old one writes nothing.
+``trainserve.jobs.attempt``): once the rescuer (``trainserve.jobs.rescuer``) has given the
+job to another worker, the old one writes nothing.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 def run_worker(settings: Settings, *, exit_with_parent: bool = False) -> None:
-    """Consume training jobs until SIGINT/SIGTERM (``trainserve worker``), which drain it.
+    """Consume training jobs until SIGINT, SIGTERM or SIGHUP (``trainserve worker``), which drain it.
 
     The worker also runs the rescuer, so jobs of a dead worker on any machine come back.
     With ``exit_with_parent`` it drains itself when the process that started it dies.
@@ -52,7 +52,7 @@ def run_worker(settings: Settings, *, exit_with_parent: bool = False) -> None:
         os.nice(settings.worker_nice)
     if settings.train_threads is not None:
         torch.set_num_threads(settings.train_threads)
-    draining = threading.Event()  # set on SIGTERM/SIGINT: a running job hands itself back
+    draining = threading.Event()  # set by a stop signal: a running job hands itself back
 
     def run(job_id: str) -> None:
         run_job(ctx, job_id)
@@ -91,7 +91,7 @@ def _consume_until_drained(consumer: Consumer, draining: threading.Event) -> Non
     maybe hours), and changing them means its private attributes, which move between
     releases (3.5.0 and 3.5.4 name them differently). So only Huey's documented API is
     used: ``Consumer.start()`` starts the workers, registers its handlers and returns;
-    ours replace them for SIGINT and SIGTERM; ``Consumer.stop(graceful=True)`` blocks
+    ours replace them for SIGINT, SIGTERM and SIGHUP; ``Consumer.stop(graceful=True)`` blocks
     until every worker has finished its task. ``Consumer.run()`` would use Huey's
     handlers; what else it adds is not needed here: restarting a worker thread that died
     (a job's errors are all caught) and a restart in place on SIGHUP (a lost terminal):
