@@ -18,7 +18,7 @@ from trainserve.examples import make_moons, make_wave
 from trainserve.serving.predictor import Predictor
 from trainserve.storage.base import new_id
 from trainserve.storage.local import LocalStore
-from trainserve.training import loop as engine
+from trainserve.training import loop
 from trainserve.training import spec as S
 
 LIMITS = S.Limits(max_epochs=1_000, max_parameters=1_000_000, max_layer_width=1_024)
@@ -65,7 +65,7 @@ TRAIN_KWARGS = (
 )
 
 
-def fit(x: np.ndarray, y: np.ndarray, **fields: Any) -> tuple[S.TrainSpec, S.TrainingPlan, engine.TrainedModel]:
+def fit(x: np.ndarray, y: np.ndarray, **fields: Any) -> tuple[S.TrainSpec, S.TrainingPlan, loop.TrainedModel]:
     """Parse a spec (CPU, Adam, a two-class classifier unless ``fields`` say otherwise), plan it, train it."""
     base: dict[str, Any] = {
         "model": CLASSIFIER,
@@ -78,7 +78,7 @@ def fit(x: np.ndarray, y: np.ndarray, **fields: Any) -> tuple[S.TrainSpec, S.Tra
     train_kwargs = {k: fields.pop(k) for k in TRAIN_KWARGS if k in fields}
     spec = S.TrainSpec.model_validate({**base, **fields})
     plan = plan_for(spec, x, y)
-    return spec, plan, engine.train(spec, plan, x, y, **train_kwargs)
+    return spec, plan, loop.train(spec, plan, x, y, **train_kwargs)
 
 
 def predict_raw(module: torch.nn.Module, x: np.ndarray) -> torch.Tensor:
@@ -86,7 +86,7 @@ def predict_raw(module: torch.nn.Module, x: np.ndarray) -> torch.Tensor:
         return module(torch.from_numpy(x))
 
 
-def save_and_load(tmp_path, spec: S.TrainSpec, plan: S.TrainingPlan, result: engine.TrainedModel) -> Predictor:
+def save_and_load(tmp_path, spec: S.TrainSpec, plan: S.TrainingPlan, result: loop.TrainedModel) -> Predictor:
     store = LocalStore(tmp_path / "store")
     store.ensure()
     model_id = new_id()
@@ -105,7 +105,7 @@ def save_and_load(tmp_path, spec: S.TrainSpec, plan: S.TrainingPlan, result: eng
     return Predictor.load(store, record)  # type: ignore[arg-type]
 
 
-MoonsClassifier = tuple[np.ndarray, np.ndarray, S.TrainSpec, S.TrainingPlan, engine.TrainedModel]
+MoonsClassifier = tuple[np.ndarray, np.ndarray, S.TrainSpec, S.TrainingPlan, loop.TrainedModel]
 
 
 def train_moons_classifier() -> MoonsClassifier:
@@ -119,15 +119,15 @@ def train_moons_classifier() -> MoonsClassifier:
 # -- checkpoints ----------------------------------------------------------------------------------
 
 
-def through_files(checkpoint: engine.Checkpoint, tmp_path) -> engine.Checkpoint:
+def through_files(checkpoint: loop.Checkpoint, tmp_path) -> loop.Checkpoint:
     """Store a checkpoint the way the jobs module does (safetensors + strict JSON) and load it back."""
     path = tmp_path / f"checkpoint-{new_id()}.safetensors"
     save_file(checkpoint.tensors, path)
     meta = json.loads(json.dumps(checkpoint.meta, allow_nan=False))
-    return engine.Checkpoint(checkpoint.epoch, load_file(path), meta)
+    return loop.Checkpoint(checkpoint.epoch, load_file(path), meta)
 
 
-def assert_same_run(a: engine.TrainedModel, b: engine.TrainedModel) -> None:
+def assert_same_run(a: loop.TrainedModel, b: loop.TrainedModel) -> None:
     sa, sb = a.module.state_dict(), b.module.state_dict()
     assert sa.keys() == sb.keys()
     for key in sa:

@@ -29,8 +29,7 @@ from tests.small_models import (
     wave,
 )
 from trainserve.errors import CheckpointMismatch, InvalidInput, TrainingDiverged
-from trainserve.training import loop as engine
-from trainserve.training import network
+from trainserve.training import loop, network
 from trainserve.training import spec as S
 
 # -- training ------------------------------------------------------------------------------------
@@ -81,7 +80,7 @@ def test_standardize_stores_training_set_mean_and_std():
     y = (x[:, 0] > 10).astype(np.int64)
     spec, _, result = fit(x, y, epochs=1, validation_split=0.25)
 
-    train_rows, _ = engine.split_indices(len(x), spec.validation_split, spec.seed)
+    train_rows, _ = loop.split_indices(len(x), spec.validation_split, spec.seed)
     expected_mean = x[train_rows].mean(axis=0, dtype=np.float64)
     expected_std = x[train_rows].std(axis=0, dtype=np.float64)
     scaler = result.module.scaler
@@ -112,7 +111,7 @@ def test_constant_feature_is_centred_not_divided_by_zero():
 
 def test_validation_split_reports_classification_metrics():
     x, y = moons()
-    reports: list[engine.EpochReport] = []
+    reports: list[loop.EpochReport] = []
     _, _, result = fit(x, y, epochs=5, validation_split=0.2, on_epoch=reports.append)
 
     assert set(result.metrics) == {"train_loss", "train_accuracy", "val_loss", "val_accuracy"}
@@ -164,13 +163,13 @@ def test_binary_cross_entropy_with_string_labels():
 def test_should_stop_true_cancels_training():
     x, y = moons()
     asked: list[int] = []
-    reports: list[engine.EpochReport] = []
+    reports: list[loop.EpochReport] = []
 
     def should_stop() -> bool:
         asked.append(1)
         return True
 
-    with pytest.raises(engine.TrainingCancelled):
+    with pytest.raises(loop.TrainingCancelled):
         fit(x, y, epochs=50, should_stop=should_stop, check_every_s=0.0, on_epoch=reports.append)
     assert len(asked) == 1
     assert reports == []  # stopped inside the first epoch
@@ -221,7 +220,7 @@ RESUMABLE: dict[str, Any] = {
 
 def test_resuming_from_any_checkpoint_gives_the_uninterrupted_weights(tmp_path):
     x, y = moons()
-    taken: list[engine.Checkpoint] = []
+    taken: list[loop.Checkpoint] = []
     _, _, whole = fit(x, y, **RESUMABLE, on_checkpoint=taken.append, checkpoint_every_s=0.0)
     mid_epoch = [c for c in taken if c.meta["step"] > 0 and 0 < c.epoch < 4]
     between = [c for c in taken if c.meta["step"] == 0 and c.epoch == 3]
@@ -237,13 +236,13 @@ def test_preemption_checkpoints_then_raises_and_the_run_resumes(tmp_path):
     x, y = moons()
     _, _, whole = fit(x, y, **RESUMABLE)
     polls: list[int] = []
-    handed: list[engine.Checkpoint] = []
+    handed: list[loop.Checkpoint] = []
 
     def should_preempt() -> bool:
         polls.append(1)
         return len(polls) == 30  # inside epoch 3 (10 batches an epoch, plus one poll at each epoch's end)
 
-    with pytest.raises(engine.TrainingPreempted) as info:
+    with pytest.raises(loop.TrainingPreempted) as info:
         fit(x, y, **RESUMABLE, should_preempt=should_preempt, on_checkpoint=handed.append, check_every_s=0.0)
     assert handed == [info.value.checkpoint]
     checkpoint = info.value.checkpoint
@@ -261,7 +260,7 @@ def test_every_optimizer_resumes_bit_for_bit(tmp_path, optimizer):
     fields["optimizer"] = (
         {"type": "SGD", "momentum": 0.9, "nesterov": True} if optimizer == "SGD-momentum" else optimizer
     )
-    taken: list[engine.Checkpoint] = []
+    taken: list[loop.Checkpoint] = []
     _, _, whole = fit(x, y, **fields, on_checkpoint=taken.append, checkpoint_every_s=0.0)
     _, _, resumed = fit(x, y, **fields, resume=through_files(taken[len(taken) // 2], tmp_path))
     assert_same_run(whole, resumed)
@@ -276,7 +275,7 @@ def test_plateau_scheduler_and_early_stopping_state_survive_a_checkpoint(tmp_pat
         "scheduler": {"type": "ReduceLROnPlateau", "patience": 1, "factor": 0.5},
         "early_stopping": {"patience": 3},
     }
-    taken: list[engine.Checkpoint] = []
+    taken: list[loop.Checkpoint] = []
     _, _, whole = fit(x, y, **fields, on_checkpoint=taken.append, checkpoint_every_s=0.0)
     assert whole.stopped_epoch is not None
     assert whole.stopped_epoch < 40
@@ -289,7 +288,7 @@ def test_plateau_scheduler_and_early_stopping_state_survive_a_checkpoint(tmp_pat
 
 def test_a_checkpoint_of_another_spec_is_refused():
     x, y = moons()
-    taken: list[engine.Checkpoint] = []
+    taken: list[loop.Checkpoint] = []
     fit(x, y, epochs=1, on_checkpoint=taken.append, checkpoint_every_s=0.0)
     with pytest.raises(CheckpointMismatch):
         fit(x, y, epochs=1, batch_size=8, resume=taken[0])
@@ -297,7 +296,7 @@ def test_a_checkpoint_of_another_spec_is_refused():
 
 def test_checkpoints_come_no_more_often_than_asked():
     x, y = moons()
-    taken: list[engine.Checkpoint] = []
+    taken: list[loop.Checkpoint] = []
     fit(x, y, epochs=3, on_checkpoint=taken.append, checkpoint_every_s=3600.0)
     assert taken == []
     fit(x, y, epochs=3, compile="off", on_checkpoint=taken.append, checkpoint_every_s=0.0)
@@ -308,7 +307,7 @@ def test_checkpoints_come_no_more_often_than_asked():
 
 
 def final_lr(x: np.ndarray, y: np.ndarray, **fields: Any) -> float:
-    taken: list[engine.Checkpoint] = []
+    taken: list[loop.Checkpoint] = []
     fit(x, y, **fields, on_checkpoint=taken.append, checkpoint_every_s=0.0)
     return float(taken[-1].meta["optimizer"]["param_groups"][0]["lr"])
 
@@ -484,25 +483,25 @@ def test_cuda_training_keeps_the_data_on_the_device_and_never_syncs_per_step():
 
 
 def test_encode_string_classes_for_cross_entropy():
-    encoded = engine.encode_targets(np.array(["bee", "ant", "cat", "ant"]), "classification", ["ant", "bee", "cat"])
+    encoded = loop.encode_targets(np.array(["bee", "ant", "cat", "ant"]), "classification", ["ant", "bee", "cat"])
     assert encoded.dtype == torch.int64
     assert encoded.tolist() == [1, 0, 2, 0]
 
 
 def test_encode_string_classes_for_binary():
-    encoded = engine.encode_targets(np.array(["yes", "no", "yes"]), "binary", ["no", "yes"])
+    encoded = loop.encode_targets(np.array(["yes", "no", "yes"]), "binary", ["no", "yes"])
     assert encoded.dtype == torch.float32
     assert encoded.tolist() == [[1.0], [0.0], [1.0]]
 
 
 def test_encode_integer_and_whole_float_labels():
-    assert engine.encode_targets(np.array([3, 7, 3]), "classification", [3, 7]).tolist() == [0, 1, 0]
-    assert engine.encode_targets(np.array([2.0, 1.0, 3.0]), "classification", [1, 2, 3]).tolist() == [1, 0, 2]
+    assert loop.encode_targets(np.array([3, 7, 3]), "classification", [3, 7]).tolist() == [0, 1, 0]
+    assert loop.encode_targets(np.array([2.0, 1.0, 3.0]), "classification", [1, 2, 3]).tolist() == [1, 0, 2]
 
 
 def test_encode_regression_targets():
-    one = engine.encode_targets(np.array([0.5, 1.5]), "regression", None)
+    one = loop.encode_targets(np.array([0.5, 1.5]), "regression", None)
     assert one.dtype == torch.float32
     assert one.tolist() == [[0.5], [1.5]]
-    two = engine.encode_targets(np.array([[0.5, 1.0], [2.0, 3.0]]), "regression", None)
+    two = loop.encode_targets(np.array([[0.5, 1.0], [2.0, 3.0]]), "regression", None)
     assert two.tolist() == [[0.5, 1.0], [2.0, 3.0]]

@@ -25,8 +25,7 @@ from tests.small_models import (
 )
 from trainserve.datasets.tables import Table
 from trainserve.storage.base import new_id
-from trainserve.training import loop as engine
-from trainserve.training import native, network
+from trainserve.training import loop, native, network
 from trainserve.training import spec as S
 
 # -- the native loop: generated C for the whole step ---------------------------------------------------
@@ -44,7 +43,7 @@ NATIVE_OPTIMIZERS = [
 ]
 
 
-def native_and_eager(x: np.ndarray, y: np.ndarray, **fields: Any) -> tuple[engine.TrainedModel, engine.TrainedModel]:
+def native_and_eager(x: np.ndarray, y: np.ndarray, **fields: Any) -> tuple[loop.TrainedModel, loop.TrainedModel]:
     _, _, fast = fit(x, y, **fields)
     _, _, slow = fit(x, y, **fields, compile="off")
     assert fast.loop == "native", fast.notes
@@ -52,7 +51,7 @@ def native_and_eager(x: np.ndarray, y: np.ndarray, **fields: Any) -> tuple[engin
     return fast, slow
 
 
-def assert_close_runs(fast: engine.TrainedModel, slow: engine.TrainedModel, tolerance: float = 1e-5) -> None:
+def assert_close_runs(fast: loop.TrainedModel, slow: loop.TrainedModel, tolerance: float = 1e-5) -> None:
     a, b = fast.module.state_dict(), slow.module.state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=tolerance, atol=tolerance)
@@ -97,8 +96,8 @@ def test_native_loop_matches_eager_torch_for_every_loss(loss):
         table = Table(names, [x[:, 0], y[:, 0], y[:, 1]])
         spec = S.TrainSpec.model_validate({"optimizer": {"type": "Adam", "lr": 0.05}, "device": "cpu", **fields})
         plan = S.plan_training(spec, table.schema(), LIMITS)
-        fast = engine.train(spec, plan, x, y)
-        slow = engine.train(spec.model_copy(update={"compile": "off"}), plan, x, y)
+        fast = loop.train(spec, plan, x, y)
+        slow = loop.train(spec.model_copy(update={"compile": "off"}), plan, x, y)
         assert (fast.loop, slow.loop) == ("native", "eager")
         assert_close_runs(fast, slow)
     else:
@@ -115,7 +114,7 @@ def test_native_loop_resumes_bit_for_bit_between_calls(tmp_path, monkeypatch):
         "epochs": 4,
         "batch_size": 4,
     }
-    taken: list[engine.Checkpoint] = []
+    taken: list[loop.Checkpoint] = []
     _, _, whole = fit(x, y, **fields, on_checkpoint=taken.append, checkpoint_every_s=0.0)
     assert whole.loop == "native"
     mid_epoch = [c for c in taken if c.meta["step"] > 0 and c.epoch == 2]

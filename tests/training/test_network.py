@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from tests.small_models import allowed_types, fit, linear, moons, wave
-from trainserve.training import loop as engine
-from trainserve.training import network
+from trainserve.training import loop, network
 from trainserve.training import spec as S
 
 # -- every allow-listed building block ----------------------------------------------------------------
@@ -41,7 +40,7 @@ def test_every_allowed_loss_builds_and_trains(loss_type):
         width, metric = (2 if task == "classification" else 1), "train_accuracy"
     _, plan, result = fit(x, y, model=[linear(8), "Tanh", linear(width)], loss=loss_type, epochs=1)
     assert plan.task == task
-    assert type(engine.build_loss(loss)).__name__ == loss_type
+    assert type(loop.build_loss(loss)).__name__ == loss_type
     assert math.isfinite(result.history[0].train_loss)
     assert metric in result.metrics
 
@@ -56,7 +55,7 @@ def test_every_allowed_optimizer_builds_and_updates_weights(optimizer_type):
     trained = result.module.net.state_dict()
     assert initial.keys() == trained.keys()
     assert all(not torch.equal(initial[k], trained[k]) for k in initial)
-    assert type(engine.build_optimizer(spec.optimizer, result.module.parameters())).__name__ == optimizer_type
+    assert type(loop.build_optimizer(spec.optimizer, result.module.parameters())).__name__ == optimizer_type
 
 
 def test_allow_lists_are_complete():
