@@ -27,6 +27,9 @@ from trainserve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaTyp
 from trainserve.storage.base import Store
 
 MAX_TEXT_FIELD_BYTES = 1024 * 1024
+# How to read an uploaded table, beside its file on every upload form (POST /datasets and
+# the file + spec form of POST /train): each overrides what the parser would guess.
+TABLE_OPTION_FIELDS = frozenset({"delimiter", "decimal", "na_values"})
 
 
 @dataclass
@@ -35,6 +38,7 @@ class ReceivedFile:
     filename: str | None
     size: int
     sha256: str
+    options: dict[str, str] = field(default_factory=dict)  # the TABLE_OPTION_FIELDS sent
 
 
 @dataclass
@@ -107,9 +111,9 @@ class _FormReader:
         if self._name in self.form.fields or (self._is_file and self.form.file is not None):
             raise _bad(f"form field {self._name!r} appears twice", ["body", self._name])
         if self._is_file:
-            filename = options.get(b"filename", b"").decode("utf-8", "replace")
+            filename = base_name(options.get(b"filename", b"").decode("utf-8", "replace"))
             # Only a hint for the format and a label: never used as a path.
-            self.form.file = ReceivedFile(self.path, filename or None, 0, "")
+            self.form.file = ReceivedFile(self.path, filename, 0, "")
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]
@@ -144,6 +148,13 @@ class _FormReader:
         self.pending.clear()
 
 
+def base_name(filename: str) -> str | None:
+    """The last part of a client's file name, by either slash: ``../../x.csv`` and
+    ``C:\\data\\x.csv`` are both stored as ``x.csv``; nothing left is no name."""
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    return None if name in ("", ".", "..") else name
+
+
 def require_multipart(request: Request) -> None:
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
@@ -167,7 +178,8 @@ async def receive_form(
     if not boundary:
         raise _bad("the multipart Content-Type header has no boundary", ["header", "content-type"])
     with store.temp_path(".upload") as path:
-        reader = _FormReader(path, file_field=file_field, text_fields=set(text_fields), max_file_bytes=max_file_bytes)
+        accepted = set(text_fields) | TABLE_OPTION_FIELDS
+        reader = _FormReader(path, file_field=file_field, text_fields=accepted, max_file_bytes=max_file_bytes)
         callbacks: Any = reader.callbacks()
         parser = MultipartParser(boundary, callbacks)
         try:
@@ -186,4 +198,9 @@ async def receive_form(
                 raise _bad("the multipart body ends inside the file", ["body", file_field])
             if reader.handle is None:
                 path.touch()  # an empty file part: the dataset code names the problem
+            options = {name: reader.form.fields.pop(name) for name in TABLE_OPTION_FIELDS & set(reader.form.fields)}
+            reader.form.file.options = options
+        elif TABLE_OPTION_FIELDS & set(reader.form.fields):
+            name = sorted(TABLE_OPTION_FIELDS & set(reader.form.fields))[0]
+            raise _bad(f"form field {name!r} says how to read an uploaded file, but no file was sent", ["body", name])
         yield reader.form
