@@ -300,8 +300,18 @@ SPECS = {
         lambda _w: {
             "method": "POST",
             "url": "/train",
-            "files": {"file": ("m.csv", b"a,label\nnan,0\n")},
+            "files": {"file": ("m.csv", b"a,label\ninf,0\n")},
             "data": {"spec": json.dumps(moons_spec())},
+        },
+    ),
+    "multipart with a bad delimiter field": Case(
+        422,
+        "form field 'delimiter'",
+        lambda _w: {
+            "method": "POST",
+            "url": "/train",
+            "files": {"file": ("m.csv", b"a;label\n1;0\n2;1\n")},
+            "data": {"spec": json.dumps(moons_spec()), "delimiter": "ab"},
         },
     ),
     "multipart with file and dataset_id": Case(
