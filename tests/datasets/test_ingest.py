@@ -180,3 +180,9 @@ def test_columns_with_blanks_survive_the_stored_round_trip(tmp_path):
     assert np.array_equal(back.column("a"), [1.0, np.nan, 3.0], equal_nan=True)
     assert back.column("b").tolist() == ["x", "", "y"]
     assert back.schema().column("b").classes == ["x", "y"]
+
+
+def test_a_line_break_inside_quotes_stays_in_its_value(tmp_path):
+    table = parse_csv(write(tmp_path, 'a,b\n1,"x\ny"\n2,z\n'))
+    assert table.column("b").tolist() == ["x\ny", "z"]
+    assert table.column("a").tolist() == [1, 2]
