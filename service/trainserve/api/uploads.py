@@ -27,6 +27,7 @@ from trainserve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaTyp
 from trainserve.storage.base import Store
 
 MAX_TEXT_FIELD_BYTES = 1024 * 1024
+_FLUSH_BYTES = 1024 * 1024
 # How to read an uploaded table, beside its file on every upload form (POST /datasets and
 # the file + spec form of POST /train): each overrides what the parser would guess.
 TABLE_OPTION_FIELDS = frozenset({"delimiter", "decimal", "na_values"})
@@ -59,6 +60,7 @@ class _FormReader:
         self.max_file_bytes = max_file_bytes
         self.form = ReceivedForm()
         self.pending: list[bytes] = []  # file bytes parsed but not written yet
+        self.pending_bytes = 0
         self.handle: IO[bytes] | None = None
         self._digest = hashlib.sha256()
         self._size = 0
@@ -123,6 +125,7 @@ class _FormReader:
                 raise PayloadTooLarge(f"the file is larger than the limit of {self.max_file_bytes} bytes")
             self._digest.update(chunk)
             self.pending.append(chunk)
+            self.pending_bytes += len(chunk)
         else:
             if len(self._text) + len(chunk) > MAX_TEXT_FIELD_BYTES:
                 raise PayloadTooLarge(f"form field {self._name!r} is larger than {MAX_TEXT_FIELD_BYTES} bytes")
@@ -146,6 +149,7 @@ class _FormReader:
             self.handle = open(self.path, "wb")  # noqa: SIM115 (closed in receive_form)
         self.handle.write(b"".join(self.pending))
         self.pending.clear()
+        self.pending_bytes = 0
 
 
 def base_name(filename: str) -> str | None:
@@ -185,7 +189,9 @@ async def receive_form(
         try:
             async for chunk in request.stream():
                 parser.write(chunk)
-                await run_in_threadpool(reader.flush)
+                # Written a MiB at a time: a thread hop per 64 KiB network chunk cost more than the write.
+                if reader.pending_bytes >= _FLUSH_BYTES:
+                    await run_in_threadpool(reader.flush)
             parser.finalize()
             await run_in_threadpool(reader.flush)
         except FormParserError as exc:
