@@ -186,3 +186,10 @@ def test_a_line_break_inside_quotes_stays_in_its_value(tmp_path):
     table = parse_csv(write(tmp_path, 'a,b\n1,"x\ny"\n2,z\n'))
     assert table.column("b").tolist() == ["x\ny", "z"]
     assert table.column("a").tolist() == [1, 2]
+
+
+def test_a_header_longer_than_the_sniffed_sample(tmp_path):
+    names = [f"column_number_{j}" for j in range(5000)]  # about 90 KB of header
+    table = parse_csv(write(tmp_path, ";".join(names) + "\n" + ";".join("1" for _ in names) + "\n"))
+    assert table.names == names
+    assert table.delimiter == ";"

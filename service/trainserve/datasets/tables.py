@@ -325,6 +325,7 @@ _TRUE = ("true", "True", "TRUE")
 _FALSE = ("false", "False", "FALSE")
 _SNIFF_BYTES = 64 * 1024
 _SNIFF_ROWS = 200
+_MAX_HEADER_BYTES = 16 * 1024 * 1024
 _BLOCK_BYTES = 1024 * 1024  # pyarrow's default; measured faster than 4 or 16 MiB on 2 cores
 _COMMA_DECIMAL = re.compile(r"[-+]?\d+,\d+")
 _DOT_DECIMAL = re.compile(r"[-+]?\d*\.\d+")
@@ -347,6 +348,12 @@ def _sample(path: Path) -> str:
     """The first rows of the file as text (BOM dropped), cut at the last whole line."""
     with open(path, "rb") as handle:
         head = handle.read(_SNIFF_BYTES)
+        # A header longer than the sample (thousands of columns): read on to its end.
+        while b"\n" not in head.lstrip(b"\r\n") and len(head) < _MAX_HEADER_BYTES:
+            chunk = handle.read(_SNIFF_BYTES)
+            if not chunk:
+                break
+            head += chunk
         more = bool(handle.read(1))
     if more and b"\n" in head:
         head = head[: head.rindex(b"\n") + 1]
