@@ -136,6 +136,7 @@ UPLOADS = {
     "decimal that is no separator": Case(422, "form field 'decimal'", upload(b"a;b\n1;2\n", decimal="x")),
     "decimal comma with a comma delimiter": Case(422, "'decimal'", upload(b"a,b\n1,2\n", delimiter=",", decimal=",")),
     "na_values not a list of strings": Case(422, "form field 'na_values'", upload(b"a\n1\n", na_values="[1, 2]")),
+    "na_values not JSON": Case(422, "not a JSON list of strings", upload(b"a\n1\n", na_values="NA,?")),
     "CSV option on a Parquet file": Case(
         422, "applies to CSV files only", upload(b"PAR1 not really", "t.parquet", delimiter=";")
     ),

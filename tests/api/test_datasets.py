@@ -65,7 +65,7 @@ def test_real_table_uploads_with_its_profile_and_a_safe_name(client: TrainserveC
     refused = client.http.post("/datasets", files={"file": ("t.csv", data)}, data={"delimiter": "comma"})
     assert refused.status_code == 422
     assert "set the form field 'delimiter'" in refused.json()["detail"]
-    custom = client.http.post("/datasets", files={"file": ("t.csv", data)}, data={"na_values": "NA,Biscoe"})
+    custom = client.http.post("/datasets", files={"file": ("t.csv", data)}, data={"na_values": '["NA", "Biscoe"]'})
     assert {c["name"]: c["missing"] for c in custom.json()["columns"]}["island"] == 30
 
     schema = client.http.get("/openapi.json").json()["components"]["schemas"]

@@ -36,7 +36,7 @@ def csv_options(fields: dict[str, str], default_na_values: list[str]) -> CsvOpti
     if "delimiter" in fields:
         given = fields["delimiter"]
         delimiter = _DELIMITER_WORDS.get(given.lower(), given)
-        if len(delimiter) != 1 or delimiter in '"\r\n' or delimiter.isalnum() or delimiter in ".":
+        if len(delimiter) != 1 or not delimiter.isascii() or delimiter.isalnum() or delimiter in '"\r\n.':
             raise _option_error(
                 "delimiter",
                 f"{given!r} is not a delimiter: send one character such as ',' ';' '|' or a tab "
@@ -54,16 +54,16 @@ def csv_options(fields: dict[str, str], default_na_values: list[str]) -> CsvOpti
 
 
 def _na_values(raw: str) -> tuple[str, ...]:
-    """A JSON list of strings, or tokens separated by commas (``NA,?,-``)."""
-    if raw.lstrip().startswith("["):
-        try:
-            values: Any = json.loads(raw)
-        except ValueError as exc:
-            raise _option_error("na_values", f"not a JSON list of strings: {exc}") from None
-        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-            raise _option_error("na_values", 'send a JSON list of strings, such as ["NA", "?"]')
-        return tuple(v.strip() for v in values)
-    return tuple(token.strip() for token in raw.split(","))
+    """A JSON list of strings. Only JSON: a comma-separated form could not hold a comma, and
+    would take a stray number, ``true`` or ``{}`` for a token instead of refusing it."""
+    try:
+        values: Any = json.loads(raw)
+    except ValueError:
+        values = None
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        msg = f'{raw[:40]!r} is not a JSON list of strings: send one, such as ["NA", "?"]'
+        raise _option_error("na_values", msg)
+    return tuple(v.strip() for v in values)
 
 
 def create_from_file(

@@ -43,7 +43,8 @@ _UPLOAD_BODY: dict[str, Any] = {
                         },
                         "na_values": {
                             "type": "string",
-                            "description": "CSV only: cells read as missing, comma-separated or a JSON list "
+                            "pattern": r"^\s*\[",
+                            "description": 'CSV only: cells read as missing, a JSON list of strings like ["NA", "?"] '
                             "(default: the server's TRAINSERVE_NA_VALUES; the empty cell always is)",
                         },
                     },
