@@ -101,6 +101,20 @@ class Settings(BaseSettings):
     # How long `serve` waits for its workers to checkpoint and hand back their jobs on stop.
     drain_timeout_seconds: float = Field(default=30.0, gt=0)
 
+    # Uploads (datasets/tables.py keeps the same default as DEFAULT_NA_VALUES for direct callers).
+    na_values: list[str] = Field(
+        default=["", "NA", "N/A", "NaN", "null", "None", "-"],
+        description="Cells read as missing in uploaded CSV files (after trimming spaces), unless the upload's "
+        "'na_values' form field names others. The empty cell is always missing. "
+        'As an environment variable, a JSON list: TRAINSERVE_NA_VALUES=\'["", "NA", "?"]\'.',
+    )
+    category_limit: int = Field(
+        default=1000,
+        gt=1,
+        description="A text column with more distinct values than this is flagged 'very high cardinality' "
+        "in the dataset's profile.",
+    )
+
     @field_validator("api_key")
     @classmethod
     def _refuse_weak_key(cls, value: str | None) -> str | None:
