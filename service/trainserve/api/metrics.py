@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 from fastapi import APIRouter, FastAPI, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -78,6 +78,17 @@ class ServiceCollector(Collector):
             "trainserve_models_loaded",
             "Models held in this API process's prediction cache",
             value=len(self.runtime.models),
+        )
+        log = self.runtime.predictions
+        yield CounterMetricFamily(
+            "trainserve_prediction_log_written",
+            "Sampled /predict requests this API process wrote to the prediction log",
+            value=log.written,
+        )
+        yield CounterMetricFamily(
+            "trainserve_prediction_log_dropped",
+            "Sampled /predict requests dropped because the log's buffer was full",
+            value=log.dropped,
         )
         yield GaugeMetricFamily(
             "trainserve_model_cache_capacity",

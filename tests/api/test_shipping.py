@@ -1,0 +1,153 @@
+"""Shipping safely, end to end on real processes: aliases (promote, predict by alias, roll
+back, history, a move through one API process seen by another), warm starts and retrain,
+and the prediction log.
+
+One API process with its worker, and a second API process (``--workers 0``) on the same
+SQLite database, queue and store, as two replicas behind a load balancer.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from tests.conftest import Server, moons_spec, start_server, stop_server
+from trainserve.client import TrainserveClient
+
+REVALIDATE_S = 0.3
+
+
+@dataclass
+class Pair:
+    a: Server  # API + worker
+    b: Server  # API only, same database
+    moons_csv: bytes
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory, moons: tuple[bytes, int]) -> Iterator[Pair]:
+    root = tmp_path_factory.mktemp("shipping")
+    shared = {
+        "TRAINSERVE_DATABASE_URL": f"sqlite:///{root / 'shared.db'}",
+        "TRAINSERVE_QUEUE_URL": f"sqlite:///{root / 'queue.db'}",
+        "TRAINSERVE_STORE_DIR": str(root / "store"),
+        "TRAINSERVE_MODEL_CACHE_REVALIDATE_S": str(REVALIDATE_S),
+        "TRAINSERVE_PREDICTION_LOG_SAMPLE": "1",
+    }
+    a = start_server(root / "a", env=shared)
+    try:
+        b = start_server(root / "b", workers=0, env=shared)
+    except BaseException:
+        stop_server(a)
+        raise
+    try:
+        yield Pair(a, b, moons[0])
+    finally:
+        stop_server(b)
+        stop_server(a)
+
+
+def _train(client: TrainserveClient, dataset_id: str, **spec: object) -> str:
+    job = client.train(moons_spec(dataset_id, **spec))
+    done = client.wait(job.id, timeout=120)
+    assert done.status == "succeeded", done.error
+    assert done.model_id is not None
+    return done.model_id
+
+
+def _predict(server: Server, **selector: object) -> httpx.Response:
+    return httpx.post(f"{server.url}/predict", json={**selector, "inputs": [[0.0, 0.5]]}, timeout=30)
+
+
+def _cli(server: Server, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "trainserve", *args, "--url", server.url]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_promote_predict_by_alias_roll_back_and_history(pair: Pair) -> None:
+    with TrainserveClient(pair.a.url, timeout=60) as client:
+        dataset = client.upload_dataset(pair.moons_csv, "moons.csv")
+        first = _train(client, dataset.id, name="moons", seed=1)
+        second = _train(client, dataset.id, name="moons", seed=2, epochs=5)
+
+        # Without a production alias, the name answers from its newest version, and says so.
+        answer = _predict(pair.a, name="moons")
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["X-Model-Version"] == "2"
+        assert answer.json()["version"] == 2
+        assert _predict(pair.b, name="moons").json()["version"] == 2  # B caches the name too
+
+        # promote v1 through API A: A answers from it at once, B within its revalidation interval
+        promoted = _cli(pair.a, "promote", "moons:1", "production", "--note", "v1 is better")
+        assert promoted.returncode == 0, promoted.stderr
+        assert _predict(pair.a, name="moons").headers["X-Model-Version"] == "1"
+        moved_at = time.monotonic()
+        while _predict(pair.b, name="moons").json()["version"] != 1:
+            assert time.monotonic() - moved_at < 10 * REVALIDATE_S + 5, "API B never saw the alias move"
+            time.sleep(0.05)
+        answer = _predict(pair.b, name="moons", alias="production")
+        assert (answer.json()["model_id"], answer.headers["X-Model-Version"]) == (first, "1")
+        assert _predict(pair.b, name="moons", version=2).json()["model_id"] == second
+
+        # bad input: nothing is created
+        refused = httpx.put(f"{pair.a.url}/models/by-name/moons/aliases/Prod!", json={"version": 1})
+        assert refused.status_code == 422
+        assert refused.json()["errors"][0]["loc"] == ["path", "alias"]
+        refused = httpx.put(f"{pair.a.url}/models/by-name/moons/aliases/canary", json={"version": 9})
+        assert refused.status_code == 422
+        assert refused.json()["errors"][0]["loc"] == ["body", "version"]
+        assert _predict(pair.a, name="moons", alias="canary").status_code == 404
+        assert _predict(pair.a, name="moons", alias="Canary!").status_code == 422
+        held = httpx.delete(f"{pair.a.url}/models/{first}")
+        assert held.status_code == 409
+        assert "moons@production" in held.json()["detail"]
+
+        # roll forward, then back; the history keeps every move, newest first
+        client.set_alias("moons", "production", 2, note="try v2")
+        assert _predict(pair.a, name="moons").json()["version"] == 2
+        client.set_alias("moons", "production", 1, note="roll back")
+        assert _predict(pair.a, name="moons").json()["version"] == 1
+        named = client.get_model_name("moons")
+        assert named.serving_version == 1
+        assert [(a.alias, a.version) for a in named.aliases] == [("production", 1)]
+        moves = [(e.from_version, e.to_version, e.note) for e in named.history]
+        assert moves == [(2, 1, "roll back"), (1, 2, "try v2"), (None, 1, "v1 is better")]
+        listed = _cli(pair.a, "aliases", "moons")
+        assert listed.returncode == 0, listed.stderr
+        assert "production" in listed.stdout
+        assert "roll back" in listed.stdout
+        by_alias = _cli(pair.a, "predictions", "moons@production", "--json")
+        assert by_alias.returncode == 0, by_alias.stderr
+
+        # without the alias, the name follows its newest version again
+        client.delete_alias("moons", "production", note="done")
+        assert _predict(pair.a, name="moons").json()["version"] == 2
+        assert client.get_model_name("moons").history[0].to_version is None
+
+
+def test_the_prediction_log_records_requests_off_the_request_path(pair: Pair) -> None:
+    with TrainserveClient(pair.b.url, timeout=60) as client, TrainserveClient(pair.a.url, timeout=60) as trainer:
+        dataset = client.upload_dataset(pair.moons_csv, "moons.csv")
+        model_id = _train(trainer, dataset.id, name="logged", epochs=3)
+        rows = [[0.1, 0.2], [1.5, -0.3]]
+        sent = [client.predict(None, rows, name="logged") for _ in range(3)]
+        deadline = time.monotonic() + 10
+        while len(logged := client.list_predictions(model_id, limit=10)) < 3:
+            assert time.monotonic() < deadline, "the sampled requests never reached the log"
+            time.sleep(0.05)
+        assert all(entry.inputs == [pytest.approx(r) for r in rows] for entry in logged)
+        assert logged[0].outputs == sent[0].predictions
+        assert {(e.model_id, e.name, e.version) for e in logged} == {(model_id, "logged", 1)}
+        shown = _cli(pair.b, "predictions", "logged", "--limit", "2")
+        assert shown.returncode == 0, shown.stderr
+        assert len(shown.stdout.strip().splitlines()) == 3  # header and two entries
+        assert httpx.get(f"{pair.b.url}/models/{'0' * 32}/predictions").status_code == 404
+        assert httpx.get(f"{pair.b.url}/models/{model_id}/predictions?limit=0").status_code == 422
+        metrics = httpx.get(f"{pair.b.url}/metrics").text
+        assert "trainserve_prediction_log_written_total" in metrics
