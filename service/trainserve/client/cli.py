@@ -1,4 +1,5 @@
-"""The CLI's client commands: ``trainserve train | follow | predict | jobs | models | cancel | plot | export``.
+"""The CLI's client commands: ``trainserve train | follow | predict | jobs | models | cancel | plot | export``,
+and for shipping: ``promote | aliases | predictions | retrain``.
 
 They talk to a running server through the typed client: ``--url`` / ``TRAINSERVE_URL``
 and ``--api-key`` / ``TRAINSERVE_API_KEY``. Exit status: 0 done, 1 a followed job did
@@ -124,6 +125,18 @@ def add_client_commands(commands: Any) -> None:
     predictions.add_argument("--limit", type=int, default=20)
     predictions.add_argument("--json", action="store_true")
     predictions.set_defaults(run=_with_client(_predictions))
+
+    retrain = commands.add_parser("retrain", parents=common, help="train a named model's spec again on a new table")
+    retrain.add_argument("model", help="NAME (or NAME:VERSION, NAME@ALIAS): whose spec, features and target")
+    retrain.add_argument("data", help="a CSV or .npz file holding the model's columns")
+    retrain.add_argument(
+        "--from",
+        dest="source",
+        help="warm start from this version or alias of the name (e.g. production or 3); default: from scratch",
+    )
+    retrain.add_argument("--epochs", type=int, help="override the spec's epochs")
+    retrain.add_argument("--follow", "-f", action="store_true", help="show a progress bar until the job ends")
+    retrain.set_defaults(run=_with_client(_retrain))
 
 
 def _with_client(command: Command) -> Callable[[argparse.Namespace], int]:
@@ -490,3 +503,28 @@ def _predictions(client: TrainserveClient, args: argparse.Namespace) -> int:
         rows.append([when, str(entry.version or "-"), str(len(entry.inputs)), first_in, first_out])
     _table(rows, ["WHEN", "VERSION", "ROWS", "FIRST INPUT", "FIRST OUTPUT"])
     return 0
+
+
+def _retrain(client: TrainserveClient, args: argparse.Namespace) -> int:
+    """The named model's spec again, on a new table: a new version, not promoted."""
+    model = resolve_model(client, args.model)
+    if model.name is None:
+        raise CommandError(f"{_describe(model)} has no name: retrain makes a new version of a named model")
+    data = Path(args.data)
+    if not data.is_file():
+        raise CommandError(f"{args.data} is not a file")
+    spec = {k: v for k, v in model.spec.items() if k not in ("dataset_id", "init_from", "freeze", "refit")}
+    # The model's own columns, by name: a new table must hold them, whatever else it holds.
+    spec.update(name=model.name, features=model.features)
+    spec["target"] = model.targets[0] if len(model.targets) == 1 else model.targets
+    if args.source is not None:
+        source = args.source
+        spec["init_from"] = f"{model.name}:{source}" if source.isdigit() else f"{model.name}@{source}"
+    if args.epochs is not None:
+        spec["epochs"] = args.epochs
+    job = client.train(spec, file=data)
+    if not args.follow:
+        print(f"job {job.id} {job.status}; follow it with: trainserve follow {job.id}")
+        return 0
+    print(f"job {job.id} {job.status}", file=sys.stderr)
+    return _follow_job(client, job.id, as_json=False)
