@@ -13,12 +13,16 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
+import torch
+from safetensors.torch import load
 
 from tests.conftest import Server, moons_spec, start_server, stop_server
 from trainserve.client import TrainserveClient
+from trainserve.examples import MOONS_MLP_LAYERS, make_moons, to_csv
 
 REVALIDATE_S = 0.3
 
@@ -151,3 +155,58 @@ def test_the_prediction_log_records_requests_off_the_request_path(pair: Pair) ->
         assert httpx.get(f"{pair.b.url}/models/{model_id}/predictions?limit=0").status_code == 422
         metrics = httpx.get(f"{pair.b.url}/metrics").text
         assert "trainserve_prediction_log_written_total" in metrics
+
+
+def test_warm_start_retrain_and_what_they_refuse(pair: Pair, tmp_path: Path) -> None:
+    with TrainserveClient(pair.a.url, timeout=60) as client:
+        dataset = client.upload_dataset(pair.moons_csv, "moons.csv")
+        parent_id = _train(client, dataset.id, name="warm", epochs=20)
+        client.set_alias("warm", "production", 1)
+        parent_job = client.get_job(client.get_model(parent_id).job_id)
+
+        jobs_before = len(client.list_jobs(limit=1000))
+        wider = [{"type": "Linear", "out_features": 31}, *MOONS_MLP_LAYERS[1:]]
+        for change, loc in [
+            ({"init_from": "warm@canary"}, ["init_from"]),
+            ({"init_from": "0" * 32}, ["init_from"]),  # no such (or a deleted) model
+            ({"init_from": "warm", "freeze": [0, 2, 4]}, ["freeze"]),  # every layer with parameters
+            ({"init_from": "warm", "model": wider}, ["model", 0]),
+        ]:
+            refused = client.http.post("/train", json=moons_spec(dataset.id, name="warm", **change))
+            assert refused.status_code == 422, refused.text
+            assert refused.json()["errors"][0]["loc"] == loc
+        assert len(client.list_jobs(limit=1000)) == jobs_before
+
+        child_id = _train(client, dataset.id, name="warm", init_from="warm@production", freeze=[0], epochs=3)
+        child = client.get_model(child_id)
+        assert child.parent_model_id == parent_id
+        assert child.spec["init_from"] == parent_id  # pinned: a later alias move changes nothing
+        assert [link.id for link in child.chain] == [parent_id]
+        parent_weights = load(client.download_weights(parent_id))
+        child_weights = load(client.download_weights(child_id))
+        assert torch.equal(parent_weights["net.0.weight"], child_weights["net.0.weight"])
+        assert not torch.equal(parent_weights["net.4.weight"], child_weights["net.4.weight"])
+        first_epoch_loss = client.get_job(child.job_id).history[0][1]
+        assert first_epoch_loss < parent_job.history[-1][1] * 2 + 0.05
+        assert first_epoch_loss < parent_job.history[0][1] / 2
+
+        # retrain: the model's spec on a new table, warm from production, a new version not promoted
+        x, y = make_moons(120, noise=0.1, seed=7)
+        new_table = tmp_path / "new.csv"
+        new_table.write_text(to_csv(x, y))
+        retrained = _cli(pair.a, "retrain", "warm", str(new_table), "--from", "production", "--follow")
+        assert retrained.returncode == 0, retrained.stderr
+        named = client.get_model_name("warm")
+        assert [v.version for v in named.versions] == [3, 2, 1]
+        assert named.serving_version == 1
+        assert named.versions[0].parent_model_id == parent_id
+        assert named.versions[0].dataset_id != dataset.id
+
+        # a table without the model's columns: refused, nothing uploaded
+        datasets_before = len(client.list_datasets())
+        wrong = tmp_path / "wrong.csv"
+        wrong.write_text("a,b,label\n0.1,0.2,0\n0.3,0.4,1\n")
+        refused_cli = _cli(pair.a, "retrain", "warm", str(wrong))
+        assert refused_cli.returncode == 2
+        assert "x0" in refused_cli.stderr
+        assert len(client.list_datasets()) == datasets_before
