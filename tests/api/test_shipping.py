@@ -18,8 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from playwright.sync_api import sync_playwright
 from safetensors.torch import load
 
+from tests.api.test_dashboard import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS
 from tests.conftest import Server, moons_spec, start_server, stop_server
 from trainserve.client import TrainserveClient
 from trainserve.examples import MOONS_MLP_LAYERS, make_moons, to_csv
@@ -210,3 +212,33 @@ def test_warm_start_retrain_and_what_they_refuse(pair: Pair, tmp_path: Path) -> 
         assert refused_cli.returncode == 2
         assert "x0" in refused_cli.stderr
         assert len(client.list_datasets()) == datasets_before
+
+
+def test_the_dashboard_shows_aliases_on_model_cards_and_moves_them(pair: Pair) -> None:
+    with TrainserveClient(pair.a.url, timeout=60) as client:
+        dataset = client.upload_dataset(pair.moons_csv, "moons.csv")
+        model_id = _train(client, dataset.id, name="shown", epochs=2)
+        client.set_alias("shown", "production", 1, note="from the test")
+        with sync_playwright() as driver:
+            browser = driver.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(TIMEOUT_MS)
+                errors: list[str] = []
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.goto(f"{pair.a.url}/ui")
+                card = page.locator(f'article.model[data-model-id="{model_id}"]')
+                card.locator('[data-alias="production"]').wait_for()
+                assert card.locator(".pill.serving").count() == 1
+                card.locator('input[aria-label="alias"]').fill("staging")
+                card.get_by_role("button", name="point here").click()
+                card.locator('[data-alias="staging"]').wait_for()
+                card.locator('input[aria-label="alias"]').fill("Not An Alias")
+                card.get_by_role("button", name="point here").click()
+                card.locator(".alias-form .result.error").wait_for()
+                assert not errors, errors
+            finally:
+                browser.close()
+        named = client.get_model_name("shown")
+        assert {(a.alias, a.version) for a in named.aliases} == {("production", 1), ("staging", 1)}
+        assert named.history[0].note == "from the dashboard"
