@@ -91,6 +91,18 @@ class Settings(BaseSettings):
         default=60.0, gt=0, description="How often the log's writer enforces the two limits above"
     )
 
+    drift_threshold: float = Field(
+        default=0.2,
+        gt=0,
+        description="Population stability index above which a feature is marked drifted (0.2: a shift worth a look)",
+    )
+    drift_window: int = Field(
+        default=5_000, gt=0, description="Drift compares the newest this many logged input rows with the training split"
+    )
+    drift_metrics_max_models: int = Field(
+        default=20, gt=0, description="/metrics reports drift for at most this many model names (bounded labels)"
+    )
+
     # How often a running job writes progress and looks for a cancel request.
     progress_interval_s: float = Field(default=0.5, gt=0)
     worker_threads: int = Field(default=1, ge=1)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from playwright.sync_api import sync_playwright
@@ -23,10 +24,12 @@ from safetensors.torch import load
 
 from tests.api.test_dashboard import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS
 from tests.conftest import Server, moons_spec, start_server, stop_server
+from trainserve.api.schemas import DriftReport
 from trainserve.client import TrainserveClient
 from trainserve.examples import MOONS_MLP_LAYERS, make_moons, to_csv
 
 REVALIDATE_S = 0.3
+DRIFT_WINDOW = 200
 
 
 @dataclass
@@ -45,6 +48,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory, moons: tuple[bytes, int]) -> 
         "TRAINSERVE_STORE_DIR": str(root / "store"),
         "TRAINSERVE_MODEL_CACHE_REVALIDATE_S": str(REVALIDATE_S),
         "TRAINSERVE_PREDICTION_LOG_SAMPLE": "1",
+        "TRAINSERVE_DRIFT_WINDOW": str(DRIFT_WINDOW),
     }
     a = start_server(root / "a", env=shared)
     try:
@@ -242,3 +246,46 @@ def test_the_dashboard_shows_aliases_on_model_cards_and_moves_them(pair: Pair) -
         named = client.get_model_name("shown")
         assert {(a.alias, a.version) for a in named.aliases} == {("production", 1), ("staging", 1)}
         assert named.history[0].note == "from the dashboard"
+
+
+def test_drift_rises_when_the_inputs_shift(pair: Pair) -> None:
+    with TrainserveClient(pair.a.url, timeout=60) as client:
+        dataset = client.upload_dataset(pair.moons_csv, "moons.csv")
+        model_id = _train(client, dataset.id, name="drifty", epochs=2)
+        x, _ = make_moons(DRIFT_WINDOW, noise=0.05, seed=11)  # the training table's distribution
+        for start in range(0, DRIFT_WINDOW, 100):
+            client.predict(None, x[start : start + 100].tolist(), name="drifty")
+        steady = _drift_after(client, model_id, DRIFT_WINDOW)
+        assert max(f.psi for f in steady.features) < 0.2
+        assert not any(f.drifted for f in steady.features)
+
+        shifted = x + np.array([2.5, 0.0])  # x0 moves, x1 does not
+        for start in range(0, DRIFT_WINDOW, 100):
+            client.predict(None, shifted[start : start + 100].tolist(), name="drifty")
+        moved = {f.feature: f for f in _drift_after(client, model_id, DRIFT_WINDOW, newest=shifted[-1]).features}
+        assert moved["x0"].drifted
+        assert moved["x0"].psi > 1.0
+        assert not moved["x1"].drifted
+        assert moved["x0"].missing_share == 0.0
+
+        deadline = time.monotonic() + 30  # /metrics reuses its drift figures for 10 s
+        while 'trainserve_feature_drifted{feature="x0",model="drifty"} 1.0' not in (
+            text := httpx.get(f"{pair.a.url}/metrics").text
+        ):
+            assert time.monotonic() < deadline, text[-2000:]
+            time.sleep(0.5)
+        assert 'trainserve_feature_drift_psi{feature="x1",model="drifty"}' in text
+        assert model_id not in text  # names as labels, never ids
+
+
+def _drift_after(client: TrainserveClient, model_id: str, rows: int, newest: object = None) -> DriftReport:
+    """The drift report once the log holds ``rows`` rows, the newest of them ``newest``."""
+    deadline = time.monotonic() + 10
+    while True:
+        report = client.model_drift(model_id)
+        logged = client.list_predictions(model_id, limit=1)
+        last = logged[0].inputs[-1] if logged else None
+        if report.window_rows == rows and (newest is None or last == pytest.approx(list(newest))):
+            return report
+        assert time.monotonic() < deadline, "the log never caught up"
+        time.sleep(0.05)

@@ -12,6 +12,7 @@ from trainserve.config import Settings
 from trainserve.db import make_engine, make_session_factory
 from trainserve.jobs.queue import JobQueue, build_queue
 from trainserve.serving.batching import MicroBatcher
+from trainserve.serving.drift import ReferenceCache, TimedCache
 from trainserve.serving.predictor import ModelCache, NameCache
 from trainserve.serving.predlog import LogSettings, PredictionLog
 from trainserve.storage.base import Store
@@ -29,6 +30,8 @@ class Runtime:
     batcher: MicroBatcher
     names: NameCache
     predictions: PredictionLog
+    drift_references: ReferenceCache
+    drift_scrape: TimedCache  # the last drift figures /metrics reported, reused for a few seconds
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
@@ -48,6 +51,8 @@ class Runtime:
                 max_rows=settings.predict_batch_max_rows,
             ),
             names=NameCache(settings.model_cache_revalidate_s),
+            drift_references=ReferenceCache(),
+            drift_scrape=TimedCache(10.0),
             predictions=PredictionLog(
                 sessions,
                 LogSettings(

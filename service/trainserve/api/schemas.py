@@ -210,3 +210,19 @@ class PredictionLogEntry(_Out):
     created_at: UTCDateTime
     inputs: list[Any] = Field(description="The rows as the model received them (feature order)")
     outputs: list[Any] = Field(description="Its predictions for those rows")
+
+
+class FeatureDrift(_Out):
+    feature: str
+    psi: float = Field(description="Population stability index over the training split's decile bins")
+    missing_share: float = Field(description="Share of logged rows where the value was missing")
+    drifted: bool = Field(description="psi above the threshold")
+
+
+class DriftReport(_Out):
+    model_id: str
+    name: str | None = None
+    version: int | None = None
+    window_rows: int = Field(description="Logged input rows compared (the newest, at most TRAINSERVE_DRIFT_WINDOW)")
+    threshold: float
+    features: list[FeatureDrift]

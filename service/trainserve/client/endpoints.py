@@ -28,6 +28,7 @@ from pydantic import TypeAdapter
 from trainserve.api.schemas import (
     Alias,
     Dataset,
+    DriftReport,
     Job,
     JobDetail,
     Model,
@@ -347,3 +348,8 @@ def delete_alias(name: str, alias: str, *, note: str | None = None) -> Request:
 @Route("GET", "/models/{model_id}/predictions").reads(json_as(list[PredictionLogEntry]))
 def list_predictions(model_id: str, *, limit: int = 100) -> Request:
     return Request(path={"model_id": model_id}, params={"limit": limit})
+
+
+@Route("GET", "/models/{model_id}/drift").reads(json_as(DriftReport))
+def model_drift(model_id: str) -> Request:
+    return Request(path={"model_id": model_id})

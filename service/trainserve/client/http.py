@@ -25,6 +25,7 @@ import numpy as np
 from trainserve.api.schemas import (
     Alias,
     Dataset,
+    DriftReport,
     Job,
     JobDetail,
     JobEvent,
@@ -221,6 +222,10 @@ class TrainserveClient:
         """The model's logged (sampled) predictions, newest first."""
         return self._send(endpoints.list_predictions(model_id, limit=limit))
 
+    def model_drift(self, model_id: str) -> DriftReport:
+        """Per feature, how far the logged requests moved from the training data."""
+        return self._send(endpoints.model_drift(model_id))
+
 
 class AsyncTrainserveClient:
     """As ``TrainserveClient``, each verb awaited."""
@@ -373,3 +378,6 @@ class AsyncTrainserveClient:
 
     async def list_predictions(self, model_id: str, *, limit: int = 100) -> list[PredictionLogEntry]:
         return await self._send(endpoints.list_predictions(model_id, limit=limit))
+
+    async def model_drift(self, model_id: str) -> DriftReport:
+        return await self._send(endpoints.model_drift(model_id))

@@ -8,9 +8,9 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from trainserve.api.deps import RuntimeDep, SessionDep
-from trainserve.api.schemas import Model, ModelDetail, ModelLink, PredictionLogEntry
+from trainserve.api.schemas import DriftReport, Model, ModelDetail, ModelLink, PredictionLogEntry
 from trainserve.errors import NotFound
-from trainserve.serving import predlog, registry
+from trainserve.serving import monitoring, predlog, registry
 from trainserve.training.spec import MODEL_NAME_PATTERN
 
 router = APIRouter(tags=["models"])
@@ -83,3 +83,20 @@ def list_predictions(
     its /predict requests (at most 100 rows of each), kept for a bounded time and count."""
     registry.get(session=session, model_id=model_id)
     return [PredictionLogEntry.model_validate(r) for r in predlog.recent(session, model_id, limit)]
+
+
+@router.get("/models/{model_id}/drift", response_model=DriftReport)
+def model_drift(model_id: str, session: SessionDep, runtime: RuntimeDep) -> DriftReport:
+    """Per feature, how far the logged requests' inputs moved from the training split:
+    population stability index over decile bins, and the share of missing values."""
+    record = registry.get(session=session, model_id=model_id)
+    settings = runtime.settings
+    report = monitoring.model_drift(
+        session,
+        runtime.store,
+        runtime.drift_references,
+        record,
+        window=settings.drift_window,
+        threshold=settings.drift_threshold,
+    )
+    return DriftReport.model_validate(report)
