@@ -1,4 +1,4 @@
-"""model aliases and their history, warm-start parents, the prediction log
+"""model aliases and their history, warm-start parents, the prediction log (with shadow answers)
 
 Revision ID: 0006
 Revises: 0002
@@ -49,11 +49,14 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("inputs", sa.JSON(), nullable=False),
         sa.Column("outputs", sa.JSON(), nullable=False),
+        sa.Column("request_id", sa.String(length=32), nullable=True),
+        sa.Column("role", sa.String(length=8), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_prediction_log")),
     )
     with op.batch_alter_table("prediction_log", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_prediction_log_created_at"), ["created_at"], unique=False)
         batch_op.create_index(batch_op.f("ix_prediction_log_model_id"), ["model_id"], unique=False)
+        batch_op.create_index(batch_op.f("ix_prediction_log_request_id"), ["request_id"], unique=False)
     with op.batch_alter_table("trained_models", schema=None) as batch_op:
         batch_op.add_column(sa.Column("parent_model_id", sa.String(length=32), nullable=True))
         batch_op.create_index(batch_op.f("ix_trained_models_parent_model_id"), ["parent_model_id"], unique=False)
@@ -64,6 +67,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_trained_models_parent_model_id"))
         batch_op.drop_column("parent_model_id")
     with op.batch_alter_table("prediction_log", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_prediction_log_request_id"))
         batch_op.drop_index(batch_op.f("ix_prediction_log_model_id"))
         batch_op.drop_index(batch_op.f("ix_prediction_log_created_at"))
     op.drop_table("prediction_log")

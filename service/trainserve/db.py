@@ -267,3 +267,7 @@ class PredictionLogRecord(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     inputs: Mapped[list[Any]]
     outputs: Mapped[list[Any]]
+    # A request answered by a name with a ``shadow`` alias is logged twice under one
+    # request_id: the answer it got (role "primary") and the shadow version's ("shadow").
+    request_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    role: Mapped[str | None] = mapped_column(String(8))

@@ -289,3 +289,31 @@ def _drift_after(client: TrainserveClient, model_id: str, rows: int, newest: obj
             return report
         assert time.monotonic() < deadline, "the log never caught up"
         time.sleep(0.05)
+
+
+def test_a_shadow_version_answers_logged_requests_and_its_agreement_is_reported(pair: Pair) -> None:
+    with TrainserveClient(pair.b.url, timeout=60) as client, TrainserveClient(pair.a.url, timeout=60) as trainer:
+        dataset = trainer.upload_dataset(pair.moons_csv, "moons.csv")
+        live = _train(trainer, dataset.id, name="shadowed", epochs=20)
+        candidate = _train(trainer, dataset.id, name="shadowed", epochs=1, seed=5)  # barely trained
+        client.set_alias("shadowed", "production", 1)
+        client.set_alias("shadowed", "shadow", 2)
+        x, _ = make_moons(100, noise=0.05, seed=12)
+        answers = [client.predict(None, x[i : i + 20].tolist(), name="shadowed") for i in range(0, 100, 20)]
+        assert {a.model_id for a in answers} == {live}  # the shadow never answers the client
+        deadline = time.monotonic() + 10
+        while (report := client.shadow_agreement("shadowed")).pairs < 5:
+            assert time.monotonic() < deadline, report
+            time.sleep(0.05)
+        assert (report.shadow_model_id, report.shadow_version, report.rows) == (candidate, 2, 100)
+        assert report.label_agreement is not None
+        assert 0.0 <= report.label_agreement < 1.0  # one epoch against twenty: they disagree somewhere
+        assert report.mean_abs_difference is None
+        shadow_log = client.list_predictions(candidate, limit=10)
+        assert len(shadow_log) == 5
+        logged_inputs = np.array([e.inputs for e in shadow_log][::-1])  # oldest first, as sent
+        assert np.allclose(logged_inputs, x.reshape(5, 20, 2), rtol=1e-6, atol=1e-6)
+
+        client.delete_alias("shadowed", "shadow")
+        missing = httpx.get(f"{pair.b.url}/models/by-name/shadowed/shadow")
+        assert missing.status_code == 404

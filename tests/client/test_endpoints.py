@@ -36,7 +36,7 @@ Client = TrainserveClient | AsyncTrainserveClient
 
 def test_the_table_lists_the_routes_the_clients_use() -> None:
     routes = {(e.route.method, e.route.path) for e in TABLE.values()}
-    assert len(TABLE) == 24
+    assert len(TABLE) == 25
     assert ("GET", "/jobs/{job_id}/events") in routes
     assert ("POST", "/predict") in routes
     assert sum(e.route.path == "/predict" for e in TABLE.values()) == 3  # JSON, .npy and CSV
@@ -195,6 +195,9 @@ async def _every_endpoint(ts: Driver, moons: bytes) -> None:
     with pytest.raises(ApiError) as held:
         await ts("delete_model", model_id)
     assert held.value.status_code == 409
+    await ts("set_alias", "endpoints", "shadow", model.version)
+    assert (await ts("shadow_agreement", "endpoints")).shadow_version == model.version
+    await ts("delete_alias", "endpoints", "shadow")
     await ts("delete_alias", "endpoints", "production", note="done")
     assert isinstance(await ts("list_predictions", model_id, limit=5), list)
     assert [f.feature for f in (await ts("model_drift", model_id)).features] == ["x0", "x1"]

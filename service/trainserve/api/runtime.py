@@ -15,6 +15,7 @@ from trainserve.serving.batching import MicroBatcher
 from trainserve.serving.drift import ReferenceCache, TimedCache
 from trainserve.serving.predictor import ModelCache, NameCache
 from trainserve.serving.predlog import LogSettings, PredictionLog
+from trainserve.serving.shadow import ShadowResolver
 from trainserve.storage.base import Store
 from trainserve.storage.factory import open_store
 
@@ -38,13 +39,14 @@ class Runtime:
         engine = make_engine(settings.resolved_database_url)
         store = open_store(settings)
         sessions = make_session_factory(engine)
+        models = ModelCache(store, settings.model_cache_size, revalidate_s=settings.model_cache_revalidate_s)
         return cls(
             settings=settings,
             engine=engine,
             sessions=sessions,
             store=store,
             queue=build_queue(settings),
-            models=ModelCache(store, settings.model_cache_size, revalidate_s=settings.model_cache_revalidate_s),
+            models=models,
             batcher=MicroBatcher(
                 enabled=settings.predict_batching,
                 max_wait_s=settings.predict_batch_wait_ms / 1000,
@@ -62,6 +64,7 @@ class Runtime:
                     max_age_s=settings.prediction_log_max_age_s,
                     prune_interval_s=settings.prediction_log_prune_interval_s,
                 ),
+                shadow=ShadowResolver(sessions, models, settings.model_cache_revalidate_s),
             ),
         )
 

@@ -226,3 +226,15 @@ class DriftReport(_Out):
     window_rows: int = Field(description="Logged input rows compared (the newest, at most TRAINSERVE_DRIFT_WINDOW)")
     threshold: float
     features: list[FeatureDrift]
+
+
+class ShadowAgreement(_Out):
+    """The shadow version's answers against the answers given, over the logged pairs."""
+
+    name: str
+    shadow_model_id: str
+    shadow_version: int
+    pairs: int = Field(description="Logged requests that both answered (the newest, at most TRAINSERVE_DRIFT_WINDOW)")
+    rows: int
+    label_agreement: float | None = Field(description="Classifiers: share of rows given the same label")
+    mean_abs_difference: float | None = Field(description="Regressions: mean absolute difference of the values")

@@ -36,6 +36,7 @@ from trainserve.api.schemas import (
     ModelName,
     PredictionLogEntry,
     PredictResponse,
+    ShadowAgreement,
 )
 from trainserve.jobs.status import JobStatus
 from trainserve.wire import NPY_MEDIA_TYPE
@@ -353,3 +354,8 @@ def list_predictions(model_id: str, *, limit: int = 100) -> Request:
 @Route("GET", "/models/{model_id}/drift").reads(json_as(DriftReport))
 def model_drift(model_id: str) -> Request:
     return Request(path={"model_id": model_id})
+
+
+@Route("GET", "/models/by-name/{name}/shadow").reads(json_as(ShadowAgreement))
+def shadow_agreement(name: str) -> Request:
+    return Request(path={"name": name})

@@ -34,6 +34,7 @@ from trainserve.api.schemas import (
     ModelName,
     PredictionLogEntry,
     PredictResponse,
+    ShadowAgreement,
 )
 from trainserve.client import endpoints
 from trainserve.client.endpoints import ApiError, Call, FileArg, auth_headers
@@ -226,6 +227,10 @@ class TrainserveClient:
         """Per feature, how far the logged requests moved from the training data."""
         return self._send(endpoints.model_drift(model_id))
 
+    def shadow_agreement(self, name: str) -> ShadowAgreement:
+        """How the name's ``shadow`` version agrees with the answers given, over logged requests."""
+        return self._send(endpoints.shadow_agreement(name))
+
 
 class AsyncTrainserveClient:
     """As ``TrainserveClient``, each verb awaited."""
@@ -381,3 +386,6 @@ class AsyncTrainserveClient:
 
     async def model_drift(self, model_id: str) -> DriftReport:
         return await self._send(endpoints.model_drift(model_id))
+
+    async def shadow_agreement(self, name: str) -> ShadowAgreement:
+        return await self._send(endpoints.shadow_agreement(name))

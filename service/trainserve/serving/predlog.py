@@ -14,6 +14,7 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -23,6 +24,8 @@ from sqlalchemy import delete, desc, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from trainserve.db import PredictionLogRecord, rows_changed, utcnow
+from trainserve.serving.predictor import Predictor
+from trainserve.storage.base import new_id
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,11 @@ class _Entry:
     x: np.ndarray
     predictions: np.ndarray
     at: float  # time.time() when answered
+    by_name: bool  # the request named the model by name: its name's shadow answers it too
+
+
+# name -> the shadow version's predictor, or None; called on the log's own thread.
+ShadowLookup = Callable[[str], Predictor | None]
 
 
 @dataclass(frozen=True)
@@ -54,8 +62,14 @@ class LogSettings:
 class PredictionLog:
     """Sample, buffer and write predictions; one per API process."""
 
-    def __init__(self, sessions: sessionmaker, settings: LogSettings) -> None:  # type: ignore[type-arg]
-        self.sessions, self.settings = sessions, settings
+    def __init__(
+        self,
+        sessions: sessionmaker,  # type: ignore[type-arg]
+        settings: LogSettings,
+        shadow: ShadowLookup | None = None,
+    ) -> None:
+        self.sessions, self.settings, self.shadow = sessions, settings, shadow
+        self.shadow_failures = 0
         self.sample = settings.sample
         self.dropped = 0  # sampled but the buffer was full
         self.written = 0
@@ -65,13 +79,25 @@ class PredictionLog:
         self._next_prune = 0.0
         self._random = random.random
 
-    def offer(self, model_id: str, name: str | None, version: int | None, x: np.ndarray, predictions: Any) -> None:
-        """Maybe log this answer (with probability ``sample``); never blocks."""
+    def offer(
+        self,
+        model_id: str,
+        name: str | None,
+        version: int | None,
+        x: np.ndarray,
+        predictions: Any,
+        *,
+        by_name: bool = False,
+    ) -> None:
+        """Maybe log this answer (with probability ``sample``); never blocks. ``by_name``: the
+        request named the model by name, so a ``shadow`` alias on the name answers it too
+        (on the log's thread, after the answer went out) and both answers are logged."""
         if self.sample <= 0 or self._random() >= self.sample:
             return
         if self._thread is None:
             self._start()
-        entry = _Entry(model_id, name, version, x[:MAX_ROWS_PER_ENTRY], predictions[:MAX_ROWS_PER_ENTRY], time.time())
+        rows = slice(0, MAX_ROWS_PER_ENTRY)
+        entry = _Entry(model_id, name, version, x[rows], predictions[rows], time.time(), by_name and name is not None)
         try:
             self._queue.put_nowait(entry)
         except queue.Full:
@@ -123,20 +149,53 @@ class PredictionLog:
                 return
 
     def _write(self, entries: list[_Entry]) -> None:
-        rows = [
-            PredictionLogRecord(
-                model_id=e.model_id,
-                name=e.name,
-                version=e.version,
-                created_at=utcnow() - timedelta(seconds=max(0.0, time.time() - e.at)),
-                inputs=e.x.tolist(),
-                outputs=e.predictions.tolist(),
+        rows = []
+        for e in entries:
+            at = utcnow() - timedelta(seconds=max(0.0, time.time() - e.at))
+            shadow = self._shadow_of(e)
+            request_id = new_id() if shadow is not None else None
+            rows.append(
+                PredictionLogRecord(
+                    model_id=e.model_id,
+                    name=e.name,
+                    version=e.version,
+                    created_at=at,
+                    inputs=e.x.tolist(),
+                    outputs=e.predictions.tolist(),
+                    request_id=request_id,
+                    role="primary" if shadow is not None else None,
+                )
             )
-            for e in entries
-        ]
+            if shadow is not None:
+                rows.append(
+                    PredictionLogRecord(
+                        model_id=shadow[0].model_id,
+                        name=shadow[0].name,
+                        version=shadow[0].version,
+                        created_at=at,
+                        inputs=e.x.tolist(),
+                        outputs=shadow[1].tolist(),
+                        request_id=request_id,
+                        role="shadow",
+                    )
+                )
         with self.sessions.begin() as session:
             session.add_all(rows)
         self.written += len(rows)
+
+    def _shadow_of(self, entry: _Entry) -> tuple[Predictor, np.ndarray] | None:
+        """The shadow version and its answer to the entry's rows, if its name has one."""
+        if not entry.by_name or self.shadow is None or entry.name is None:
+            return None
+        try:
+            predictor = self.shadow(entry.name)
+            if predictor is None or predictor.model_id == entry.model_id:
+                return None
+            return predictor, predictor.infer(entry.x).predictions
+        except Exception:  # a shadow that cannot answer must not cost the primary's log entry
+            self.shadow_failures += 1
+            log.warning("the shadow of %r could not answer a logged request", entry.name, exc_info=True)
+            return None
 
     def prune(self) -> int:
         """Delete entries older than the age limit, and each model's beyond its newest ``max_rows``."""

@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Response
 
 from trainserve.api.deps import RuntimeDep, SessionDep
-from trainserve.api.schemas import Alias, AliasEvent, AliasRequest, Model, ModelName
+from trainserve.api.schemas import Alias, AliasEvent, AliasRequest, Model, ModelName, ShadowAgreement
 from trainserve.db import on_commit
 from trainserve.errors import NotFound
-from trainserve.serving import aliases, registry
+from trainserve.serving import aliases, registry, shadow
 
 router = APIRouter(tags=["models"])
 
@@ -50,3 +50,11 @@ def delete_alias(
     aliases.delete_alias(session, name, alias, note=note)
     on_commit(session, lambda: runtime.names.forget(name))
     return Response(status_code=204)
+
+
+@router.get("/models/by-name/{name}/shadow", response_model=ShadowAgreement)
+def shadow_agreement(name: str, session: SessionDep, runtime: RuntimeDep) -> ShadowAgreement:
+    """With a ``shadow`` alias on the name, its logged requests are also answered by that
+    version (after the answer went out); this compares the two over the newest pairs."""
+    aliases.check_name(name)
+    return ShadowAgreement.model_validate(shadow.agreement(session, name, runtime.settings.drift_window))

@@ -185,7 +185,11 @@ async def predict(request: Request) -> Response:
             # of a 65,536-row request's time.
             infer = partial(predictor.infer, probabilities=not (wants_npy and output == "predictions"))
             outcome = infer(x) if predictor.runs_inline(len(x)) else await run_in_threadpool(infer, x)
-        runtime.predictions.offer(predictor.model_id, predictor.name, predictor.version, x, outcome.predictions)
+        # Sampled answers are logged off the request's path; one asked for by name is also
+        # answered by the name's shadow version, if it has one (serving/predlog.py).
+        by_name = (parsed.selector if content_type == "application/json" else query).model_id is None
+        log = runtime.predictions
+        log.offer(predictor.model_id, predictor.name, predictor.version, x, outcome.predictions, by_name=by_name)
         if wants_npy:
             return _npy_answer(predictor, outcome, output, headers)
         content = (
@@ -329,6 +333,8 @@ async def _answer_csv(runtime: Runtime, selector: ModelSelector, body: bytes) ->
     predictor = await _predictor(runtime, selector.checked())
     table = await run_in_threadpool(csv_to_matrix, body, predictor, max_rows=runtime.settings.max_predict_rows)
     outcome = await run_in_threadpool(predictor.infer, table.matrix)
-    runtime.predictions.offer(predictor.model_id, predictor.name, predictor.version, table.matrix, outcome.predictions)
+    log = runtime.predictions
+    by_name = selector.model_id is None
+    log.offer(predictor.model_id, predictor.name, predictor.version, table.matrix, outcome.predictions, by_name=by_name)
     content = await run_in_threadpool(encode_csv, table, predictor, outcome)
     return Response(content, media_type=CSV_MEDIA_TYPE, headers=_model_headers(predictor))
