@@ -1,12 +1,13 @@
 """Benchmark: what shipping safely costs a single-row POST /predict by name.
 
 Two trainserve servers (one uvicorn process each, API only) share one trained, named model
-(``moons``, with a ``production`` alias). One runs with the prediction log off
-(TRAINSERVE_PREDICTION_LOG_SAMPLE=0), the other with its default share. Both are asked by
-name alone (``{"name": "moons", ...}``), so each answer also goes through the alias and the
-name cache. ``wrk`` (or, without it, a Python asyncio client: ``--generator python``)
-drives both with the same one-row request at 32 clients, rounds interleaved so that noise
-from other work on the machine hits both alike.
+(``moons``, with a ``production`` alias, and a ``shadow`` alias on a second version). One
+runs with the prediction log off (TRAINSERVE_PREDICTION_LOG_SAMPLE=0: no log, no shadow), the
+other with its default share (each logged request is also answered by the shadow, on the
+log's thread). Both are asked by name alone (``{"name": "moons", ...}``), so each answer
+also goes through the alias and the name cache. ``wrk`` (or, without it, a Python asyncio
+client: ``--generator python``) drives both with the same one-row request at 32 clients,
+rounds interleaved so that noise from other work on the machine hits both alike.
 
     .venv/bin/python bench/shipping.py                  # 3 rounds of 5 s, wrk
     .venv/bin/python bench/shipping.py --generator python --rounds 5
@@ -44,7 +45,8 @@ TARGET_RATIO = 0.90
 
 
 def train_named_model(folder: Path) -> None:
-    """The guide's moons classifier as ``moons`` v1, with ``production`` pointing at it."""
+    """The guide's moons classifier as ``moons`` v1 and v2 (another seed), ``production`` on v1
+    and ``shadow`` on v2."""
     x, y = make_moons(400, noise=0.1, seed=0)
     with trainserve(folder, workers=1) as server, httpx.Client(base_url=server.url, timeout=120) as http:
         dataset = http.post("/datasets", files={"file": ("moons.csv", to_csv(x, y).encode())}).json()
@@ -58,13 +60,15 @@ def train_named_model(folder: Path) -> None:
             "epochs": 10,
             "batch_size": 32,
         }
-        job = http.post("/train", json=spec).json()
-        while job["status"] not in ("succeeded", "failed", "cancelled"):
-            time.sleep(0.2)
-            job = http.get(f"/jobs/{job['id']}").json()
-        if job["status"] != "succeeded":
-            raise RuntimeError(f"training failed: {job.get('error')}")
+        for seed in (0, 1):
+            job = http.post("/train", json={**spec, "seed": seed}).json()
+            while job["status"] not in ("succeeded", "failed", "cancelled"):
+                time.sleep(0.2)
+                job = http.get(f"/jobs/{job['id']}").json()
+            if job["status"] != "succeeded":
+                raise RuntimeError(f"training failed: {job.get('error')}")
         http.put("/models/by-name/moons/aliases/production", json={"version": 1}).raise_for_status()
+        http.put("/models/by-name/moons/aliases/shadow", json={"version": 2}).raise_for_status()
 
 
 async def _python_load(url: str, body: str, *, clients: int, seconds: float) -> Load:
@@ -114,7 +118,7 @@ def main() -> int:
     with ExitStack() as stack:
         servers = {
             "log off": stack.enter_context(trainserve(folder, prediction_log_sample="0")),
-            f"log {default_share:g} (default)": stack.enter_context(trainserve(folder)),
+            f"log {default_share:g} + shadow": stack.enter_context(trainserve(folder)),
         }
         for server in servers.values():  # warm up: model and name cached, code paths hot
             load(args.generator, server, body, seconds=1)
