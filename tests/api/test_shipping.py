@@ -240,6 +240,14 @@ def test_the_dashboard_shows_aliases_on_model_cards_and_moves_them(pair: Pair) -
                 card.locator('input[aria-label="alias"]').fill("Not An Alias")
                 card.get_by_role("button", name="point here").click()
                 card.locator(".alias-form .result.error").wait_for()
+
+                # the drift panel marks the feature the logged requests moved
+                x, _ = make_moons(100, noise=0.05, seed=13)
+                client.predict(None, (x + np.array([3.0, 0.0])).tolist(), name="shown")
+                _drift_after(client, model_id, 100)
+                card.get_by_role("button", name="drift").click()
+                card.locator('.drift-table tr.drifted[data-feature="x0"]').wait_for()
+                assert card.locator('.drift-table tr.drifted[data-feature="x1"]').count() == 0
                 assert not errors, errors
             finally:
                 browser.close()
