@@ -76,7 +76,7 @@ class PredictionLog:
         self._queue: queue.Queue[_Entry | None] = queue.Queue(maxsize=settings.buffer)
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self._next_prune = 0.0
+        self._next_prune = time.monotonic() + settings.prune_interval_s
         self._random = random.random
 
     def offer(
