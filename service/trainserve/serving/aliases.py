@@ -137,7 +137,8 @@ def delete_alias(session: Session, name: str, alias: str, *, note: str | None = 
 
 
 def aliases_of(session: Session, name: str) -> list[ModelAliasRecord]:
-    return list(session.scalars(select(ModelAliasRecord).where(ModelAliasRecord.name == name).order_by("alias")))
+    query = select(ModelAliasRecord).where(ModelAliasRecord.name == name).order_by(ModelAliasRecord.alias)
+    return list(session.scalars(query))
 
 
 def history(session: Session, name: str, limit: int = 200) -> list[ModelAliasEventRecord]:
