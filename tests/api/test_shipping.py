@@ -83,8 +83,8 @@ def _cli(server: Server, *args: str) -> subprocess.CompletedProcess[str]:
 def test_promote_predict_by_alias_roll_back_and_history(pair: Pair) -> None:
     with TrainserveClient(pair.a.url, timeout=60) as client:
         dataset = client.upload_dataset(pair.moons_csv, "moons.csv")
-        first = _train(client, dataset.id, name="moons", seed=1)
-        second = _train(client, dataset.id, name="moons", seed=2, epochs=5)
+        first = _train(client, dataset.id, name="moons", seed=1, epochs=3)
+        second = _train(client, dataset.id, name="moons", seed=2, epochs=2)
 
         # Without a production alias, the name answers from its newest version, and says so.
         answer = _predict(pair.a, name="moons")
@@ -302,7 +302,7 @@ def _drift_after(client: TrainserveClient, model_id: str, rows: int, newest: obj
 def test_a_shadow_version_answers_logged_requests_and_its_agreement_is_reported(pair: Pair) -> None:
     with TrainserveClient(pair.b.url, timeout=60) as client, TrainserveClient(pair.a.url, timeout=60) as trainer:
         dataset = trainer.upload_dataset(pair.moons_csv, "moons.csv")
-        live = _train(trainer, dataset.id, name="shadowed", epochs=20)
+        live = _train(trainer, dataset.id, name="shadowed", epochs=10)
         candidate = _train(trainer, dataset.id, name="shadowed", epochs=1, seed=5)  # barely trained
         client.set_alias("shadowed", "production", 1)
         client.set_alias("shadowed", "shadow", 2)
