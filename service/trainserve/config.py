@@ -68,6 +68,41 @@ class Settings(BaseSettings):
     predict_batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)
     predict_batch_max_rows: int = Field(default=256, ge=2)
 
+    # The prediction log (trainserve.serving.predlog): a sampled share of /predict requests
+    # recorded with their answers, off the request's path, for inspection and drift.
+    prediction_log_sample: float = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        description="Share of /predict requests recorded with their answers (0 turns the log off)",
+    )
+    prediction_log_buffer: int = Field(
+        default=10_000,
+        gt=0,
+        description="Entries waiting to be written; when full, new ones are dropped and counted, never waited for",
+    )
+    prediction_log_max_rows: int = Field(
+        default=100_000, gt=0, description="Logged requests kept per model; older ones are deleted"
+    )
+    prediction_log_max_age_s: float = Field(
+        default=7 * 86400.0, gt=0, description="Logged requests older than this many seconds are deleted"
+    )
+    prediction_log_prune_interval_s: float = Field(
+        default=60.0, gt=0, description="How often the log's writer enforces the two limits above"
+    )
+
+    drift_threshold: float = Field(
+        default=0.2,
+        gt=0,
+        description="Population stability index above which a feature is marked drifted (0.2: a shift worth a look)",
+    )
+    drift_window: int = Field(
+        default=5_000, gt=0, description="Drift compares the newest this many logged input rows with the training split"
+    )
+    drift_metrics_max_models: int = Field(
+        default=20, gt=0, description="/metrics reports drift for at most this many model names (bounded labels)"
+    )
+
     # How often a running job writes progress and looks for a cancel request.
     progress_interval_s: float = Field(default=0.5, gt=0)
     worker_threads: int = Field(default=1, ge=1)

@@ -142,6 +142,9 @@ class Model(_Out):
     created_at: UTCDateTime
     spec: dict[str, Any]
     notes: list[str] = Field(default_factory=list, description="How it was trained: training loop, early stopping")
+    parent_model_id: str | None = Field(
+        default=None, description="The model a warm start (init_from) began from, if any"
+    )
 
 
 _INPUTS_SCHEMA = {
@@ -162,6 +165,7 @@ class PredictRequest(BaseModel):
     model_id: str | None = None
     name: str | None = None
     version: int | None = Field(default=None, ge=1)
+    alias: str | None = Field(default=None, description="With name: the version this alias points to (e.g. production)")
     # Read by trainserve.serving.formats, checked by serving.predictor.inputs_to_matrix with numpy: faster
     # than per-element pydantic validation, and its errors name the row and column.
     inputs: Annotated[list[Any], WithJsonSchema(_INPUTS_SCHEMA)]
@@ -188,3 +192,90 @@ class Error(BaseModel):
     type: str
     detail: str
     errors: list[dict[str, Any]] = []
+
+
+class ModelLink(_Out):
+    """One model of a warm-start chain."""
+
+    id: str
+    name: str | None = None
+    version: int | None = None
+    created_at: UTCDateTime
+
+
+class ModelDetail(Model):
+    chain: list[ModelLink] = Field(
+        default_factory=list,
+        description="Warm-start ancestry, parent first, back to the first version (ends early at a deleted model)",
+    )
+
+
+class AliasRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1, lt=2**31, description="The version of the model this alias points to")
+    note: str | None = Field(default=None, max_length=1000, description="Why: kept in the alias history")
+
+
+class Alias(_Out):
+    alias: str
+    version: int
+    note: str | None = None
+    updated_at: UTCDateTime
+
+
+class AliasEvent(_Out):
+    alias: str
+    from_version: int | None = Field(description="null: the alias was created")
+    to_version: int | None = Field(description="null: the alias was deleted")
+    note: str | None = None
+    who: str | None = Field(default=None, description="Who moved it, where the API knows an identity")
+    created_at: UTCDateTime
+
+
+class ModelName(BaseModel):
+    """A model name: its versions (newest first), its aliases and their history (newest first)."""
+
+    name: str
+    serving_version: int = Field(description="The version that answers requests naming only the model")
+    versions: list[Model]
+    aliases: list[Alias]
+    history: list[AliasEvent]
+
+
+class PredictionLogEntry(_Out):
+    id: int
+    model_id: str
+    name: str | None = None
+    version: int | None = None
+    created_at: UTCDateTime
+    inputs: list[Any] = Field(description="The rows as the model received them (feature order)")
+    outputs: list[Any] = Field(description="Its predictions for those rows")
+
+
+class FeatureDrift(_Out):
+    feature: str
+    psi: float = Field(description="Population stability index over the training split's decile bins")
+    missing_share: float = Field(description="Share of logged rows where the value was missing")
+    drifted: bool = Field(description="psi above the threshold")
+
+
+class DriftReport(_Out):
+    model_id: str
+    name: str | None = None
+    version: int | None = None
+    window_rows: int = Field(description="Logged input rows compared (the newest, at most TRAINSERVE_DRIFT_WINDOW)")
+    threshold: float
+    features: list[FeatureDrift]
+
+
+class ShadowAgreement(_Out):
+    """The shadow version's answers against the answers given, over the logged pairs."""
+
+    name: str
+    shadow_model_id: str
+    shadow_version: int
+    pairs: int = Field(description="Logged requests that both answered (the newest, at most TRAINSERVE_DRIFT_WINDOW)")
+    rows: int
+    label_agreement: float | None = Field(description="Classifiers: share of rows given the same label")
+    mean_abs_difference: float | None = Field(description="Regressions: mean absolute difference of the values")

@@ -61,6 +61,8 @@ class Predictor:
     # architecture or the machine (no C compiler) cannot have one.
     rowwise: RowwiseForward | None = field(default=None, repr=False)
     _labels: np.ndarray | None = field(default=None, repr=False)
+    # Which model answered, for every answer's headers: built once, not per request.
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
     _steps: list[Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -68,6 +70,9 @@ class Predictor:
             self._labels = np.asarray(self.classes)
         if not self.n_parameters:
             self.n_parameters = sum(p.numel() for p in self.module.parameters())
+        self.headers = {"X-Model-Id": self.model_id}
+        if self.version is not None:
+            self.headers["X-Model-Version"] = str(self.version)
         # The scaler and each layer's own forward, in order: the same computation as
         # module(x) without nn.Module.__call__'s hook machinery, about a quarter of a
         # one-row prediction's time for the guide's MLP. (No hooks are ever registered.)
@@ -233,6 +238,59 @@ class ModelCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+NameKey = tuple[str, str | None, int | None]  # (name, alias, version) as a request named the model
+
+
+class NameCache:
+    """Which model id a name (+ alias or version) stood for when last looked up, so that a
+    prediction by name for a cached model touches no database, like one by id.
+
+    An alias moved, or a version added, in another API process is noticed once an entry is
+    ``revalidate_s`` old: ``lookup()`` then sends one caller to resolve the name again in
+    the database (and ``remember()`` the answer), while the others keep the id they had;
+    a move in this process ``forget()``s the name at once.
+    """
+
+    def __init__(self, revalidate_s: float = 1.0, capacity: int = 4096) -> None:
+        self.revalidate_s, self.capacity = revalidate_s, capacity
+        self._entries: dict[NameKey, tuple[str, float]] = {}
+        self._checking: set[NameKey] = set()
+        self._lock = threading.Lock()
+        self._generation = 0  # bumped by forget: a lookup that began before must not be kept
+
+    def lookup(self, key: NameKey) -> str | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if time.monotonic() - entry[1] > self.revalidate_s:
+            with self._lock:
+                if key not in self._checking:
+                    self._checking.add(key)
+                    return None
+        return entry[0]
+
+    def generation(self) -> int:
+        return self._generation
+
+    def remember(self, key: NameKey, model_id: str, generation: int) -> None:
+        with self._lock:
+            if generation != self._generation:
+                return
+            if len(self._entries) >= self.capacity and key not in self._entries:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[key] = (model_id, time.monotonic())
+
+    def checked(self, key: NameKey) -> None:
+        with self._lock:
+            self._checking.discard(key)
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._generation += 1
+            for key in [k for k in self._entries if k[0] == name]:
+                del self._entries[key]
 
 
 # -- input validation ------------------------------------------------------------------------

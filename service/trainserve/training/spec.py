@@ -368,6 +368,25 @@ class TrainSpec(BaseModel):
         description="Fail the job if it trains longer than this; at most the server's TRAINSERVE_MAX_JOB_SECONDS.",
     )
 
+    init_from: str | None = Field(
+        default=None,
+        max_length=200,
+        description="Warm start: begin from this trained model's weights (a model id, name, name:3 or "
+        "name@alias). Same features, classes and layer shapes; its preprocessing statistics are kept "
+        "unless refit is true.",
+        examples=["moons@production"],
+    )
+    freeze: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None,
+        max_length=256,
+        description="With init_from: indices (0-based, in model) of layers whose parameters stay fixed.",
+    )
+    refit: bool = Field(
+        default=False,
+        description="With init_from: fit the preprocessing statistics (input scaler) on this data "
+        "instead of keeping the parent's.",
+    )
+
     @field_validator("loss", "optimizer", "scheduler", mode="before")
     @classmethod
     def _accept_bare_name(cls, value: Any) -> Any:
