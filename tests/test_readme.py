@@ -101,8 +101,8 @@ def test_the_quick_path_runs_as_written(readme_server: Server, tmp_path: Path) -
         _, env = run_block(block, url=readme_server.url, cwd=tmp_path, env=env)
 
     # What the blocks left behind is what README says they make.
-    assert env.get("DATASET"), "the curl blocks should set DATASET"
-    assert env.get("JOB"), "the curl blocks should set JOB"
+    for variable in ("DATASET", "JOB", "MODEL"):
+        assert env.get(variable), f"the curl blocks should set {variable}"
     lines = (tmp_path / "predicted.csv").read_text().splitlines()
     assert len(lines) == len((REPO / "examples" / "moons.csv").read_text().splitlines())  # a header and 200 rows
     assert (tmp_path / "moons.png").read_bytes().startswith(b"\x89PNG")
