@@ -459,3 +459,20 @@ def test_plan_batchnorm_needs_batches_of_two():
 )
 def test_task_of_loss(loss, task):
     assert S.task_of(make_spec(loss=loss).loss) == task
+
+
+@pytest.mark.parametrize(
+    ("layer", "name"),
+    [
+        ({"type": "Linear", "in_features": 2, "out_features": 2}, "in_features"),
+        ({"type": "BatchNorm1d", "num_features": 2}, "num_features"),
+        ({"type": "LayerNorm", "normalized_shape": 2}, "normalized_shape"),
+    ],
+)
+def test_an_input_width_in_the_spec_is_refused_saying_it_is_inferred(layer: dict[str, object], name: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        TrainSpec.model_validate({"model": [layer, {"type": "Linear", "out_features": 1}], "loss": "MSELoss"})
+    message = str(error.value)
+    assert f"{name} is inferred from the data" in message
+    assert "remove it from the spec" in message
+    assert "Extra inputs are not permitted" not in message

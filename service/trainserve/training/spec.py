@@ -38,10 +38,26 @@ class _Strict(BaseModel):
 # -- layers -------------------------------------------------------------------------------
 
 
+def _refuse_inferred(data: Any, name: str, layer: str) -> Any:
+    """A layer's input width comes from the data, never from the spec: a spec that gives it
+    anyway hears why, instead of pydantic's bare "Extra inputs are not permitted"."""
+    if isinstance(data, dict) and name in data:
+        raise ValueError(
+            f"{name} is inferred from the data (the number of feature columns, or the width of the "
+            f"layer before this {layer}): remove it from the spec"
+        )
+    return data
+
+
 class Linear(_Strict):
     type: Literal["Linear"]
     out_features: int = Field(ge=1)
     bias: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_in_features(cls, data: Any) -> Any:
+        return _refuse_inferred(data, "in_features", "Linear")
 
 
 class BatchNorm1d(_Strict):
@@ -50,11 +66,21 @@ class BatchNorm1d(_Strict):
     momentum: Annotated[float, Field(gt=0, le=1)] | None = 0.1
     affine: bool = True
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_num_features(cls, data: Any) -> Any:
+        return _refuse_inferred(data, "num_features", "BatchNorm1d")
+
 
 class LayerNorm(_Strict):
     type: Literal["LayerNorm"]
     eps: Positive = 1e-5
     elementwise_affine: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_normalized_shape(cls, data: Any) -> Any:
+        return _refuse_inferred(data, "normalized_shape", "LayerNorm")
 
 
 class Dropout(_Strict):
