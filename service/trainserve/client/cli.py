@@ -25,6 +25,7 @@ import httpx
 from tqdm import tqdm
 
 from trainserve.api.schemas import Job, Model
+from trainserve.client.events import shown_status
 from trainserve.client.http import ApiError, TrainserveClient
 from trainserve.jobs.status import JobStatus
 from trainserve.wire import prediction_columns
@@ -203,10 +204,15 @@ def _follow_job(client: TrainserveClient, job_id: str, *, as_json: bool) -> int:
     job = client.get_job(job_id)
     label = job.name or job.id[:8]
     end: dict[str, Any] = {}
+    showing: str | None = None  # the status in the bar's label
     with tqdm(total=job.epochs, desc=label, unit="epoch", file=sys.stderr, dynamic_ncols=True) as bar:
         try:
             for event in client.events(job_id):
                 data = event.data
+                status = shown_status(showing, event)
+                if status != showing:
+                    showing = status
+                    bar.set_description(f"{label} {status}", refresh=event.event == "status")
                 if event.event == "epoch":
                     shown = {"loss": _loss_text(data["train_loss"])}
                     if data.get("val_loss") is not None:
@@ -215,8 +221,6 @@ def _follow_job(client: TrainserveClient, job_id: str, *, as_json: bool) -> int:
                         shown[f"val_{key}"] = _loss_text(value)
                     bar.set_postfix(shown, refresh=False)
                     bar.update(data["epoch"] - bar.n)  # draws the bar with the losses above
-                elif event.event == "status":
-                    bar.set_description(f"{label} {data['status']}", refresh=True)
                 elif event.event == "end":
                     end = data
         except KeyboardInterrupt:
