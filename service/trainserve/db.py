@@ -223,3 +223,15 @@ def upgrade_to_head(url: str) -> None:
     config.set_main_option("script_location", migrations_dir())
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     command.upgrade(config, "head")
+
+
+class WorkerRecord(Base):
+    """A worker process and the devices it can train on, renewed while it runs: the API
+    refuses a job for a device no live worker has (``trainserve.jobs.workers``)."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # host:pid, as jobs.worker records it
+    devices: Mapped[list[Any]]  # ["cpu", "cuda:0", ...]
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)

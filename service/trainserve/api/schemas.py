@@ -147,3 +147,11 @@ class Error(BaseModel):
     type: str
     detail: str
     errors: list[dict[str, Any]] = []
+
+
+class Worker(_Out):
+    name: str = Field(description="host:pid of the worker process")
+    devices: list[str] = Field(description="What it can train on: cpu, cuda:N, mps")
+    heartbeat_at: UTCDateTime = Field(description="When it last said it was alive (every rescue interval)")
+    started_at: UTCDateTime
+    live: bool = Field(default=False, description="Its heartbeat is recent: a job for one of its devices will be taken")

@@ -18,6 +18,7 @@ from trainserve.db import DatasetRecord, JobRecord, on_commit, rows_changed, utc
 from trainserve.errors import Conflict, NotFound
 from trainserve.jobs.queue import JobQueue
 from trainserve.jobs.status import JobStatus
+from trainserve.jobs.workers import check_device
 from trainserve.storage.base import Store, new_id
 from trainserve.training.spec import Limits, TrainSpec, plan_training
 
@@ -50,9 +51,21 @@ def list_jobs(
     return list(session.scalars(query))
 
 
-def submit(session: Session, queue: JobQueue, spec: TrainSpec, dataset: DatasetRecord, limits: Limits) -> JobRecord:
-    """Validate the spec against the dataset, record a queued job, enqueue it on commit."""
+def submit(
+    session: Session,
+    queue: JobQueue,
+    spec: TrainSpec,
+    dataset: DatasetRecord,
+    limits: Limits,
+    *,
+    workers_stale_s: float | None = None,
+) -> JobRecord:
+    """Validate the spec against the dataset, record a queued job, enqueue it on commit.
+
+    With ``workers_stale_s``, a spec asking for a device no live worker has is refused
+    (Conflict); if no worker is live at all, the job waits, with a note saying so."""
     plan_training(spec, TableSchema.from_dicts(dataset.n_rows, dataset.columns), limits)
+    note = check_device(session, spec.device, stale_s=workers_stale_s) if workers_stale_s is not None else None
     spec = spec.model_copy(update={"dataset_id": dataset.id})
     job = JobRecord(
         id=new_id(),
@@ -62,6 +75,7 @@ def submit(session: Session, queue: JobQueue, spec: TrainSpec, dataset: DatasetR
         epochs=spec.epochs,
         history=[],
         name=spec.name,
+        notes=[note] if note else [],
     )
     session.add(job)
     session.flush()
