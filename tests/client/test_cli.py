@@ -54,7 +54,7 @@ def test_the_guide_experiments_run_from_the_cli_with_a_progress_bar(server: Serv
 
 def test_example_specs_are_the_guide_experiments() -> None:
     sys.path.insert(0, str(REPO / "scripts"))
-    import guide_experiments
+    import guide_experiments  # type: ignore[import-not-found]  # scripts/ is put on sys.path just above
 
     for name in GUIDE_EXPERIMENTS:
         shipped = json.loads((EXAMPLES / f"{name}.json").read_text())

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,7 +92,8 @@ def test_two_workers_run_twenty_jobs_each_exactly_once(
         job_ids = [ts.train(moons_spec(dataset.id, epochs=3, seed=i)).id for i in range(JOBS)]
         # Each job is on the queue a second time, as after a re-enqueue by recovery: both
         # workers see it, and the claim in the database lets exactly one of them run it.
-        duplicates = build_queue(Settings(**{k.removeprefix("TRAINSERVE_").lower(): v for k, v in cluster.env.items()}))
+        fields: dict[str, Any] = {k.removeprefix("TRAINSERVE_").lower(): v for k, v in cluster.env.items()}
+        duplicates = build_queue(Settings(**fields))
         try:
             for job_id in job_ids:
                 duplicates.enqueue(job_id)

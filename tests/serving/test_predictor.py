@@ -211,10 +211,13 @@ def test_predictor_answers_small_requests_row_wise_and_large_ones_with_torch(tmp
     together = predictor.infer(small).probabilities
     assert together is not None
     for i in range(len(small)):
-        assert np.array_equal(predictor.infer(small[i : i + 1]).probabilities, together[i : i + 1])
+        alone = predictor.infer(small[i : i + 1]).probabilities
+        assert alone is not None
+        assert np.array_equal(alone, together[i : i + 1])
     many = np.repeat(x, 1 + (1 << 18) // (len(x) * predictor.n_parameters), axis=0).astype(np.float32)
     assert not predictor.takes_rowwise(len(many))
     torch_answer = predictor.infer(many).probabilities
+    assert torch_answer is not None
     expected = torch.softmax(predict_raw(result.module, many), dim=1).numpy()
     np.testing.assert_allclose(torch_answer, expected, rtol=1e-6, atol=1e-7)  # softmax written out: rounding
     labels_only = predictor.infer(many, probabilities=False)
@@ -229,5 +232,6 @@ def test_a_model_without_a_rowwise_pass_is_served_by_torch(tmp_path):
     assert predictor.rowwise is None
     assert not predictor.takes_rowwise(1)
     probabilities = predictor.infer(x[:5].astype(np.float32)).probabilities
+    assert probabilities is not None
     expected = torch.softmax(predict_raw(result.module, x[:5].astype(np.float32)), dim=1).numpy()
     np.testing.assert_allclose(probabilities, expected, rtol=1e-6, atol=1e-7)

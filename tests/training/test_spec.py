@@ -57,7 +57,7 @@ def plan_error(spec: TrainSpec, schema: TableSchema, limits: Limits = LIMITS) ->
 
 
 def first_loc(error: InvalidInput) -> list[Any]:
-    return error.errors[0]["loc"]
+    return list(error.errors[0]["loc"])
 
 
 def validation_locs(fields: dict[str, Any]) -> list[tuple[Any, ...]]:
@@ -189,6 +189,7 @@ def test_non_finite_learning_rate_is_rejected(lr):
 def test_nesterov_needs_momentum():
     assert ("optimizer", "SGD") in validation_locs({"optimizer": {"type": "SGD", "nesterov": True}})
     spec = make_spec(optimizer={"type": "SGD", "nesterov": True, "momentum": 0.9})
+    assert isinstance(spec.optimizer, S.SGD)
     assert spec.optimizer.nesterov is True
 
 
