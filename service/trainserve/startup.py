@@ -165,7 +165,8 @@ def prepare(settings: Settings, *, migrate: bool = True) -> None:
     from trainserve.jobs.queue import build_queue
 
     check_extras(settings)
-    check_folder(settings.data_dir.resolve(), "data")
+    if not settings.database_url or not settings.queue_url or settings.store_dir is None:
+        check_folder(settings.data_dir.resolve(), "data")  # something defaults to a file under it
     database = settings.resolved_database_url
     existed = check_database(database)
     log_locations(settings, database_existed=existed)
