@@ -50,9 +50,13 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def test_a_bad_setting_names_the_variable_the_value_and_what_is_allowed(tmp_path: Path) -> None:
-    upload, epochs_and_device = start_all(
+    upload, epochs_and_device, not_json = start_all(
         tmp_path,
-        [{"TRAINSERVE_MAX_UPLOAD_BYTES": "abc"}, {"TRAINSERVE_MAX_EPOCHS": "0", "TRAINSERVE_WORKER_DEVICE": "tpu"}],
+        [
+            {"TRAINSERVE_MAX_UPLOAD_BYTES": "abc"},
+            {"TRAINSERVE_MAX_EPOCHS": "0", "TRAINSERVE_WORKER_DEVICE": "tpu"},
+            {"TRAINSERVE_STORE_OPTIONS": "{anon: true}"},
+        ],
     )
     assert "TRAINSERVE_MAX_UPLOAD_BYTES='abc'" in upload
     assert "integer" in upload
@@ -60,6 +64,7 @@ def test_a_bad_setting_names_the_variable_the_value_and_what_is_allowed(tmp_path
     assert "greater than 0" in epochs_and_device
     assert "TRAINSERVE_WORKER_DEVICE='tpu'" in epochs_and_device
     assert "cpu, cuda, cuda:N or mps" in epochs_and_device
+    assert "TRAINSERVE_STORE_OPTIONS='{anon: true}' is not allowed: Expecting property name" in not_json
     assert not list(tmp_path.glob("*/trainserve*.db"))  # nothing left behind
 
 
@@ -136,6 +141,10 @@ def test_serve_help_shows_the_defaults_and_where_the_data_lives(tmp_path: Path) 
     assert f"data dir  {tmp_path.resolve()}" in result.stdout
     assert f"sqlite:///{tmp_path.resolve()}/trainserve.db" in result.stdout
     assert not (tmp_path / "trainserve.db").exists()  # help creates nothing
+    # A bad setting does not take the help away (nor the client commands): it says what is wrong.
+    bad = start(tmp_path, {"TRAINSERVE_STORE_OPTIONS": "{"}, "serve", "--help")
+    assert bad.returncode == 0, bad.stderr
+    assert "TRAINSERVE_STORE_OPTIONS='{' is not allowed" in bad.stdout
 
 
 def test_the_first_log_lines_say_where_the_data_lives(server: Server) -> None:

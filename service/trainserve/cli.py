@@ -14,11 +14,9 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from pydantic import ValidationError
-
 from trainserve.client.cli import add_client_commands
-from trainserve.config import DEVICE_PATTERN, Settings
-from trainserve.startup import StartError, describe_settings_error, load_settings, mask, prepare
+from trainserve.config import DEVICE_PATTERN
+from trainserve.startup import StartError, load_settings, mask, prepare
 
 log = logging.getLogger("trainserve")
 
@@ -204,9 +202,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 def _where_data_lives() -> str:
     """The help's epilog: where the service would keep its data if started here and now."""
     try:
-        settings = Settings()
-    except ValidationError as exc:
-        return describe_settings_error(exc)
+        settings = load_settings()
+    except StartError as exc:  # help must still show; the command itself will refuse to start
+        return str(exc)
     store = mask(settings.store_url) if settings.store_url else str(settings.resolved_store_dir)
     return (
         "where the data lives (from the TRAINSERVE_* variables and the current folder):\n"

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from trainserve.config import Settings
 
@@ -57,6 +60,11 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         raise StartError(describe_settings_error(exc)) from None
+    except SettingsError as exc:  # a JSON-valued setting (store_options) that is not JSON
+        field = re.search(r'field "(\w+)"', str(exc))
+        variable = f"TRAINSERVE_{field.group(1).upper()}" if field else "a TRAINSERVE_* variable"
+        value = os.environ.get(variable, "")
+        raise StartError(f"bad setting: {variable}={value!r} is not allowed: {exc.__cause__ or exc}") from None
 
 
 def describe_settings_error(exc: ValidationError) -> str:
