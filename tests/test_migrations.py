@@ -75,3 +75,14 @@ def test_upgrade_downgrade_upgrade_and_match_the_orm(database_url: str) -> None:
     finally:
         engine.dispose()
     assert differences == []
+
+
+def test_the_workers_table_goes_up_down_and_up(database_url: str) -> None:
+    config = alembic_config(database_url)
+    command.upgrade(config, "0004")
+    assert columns(database_url, "workers") == {"name", "devices", "heartbeat_at", "started_at"}
+    command.downgrade(config, "0003")
+    assert columns(database_url, "workers") == set()
+    assert "lease_expires_at" in columns(database_url, "jobs")  # 0003 and before untouched
+    command.upgrade(config, "0004")
+    assert columns(database_url, "workers") == {"name", "devices", "heartbeat_at", "started_at"}

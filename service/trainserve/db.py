@@ -271,3 +271,15 @@ class PredictionLogRecord(Base):
     # request_id: the answer it got (role "primary") and the shadow version's ("shadow").
     request_id: Mapped[str | None] = mapped_column(String(32), index=True)
     role: Mapped[str | None] = mapped_column(String(8))
+
+
+class WorkerRecord(Base):
+    """A worker process and the devices it can train on, renewed while it runs: the API
+    refuses a job for a device no live worker has (``trainserve.jobs.workers``)."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # host:pid, as jobs.worker records it
+    devices: Mapped[list[Any]]  # ["cpu", "cuda:0", ...]
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -172,12 +173,13 @@ def test_warm_start_retrain_and_what_they_refuse(pair: Pair, tmp_path: Path) -> 
 
         jobs_before = len(client.list_jobs(limit=1000))
         wider = [{"type": "Linear", "out_features": 31}, *MOONS_MLP_LAYERS[1:]]
-        for change, loc in [
+        cases: list[tuple[dict[str, Any], list[Any]]] = [
             ({"init_from": "warm@canary"}, ["init_from"]),
             ({"init_from": "0" * 32}, ["init_from"]),  # no such (or a deleted) model
             ({"init_from": "warm", "freeze": [0, 2, 4]}, ["freeze"]),  # every layer with parameters
             ({"init_from": "warm", "model": wider}, ["model", 0]),
-        ]:
+        ]
+        for change, loc in cases:
             refused = client.http.post("/train", json=moons_spec(dataset.id, name="warm", **change))
             assert refused.status_code == 422, refused.text
             assert refused.json()["errors"][0]["loc"] == loc
@@ -286,7 +288,9 @@ def test_drift_rises_when_the_inputs_shift(pair: Pair) -> None:
         assert model_id not in text  # names as labels, never ids
 
 
-def _drift_after(client: TrainserveClient, model_id: str, rows: int, newest: object = None) -> DriftReport:
+def _drift_after(
+    client: TrainserveClient, model_id: str, rows: int, newest: Sequence[float] | None = None
+) -> DriftReport:
     """The drift report once the log holds ``rows`` rows, the newest of them ``newest``."""
     deadline = time.monotonic() + 10
     while True:

@@ -25,6 +25,12 @@ from trainserve.datasets.tables import (
 from trainserve.errors import InvalidInput
 
 
+def _col(schema: TableSchema, name: str) -> ColumnInfo:
+    column = schema.column(name)
+    assert column is not None, name
+    return column
+
+
 def write(tmp_path: Path, content: str | bytes, name: str = "data.csv") -> Path:
     path = tmp_path / name
     path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
@@ -86,19 +92,19 @@ def test_booleans_are_float_zero_one_and_zero_one_stays_integer(tmp_path):
     assert np.array_equal(table.column("b"), [1.0, 0.0, np.nan, 1.0], equal_nan=True)
     assert table.column("i").dtype == np.int64
     schema = table.schema()
-    assert schema.column("b").kind == "boolean"
-    assert schema.column("b").dtype == "float64"
-    assert schema.column("b").missing == 1
-    assert schema.column("i").kind == "integer"
+    assert _col(schema, "b").kind == "boolean"
+    assert _col(schema, "b").dtype == "float64"
+    assert _col(schema, "b").missing == 1
+    assert _col(schema, "i").kind == "integer"
 
 
 def test_profile_of_numbers_and_categories(tmp_path):
     rows = "".join(f"{i % 4},{'ab'[i % 2] if i % 5 else ''},{i * 0.5}\n" for i in range(20))
     schema = parse_csv(write(tmp_path, "n,c,f\n" + rows)).schema()
-    f = schema.column("f").profile
+    f = _col(schema, "f").profile
     assert (f["kind"], f["min"], f["max"], f["distinct"], f["missing"]) == ("number", 0, 9.5, 20, 0)
     assert f["mean"] == pytest.approx(4.75)
-    c = schema.column("c").profile
+    c = _col(schema, "c").profile
     assert (c["missing"], c["missing_share"], c["distinct"]) == (4, 0.2, 2)
     assert c["top"] == [{"value": "a", "count": 8}, {"value": "b", "count": 8}]
 
@@ -117,7 +123,7 @@ def test_profile_warnings(tmp_path):
     text_ids = parse_csv(write(tmp_path, "id\n" + "\n".join(f"u{i}" for i in range(20)))).schema()
     assert "looks like an id" in text_ids.columns[0].profile["warnings"][0]
     sparse = parse_csv(write(tmp_path, "s,t\n" + "\n".join(f"{i if i < 3 else ''},1" for i in range(10)))).schema()
-    assert any("missing in most rows (7 of 10)" in w for w in sparse.column("s").profile["warnings"])
+    assert any("missing in most rows (7 of 10)" in w for w in _col(sparse, "s").profile["warnings"])
 
 
 def test_infinity_is_still_refused(tmp_path):
@@ -179,7 +185,7 @@ def test_columns_with_blanks_survive_the_stored_round_trip(tmp_path):
     back = read_table(tmp_path / "t.npz")
     assert np.array_equal(back.column("a"), [1.0, np.nan, 3.0], equal_nan=True)
     assert back.column("b").tolist() == ["x", "", "y"]
-    assert back.schema().column("b").classes == ["x", "y"]
+    assert _col(back.schema(), "b").classes == ["x", "y"]
 
 
 def test_a_line_break_inside_quotes_stays_in_its_value(tmp_path):

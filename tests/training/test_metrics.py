@@ -14,7 +14,8 @@ def _probabilities(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
     # A few exact ties, which the rank-based AUC must average as scikit-learn does.
     logits[: n // 10] = np.round(logits[: n // 10], 1)
     exp = np.exp(logits)
-    return exp / exp.sum(axis=1, keepdims=True)
+    probabilities: np.ndarray = exp / exp.sum(axis=1, keepdims=True)
+    return probabilities
 
 
 @pytest.mark.parametrize("k", [2, 3, 5])

@@ -279,3 +279,11 @@ class ShadowAgreement(_Out):
     rows: int
     label_agreement: float | None = Field(description="Classifiers: share of rows given the same label")
     mean_abs_difference: float | None = Field(description="Regressions: mean absolute difference of the values")
+
+
+class Worker(_Out):
+    name: str = Field(description="host:pid of the worker process")
+    devices: list[str] = Field(description="What it can train on: cpu, cuda:N, mps")
+    heartbeat_at: UTCDateTime = Field(description="When it last said it was alive (every rescue interval)")
+    started_at: UTCDateTime
+    live: bool = Field(default=False, description="Its heartbeat is recent: a job for one of its devices will be taken")

@@ -16,7 +16,9 @@ import math
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -24,6 +26,7 @@ import httpx
 from tqdm import tqdm
 
 from trainserve.api.schemas import Job, Model
+from trainserve.client.events import shown_status
 from trainserve.client.http import ApiError, TrainserveClient
 from trainserve.jobs.status import JobStatus
 from trainserve.wire import prediction_columns
@@ -156,6 +159,13 @@ def _with_client(command: Command) -> Callable[[argparse.Namespace], int]:
             return 2
         except KeyboardInterrupt:
             return 130
+        except BrokenPipeError:
+            # `trainserve predict ... | head`: the reader has all it wants. Python would
+            # print a traceback, then fail again flushing stdout at exit; point stdout at
+            # /dev/null and end like a program that SIGPIPE stopped (128 + 13), quietly.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 141
 
     return run
 
@@ -224,10 +234,15 @@ def _follow_job(client: TrainserveClient, job_id: str, *, as_json: bool) -> int:
     job = client.get_job(job_id)
     label = job.name or job.id[:8]
     end: dict[str, Any] = {}
+    showing: str | None = None  # the status in the bar's label
     with tqdm(total=job.epochs, desc=label, unit="epoch", file=sys.stderr, dynamic_ncols=True) as bar:
         try:
             for event in client.events(job_id):
                 data = event.data
+                status = shown_status(showing, event)
+                if status != showing:
+                    showing = status
+                    bar.set_description(f"{label} {status}", refresh=event.event == "status")
                 if event.event == "epoch":
                     shown = {"loss": _loss_text(data["train_loss"])}
                     if data.get("val_loss") is not None:
@@ -236,8 +251,6 @@ def _follow_job(client: TrainserveClient, job_id: str, *, as_json: bool) -> int:
                         shown[f"val_{key}"] = _loss_text(value)
                     bar.set_postfix(shown, refresh=False)
                     bar.update(data["epoch"] - bar.n)  # draws the bar with the losses above
-                elif event.event == "status":
-                    bar.set_description(f"{label} {data['status']}", refresh=True)
                 elif event.event == "end":
                     end = data
         except KeyboardInterrupt:
@@ -329,15 +342,32 @@ def _predict(client: TrainserveClient, args: argparse.Namespace) -> int:
         missing = [f for f in model.features if f not in header]
         if missing:
             raise CommandError(f"{args.data} has no column {missing[0]!r}; the model takes {model.features}")
-        out: TextIO = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
-        try:
-            written = _write_predictions(client, model, reader, header, out)
-        finally:
-            if args.output:
-                out.close()
+        if args.output is None:
+            written = _write_predictions(client, model, reader, header, sys.stdout)
+        else:
+            with _replaced_on_success(args.output) as out:
+                written = _write_predictions(client, model, reader, header, out)
     if args.output:
         print(f"{written} rows predicted by {_describe(model)} -> {args.output}", file=sys.stderr)
     return 0
+
+
+@contextmanager
+def _replaced_on_success(path: Path) -> Iterator[TextIO]:
+    """A file beside ``path`` that becomes ``path`` only if the block ends without an error:
+    a failed predict leaves neither a half-written file nor a header-only one, and keeps
+    whatever ``path`` held before."""
+    try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    except OSError as exc:
+        raise CommandError(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        with open(handle, "w", newline="") as out:
+            yield out
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
 
 
 def _write_predictions(
@@ -351,7 +381,7 @@ def _write_predictions(
         try:
             answer = client.predict(model.id, inputs)
         except ApiError as exc:
-            _shift_rows(exc, written)
+            _shift_rows(exc, written, model.features)
             raise
         for i, row in enumerate(chunk):
             predicted = answer.predictions[i]
@@ -363,17 +393,22 @@ def _write_predictions(
     return written
 
 
-def _shift_rows(exc: ApiError, offset: int) -> None:
-    """Report the file's data row (1 = first after the header), not the row within a chunk."""
+def _shift_rows(exc: ApiError, offset: int, features: list[str]) -> None:
+    """Name the file's row (the house convention: data rows from 1, the header is not a row),
+    not the chunk's ``inputs[i]`` the server named."""
     if not isinstance(exc.body, dict):
         return
     for error in exc.body.get("errors", []):
         loc = error.get("loc", [])
         if len(loc) >= 2 and loc[0] == "inputs" and isinstance(loc[1], int):
-            error["loc"] = ["file row", offset + loc[1] + 1, *loc[2:]]
-    match = re.match(r"row (\d+)", str(exc.body.get("detail", "")))
+            error["loc"] = ["row", offset + loc[1] + 1, *loc[2:]]
+    detail = str(exc.body.get("detail", ""))
+    match = re.match(r"inputs\[(\d+)\](?:\[(\d+)\])?", detail)
     if match:
-        exc.body["detail"] = f"data row {offset + int(match.group(1)) + 1}{exc.body['detail'][match.end() :]}"
+        row = f"row {offset + int(match.group(1)) + 1}"
+        if match.group(2) is not None and int(match.group(2)) < len(features):  # the column by its name
+            row += f", column {features[int(match.group(2))]!r}"
+        exc.body["detail"] = f"{row}{detail[match.end() :]}"
 
 
 # -- jobs, models, cancel --------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from trainserve.db import DatasetRecord, JobRecord, ModelRecord, on_commit, rows
 from trainserve.errors import Conflict, InvalidInput, NotFound
 from trainserve.jobs.queue import JobQueue
 from trainserve.jobs.status import JobStatus
+from trainserve.jobs.workers import check_device
 from trainserve.serving import aliases
 from trainserve.storage.base import Store, new_id
 from trainserve.training import warmstart
@@ -52,8 +53,19 @@ def list_jobs(
     return list(session.scalars(query))
 
 
-def submit(session: Session, queue: JobQueue, spec: TrainSpec, dataset: DatasetRecord, limits: Limits) -> JobRecord:
-    """Validate the spec against the dataset, record a queued job, enqueue it on commit."""
+def submit(
+    session: Session,
+    queue: JobQueue,
+    spec: TrainSpec,
+    dataset: DatasetRecord,
+    limits: Limits,
+    *,
+    workers_stale_s: float | None = None,
+) -> JobRecord:
+    """Validate the spec against the dataset, record a queued job, enqueue it on commit.
+
+    With ``workers_stale_s``, a spec asking for a device no live worker has is refused
+    (Conflict); if no worker is live at all, the job waits, with a note saying so."""
     schema = TableSchema.from_dicts(dataset.n_rows, dataset.columns)
     plan = plan_training(spec, schema, limits)
     updates: dict[str, Any] = {"dataset_id": dataset.id}
@@ -61,6 +73,7 @@ def submit(session: Session, queue: JobQueue, spec: TrainSpec, dataset: DatasetR
         # Pinned to the model's id: an alias moved while the job waits must not change its parent.
         updates["init_from"] = warm_start_parent(session, spec, plan, schema).id
     warmstart.check_freeze(spec, plan.in_features)
+    note = check_device(session, spec.device, stale_s=workers_stale_s) if workers_stale_s is not None else None
     spec = spec.model_copy(update=updates)
     job = JobRecord(
         id=new_id(),
@@ -70,6 +83,7 @@ def submit(session: Session, queue: JobQueue, spec: TrainSpec, dataset: DatasetR
         epochs=spec.epochs,
         history=[],
         name=spec.name,
+        notes=[note] if note else [],
     )
     session.add(job)
     session.flush()

@@ -35,6 +35,7 @@ from trainserve.jobs.lifecycle import limits_of
 from trainserve.jobs.queue import build_queue
 from trainserve.jobs.rescuer import Rescuer
 from trainserve.jobs.status import JobStatus
+from trainserve.jobs.workers import WorkerPresence, devices_here
 from trainserve.storage.base import new_id
 from trainserve.training import loop, native
 from trainserve.training.spec import TrainingPlan, TrainSpec, plan_training
@@ -71,7 +72,9 @@ def run_worker(settings: Settings, *, exit_with_parent: bool = False) -> None:
         max_delay=settings.queue_poll_max_s,
     )
     sessions = make_session_factory(make_engine(settings.resolved_database_url))
-    rescuer = Rescuer(sessions, queue, ctx.store, settings)
+    presence = WorkerPresence(sessions, ctx.name, devices_here())
+    presence.announce()
+    rescuer = Rescuer(sessions, queue, ctx.store, settings, on_round=presence.beat)
     rescuer.start()
     if exit_with_parent:
         _drain_when_orphaned(draining)
@@ -79,6 +82,10 @@ def run_worker(settings: Settings, *, exit_with_parent: bool = False) -> None:
         _consume_until_drained(consumer, draining)
     finally:
         rescuer.stop()
+        try:
+            presence.leave()
+        except Exception:  # the database may be gone; the row then goes stale on its own
+            log.exception("could not remove this worker's row")
 
 
 def _consume_until_drained(consumer: Consumer, draining: threading.Event) -> None:

@@ -142,7 +142,7 @@ def npy_to_matrix(body: bytes, predictor: Predictor, *, max_rows: int) -> np.nda
     with np.errstate(over="ignore"):  # beyond float32 becomes inf, named just below
         # A fresh C-ordered float32 copy: the body's buffer is read-only and may be unaligned.
         matrix = np.ascontiguousarray(matrix, dtype=np.float32) if matrix.dtype != np.float32 else matrix.copy()
-    return check_finite(matrix)
+    return check_finite(matrix, from_file=True)
 
 
 @dataclass(frozen=True)

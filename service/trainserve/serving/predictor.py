@@ -308,14 +308,14 @@ def _explain(rows: list[Any], width: int) -> InvalidInput:
     """Find the first value numpy could not take, to name its row and column (slow path)."""
     for i, row in enumerate(rows):
         if not isinstance(row, list):
-            return _bad(f"row {i} must be a list of {width} numbers or an object keyed by feature", [i])
+            return _bad(f"inputs[{i}] must be a list of {width} numbers or an object keyed by feature", [i])
         if len(row) != width:
-            return _bad(f"row {i} has {len(row)} values, the model takes {width}", [i])
+            return _bad(f"inputs[{i}] has {len(row)} values, the model takes {width}", [i])
         for j, value in enumerate(row):
             if not _is_number(value):
-                return _bad(f"row {i}, column {j}: {value!r} is not a number", [i, j])
+                return _bad(f"inputs[{i}][{j}]: {value!r} is not a number", [i, j])
             if not _fits_float(value):
-                return _bad(f"row {i}, column {j}: the number is too large", [i, j])
+                return _bad(f"inputs[{i}][{j}]: the number is too large", [i, j])
     return _bad("inputs must be rows of numbers", [])
 
 
@@ -332,13 +332,13 @@ def _objects_to_rows(rows: list[Any], features: list[str]) -> list[list[Any]]:
     out = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise _bad(f"row {i} must be an object keyed by feature name, like row 0", [i])
+            raise _bad(f"inputs[{i}] must be an object keyed by feature name, like inputs[0]", [i])
         if len(row) != len(features) or not wanted.issuperset(row):
             unknown = sorted(set(row) - wanted)
             if unknown:
-                raise _bad(f"row {i}: unknown feature {unknown[0]!r} (the model takes {features})", [i, unknown[0]])
+                raise _bad(f"inputs[{i}]: unknown feature {unknown[0]!r} (the model takes {features})", [i, unknown[0]])
             missing = [f for f in features if f not in row]
-            raise _bad(f"row {i}: feature {missing[0]!r} is missing", [i, missing[0]])
+            raise _bad(f"inputs[{i}]: feature {missing[0]!r} is missing", [i, missing[0]])
         out.append([row[f] for f in features])
     return out
 
@@ -401,10 +401,17 @@ def _small_matrix(rows: list[Any], width: int) -> np.ndarray | None:
     return np.array(rows, dtype=np.float32)
 
 
-def check_finite(matrix: np.ndarray, original: Any = None) -> np.ndarray:
-    """The matrix, or an error naming its first NaN/infinite cell (``original(i, j)``: the value as sent)."""
+def check_finite(matrix: np.ndarray, original: Any = None, *, from_file: bool = False) -> np.ndarray:
+    """The matrix, or an error naming its first NaN/infinite cell (``original(i, j)``: the value as sent).
+
+    The house convention names the cell: ``inputs[i][j]`` (0-based, as JSON and the error's
+    ``loc`` do) for a JSON body, "row N, column j" (data rows from 1) for a file (``from_file``).
+    """
     if np.isfinite(matrix).all():
         return matrix
     i, j = (int(v) for v in np.argwhere(~np.isfinite(matrix))[0])
     value = original(i, j) if original is not None else matrix[i, j]
-    raise _bad(f"row {i}, column {j}: {value} is not a finite number", [i, j])
+    if from_file:
+        msg = f"row {i + 1}, column {j}: {value} is not a finite number"
+        raise InvalidInput(msg, errors=[{"loc": ["body", i + 1, j], "msg": msg}])
+    raise _bad(f"inputs[{i}][{j}]: {value} is not a finite number", [i, j])
