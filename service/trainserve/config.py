@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     max_parameters: int = Field(default=50_000_000, gt=0)
     max_layer_width: int = Field(default=65_536, gt=0)
     max_train_memory_bytes: int = Field(default=8 * 1024**3, gt=0)
+    # A category feature with more distinct values than this is refused (its one-hot width).
+    max_category_levels: int = Field(default=1000, gt=0)
     model_cache_size: int = Field(default=32, gt=0)
     # A cached model is re-checked in the database once it is this old, so that a delete in
     # another API process stops it answering here too (a delete in this process is at once).

@@ -142,6 +142,11 @@ class ModelRecord(Base):
     device: Mapped[str] = mapped_column(String(32))
     train_seconds: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # training.features.FeaturePlan.to_json(): how each column became features (null: models
+    # trained before preprocessing existed, which take numbers only).
+    preprocessing: Mapped[dict[str, Any] | None]
+    # The full metrics report (training.metrics) on the validation and test rows, by part.
+    evaluation: Mapped[dict[str, Any] | None]
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -39,6 +39,9 @@ class ColumnInfo:
     name: str
     dtype: ColumnType
     classes: list[Any] | None = None  # sorted distinct values, when they can be class labels
+    kind: str | None = None  # number, integer, boolean or category
+    missing: int = 0  # blank cells: NaN in a float column, "" in a text column
+    profile: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "classes": self.classes}
@@ -54,7 +57,13 @@ class TableSchema:
 
     @classmethod
     def from_dicts(cls, n_rows: int, columns: list[dict[str, Any]]) -> TableSchema:
-        return cls(n_rows, [ColumnInfo(c["name"], c["dtype"], c.get("classes")) for c in columns])
+        return cls(
+            n_rows,
+            [
+                ColumnInfo(c["name"], c["dtype"], c.get("classes"), c.get("kind"), c.get("missing") or 0)
+                for c in columns
+            ],
+        )
 
 
 @dataclass
@@ -140,19 +149,22 @@ def _bad(msg: str, **where: Any) -> InvalidInput:
 
 def _describe(name: str, values: np.ndarray) -> ColumnInfo:
     if values.dtype.kind == "U":
-        distinct = np.unique(values)
+        blank = values == ""
+        distinct = np.unique(values[~blank])
         classes = distinct.tolist() if len(distinct) <= MAX_CLASSES else None
-        return ColumnInfo(name, "string", classes)
+        return ColumnInfo(name, "string", classes, "category", int(blank.sum()))
     if values.dtype.kind in "iu":
         distinct = np.unique(values)
         classes = [int(v) for v in distinct] if len(distinct) <= MAX_CLASSES else None
-        return ColumnInfo(name, "int64", classes)
+        return ColumnInfo(name, "int64", classes, "integer")
     classes = None
-    if len(values) and np.all(np.mod(values, 1) == 0) and np.abs(values).max() <= 2**53:
-        distinct = np.unique(values)
+    missing = np.isnan(values)
+    present = values[~missing]
+    if len(present) and np.all(np.mod(present, 1) == 0) and np.abs(present).max() <= 2**53:
+        distinct = np.unique(present)
         if len(distinct) <= MAX_CLASSES:
             classes = [int(v) for v in distinct]
-    return ColumnInfo(name, "float64", classes)
+    return ColumnInfo(name, "float64", classes, "number", int(missing.sum()))
 
 
 def _check_finite(name: str, values: np.ndarray, first_row: int = 1) -> None:

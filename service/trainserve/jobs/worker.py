@@ -27,7 +27,6 @@ from sqlalchemy.orm import Session
 
 import trainserve
 from trainserve.config import Settings
-from trainserve.datasets.tables import Table
 from trainserve.db import DatasetRecord, JobRecord, ModelRecord, make_engine, make_session_factory, rows_changed, utcnow
 from trainserve.errors import CheckpointMismatch, InvalidInput, TrainserveError
 from trainserve.jobs.attempt import Attempt, StopReason, TimeLimit, WorkerContext, thin_history
@@ -36,7 +35,7 @@ from trainserve.jobs.queue import build_queue
 from trainserve.jobs.rescuer import Rescuer
 from trainserve.jobs.status import JobStatus
 from trainserve.storage.base import new_id
-from trainserve.training import loop, native
+from trainserve.training import features, loop, native
 from trainserve.training.spec import TrainingPlan, TrainSpec, plan_training
 
 log = logging.getLogger(__name__)
@@ -158,12 +157,6 @@ def _drain_when_orphaned(draining: threading.Event) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _targets(table: Table, plan: TrainingPlan) -> np.ndarray:
-    if plan.task == "regression":
-        return table.matrix(plan.targets, dtype=np.float64)
-    return table.column(plan.targets[0])
-
-
 def on_this_worker(spec: TrainSpec, settings: Settings) -> TrainSpec:
     """The spec to train here: "auto" means the device this worker was started for
     (``trainserve worker --device cuda:1``), if any; otherwise the engine's choice, which
@@ -226,9 +219,13 @@ def _run_claimed(ctx: WorkerContext, attempt: Attempt, job: JobRecord, dataset: 
             raise InvalidInput("the job's dataset was deleted before the job ran")
         spec = TrainSpec.model_validate(job.spec)
         table = ctx.store.load_dataset(dataset.id, dataset.file_sha256)
-        plan = plan_training(spec, table.schema(), limits_of(ctx.settings))
-        x, y = table.matrix(plan.features), _targets(table, plan)
-        result = _train(ctx, attempt, spec, plan, x, y)
+        limits = limits_of(ctx.settings)
+        prepared = features.prepare(table, spec, plan_training(spec, table.schema(), limits), limits)
+        plan = prepared.plan
+        result = _train(ctx, attempt, spec, plan, prepared.x, prepared.y, split=prepared.split)
+        if not prepared.features.is_identity:
+            result.module.attach_encoder(features.FeatureEncoder(prepared.features))
+        result.notes[:0] = prepared.notes
     except loop.TrainingPreempted as preempted:
         attempt.hand_back(
             f"attempt {attempt.lease.attempt}: worker {ctx.name} stopped; handed back at epoch "
@@ -250,7 +247,7 @@ def _run_claimed(ctx: WorkerContext, attempt: Attempt, job: JobRecord, dataset: 
         target=native.warm_rowwise, args=(spec.model, plan.in_features, plan.task), name="warm-rowwise", daemon=True
     ).start()
     try:
-        _save(ctx, attempt, dataset, spec, plan, result)
+        _save(ctx, attempt, dataset, spec, plan, result, prepared.features)
     except Exception as exc:
         log.exception("job %s: saving the model failed", job.id)
         _end_attempt(ctx, attempt, JobStatus.FAILED, error=f"saving the model failed: {type(exc).__name__}: {exc}")
@@ -259,7 +256,14 @@ def _run_claimed(ctx: WorkerContext, attempt: Attempt, job: JobRecord, dataset: 
 
 
 def _train(
-    ctx: WorkerContext, attempt: Attempt, spec: TrainSpec, plan: TrainingPlan, x: np.ndarray, y: np.ndarray
+    ctx: WorkerContext,
+    attempt: Attempt,
+    spec: TrainSpec,
+    plan: TrainingPlan,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    split: loop.Split | None = None,
 ) -> loop.TrainedModel:
     """Train, resuming from the job's checkpoint when an earlier attempt left one."""
     spec = on_this_worker(spec, ctx.settings)
@@ -271,6 +275,7 @@ def _train(
         "on_checkpoint": attempt.save_checkpoint,
         "checkpoint_every_s": ctx.settings.checkpoint_seconds,
         "should_preempt": attempt.should_preempt,
+        "split": split,
     }
     try:
         return loop.train(spec, plan, x, y, resume=resume, **options)
@@ -309,10 +314,16 @@ def _save(
     spec: TrainSpec,
     plan: TrainingPlan,
     result: loop.TrainedModel,
+    fitted: features.FeaturePlan,
 ) -> None:
     job_id = attempt.job_id
     model_id = new_id()
-    metadata = {"trainserve_model_id": model_id, "job_id": job_id, "spec": json.dumps(spec.model_dump(mode="json"))}
+    metadata = {
+        "trainserve_model_id": model_id,
+        "job_id": job_id,
+        "spec": json.dumps(spec.model_dump(mode="json")),
+        "preprocessing": json.dumps(fitted.to_json()),
+    }
     weights_sha256, weights_bytes = ctx.store.save_weights(model_id, result.module.state_dict(), metadata)
     last = result.history[-1]
     now = utcnow()
@@ -350,6 +361,8 @@ def _save(
         "code_version": f"trainserve {trainserve.__version__}",
         "device": result.device,
         "train_seconds": result.train_seconds,
+        "preprocessing": fitted.to_json(),
+        "evaluation": result.evaluation or None,
     }
     try:
         # Two workers finishing jobs under one name at once may both pick the same next

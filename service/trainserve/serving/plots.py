@@ -218,9 +218,15 @@ def model_plot(
     """The plot that fits the model, and its kind: decision regions for a classifier on two
     features, data and fitted curve for a regressor on one feature, predicted against
     actual otherwise (a confusion matrix for classifiers)."""
-    if predictor.task != "regression" and len(predictor.features) == 2:
+    # Decision regions need two numeric axes: a model with preprocessing may have categories.
+    if predictor.task != "regression" and len(predictor.features) == 2 and predictor.preprocessing is None:
         return "decision-regions", decision_regions(predictor, x, y, title=title, size=size)
-    if predictor.task == "regression" and len(predictor.features) == 1 and len(predictor.targets) == 1:
+    if (
+        predictor.task == "regression"
+        and len(predictor.features) == 1
+        and len(predictor.targets) == 1
+        and predictor.preprocessing is None
+    ):
         return "fitted-curve", fitted_curve(predictor, x, y, title=title, size=size)
     kind = "predicted-vs-actual" if predictor.task == "regression" else "confusion-matrix"
     return kind, predicted_vs_actual(predictor, x, y, title=title, size=size)

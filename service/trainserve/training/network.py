@@ -43,14 +43,28 @@ class Standardize(nn.Module):
 
 
 class TabularNet(nn.Module):
-    """The user's ``nn.Sequential`` behind an input scaler: raw feature rows in, outputs out."""
+    """The user's ``nn.Sequential`` behind an input scaler: raw feature rows in, outputs out.
 
-    def __init__(self, layers: list[Any], in_features: int) -> None:
+    A model trained on a table with blanks or categories also has an ``encoder`` in front
+    (``trainserve.training.features.FeatureEncoder``): its input is then the raw layout and
+    ``in_features`` is the encoded width. Training runs on the table encoded once, so the
+    encoder is attached after training (``attach_encoder``); its buffers are saved with
+    the weights."""
+
+    encoder: nn.Module | None
+
+    def __init__(self, layers: list[Any], in_features: int, encoder: nn.Module | None = None) -> None:
         super().__init__()
+        self.encoder = encoder
         self.scaler = Standardize(in_features)
         self.net = build_sequential(layers, in_features)
 
+    def attach_encoder(self, encoder: nn.Module) -> None:
+        self.encoder = encoder
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.encoder is not None:
+            x = self.encoder(x)
         out: torch.Tensor = self.net(self.scaler(x))
         return out
 

@@ -34,7 +34,7 @@ from trainserve.serving.formats import (
     npy_to_matrix,
     parse_json_request,
 )
-from trainserve.serving.predictor import Outcome, Predictor
+from trainserve.serving.predictor import Outcome, Predictor, RawRows
 from trainserve.wire import CSV_MEDIA_TYPE, NPY_MEDIA_TYPE
 
 router = APIRouter(tags=["predict"])
@@ -165,11 +165,16 @@ async def predict(request: Request) -> Response:
                 f"{CSV_MEDIA_TYPE} or multipart/form-data"
             )
         max_rows = runtime.settings.max_predict_rows
-        x = (
+        parsed_rows = (
             parse(parsed, predictor, max_rows=max_rows)
             if inline
             else await run_in_threadpool(parse, parsed, predictor, max_rows=max_rows)
         )
+        warnings = None
+        if isinstance(parsed_rows, RawRows):  # a model with preprocessing (training.features)
+            x, warnings = parsed_rows.matrix, parsed_rows.warnings
+        else:
+            x = parsed_rows
         # A JSON answer names its model in the body; headers cost time on the hot path.
         headers = _model_headers(predictor) if content_type == NPY_MEDIA_TYPE else {}
         wants_npy = NPY_MEDIA_TYPE in request.headers.get("accept", "")
@@ -185,7 +190,9 @@ async def predict(request: Request) -> Response:
         if wants_npy:
             return _npy_answer(predictor, outcome, output, headers)
         content = (
-            encode_json(predictor, outcome) if inline else await run_in_threadpool(encode_json, predictor, outcome)
+            encode_json(predictor, outcome, warnings)
+            if inline
+            else await run_in_threadpool(encode_json, predictor, outcome, warnings)
         )
         return Response(content, media_type="application/json", headers=headers)
     finally:
