@@ -657,8 +657,8 @@ def train(
         for part, rows in (("validation", split.validation), ("test", split.test)):
             if len(rows):
                 evaluation[part] = report(model, features, targets, y, plan, torch.from_numpy(rows).to(device))
-                summary = headline(evaluation[part], "val" if part == "validation" else "test")
-                metrics.update({k: v for k, v in summary.items() if k not in metrics})
+        if "test" in evaluation:  # the validation rows' loss and accuracy are there already; the rest in evaluation
+            metrics.update(headline(evaluation["test"], "test"))
 
     if not all(math.isfinite(v) for v in metrics.values()):
         raise TrainingDiverged("the trained model's metrics are not finite; try a smaller learning rate")
