@@ -19,6 +19,7 @@ from trainserve.errors import Conflict, NotFound
 from trainserve.jobs.queue import JobQueue
 from trainserve.jobs.status import JobStatus
 from trainserve.storage.base import Store, new_id
+from trainserve.training import features
 from trainserve.training.spec import Limits, TrainSpec, plan_training
 
 
@@ -51,9 +52,28 @@ def list_jobs(
     return list(session.scalars(query))
 
 
-def submit(session: Session, queue: JobQueue, spec: TrainSpec, dataset: DatasetRecord, limits: Limits) -> JobRecord:
-    """Validate the spec against the dataset, record a queued job, enqueue it on commit."""
-    plan_training(spec, TableSchema.from_dicts(dataset.n_rows, dataset.columns), limits)
+def submit(
+    session: Session,
+    queue: JobQueue,
+    spec: TrainSpec,
+    dataset: DatasetRecord,
+    limits: Limits,
+    *,
+    store: Store | None = None,
+) -> JobRecord:
+    """Validate the spec against the dataset, record a queued job, enqueue it on commit.
+
+    With ``store``, a spec that asks 'number' of a text column is checked against the data
+    itself, so that the refusal names the rows holding words."""
+    schema = TableSchema.from_dicts(dataset.n_rows, dataset.columns)
+    plan_training(spec, schema, limits)
+    numbers_of_text = [
+        name
+        for name, override in (spec.columns or {}).items()
+        if override.type == "number" and (column := schema.column(name)) is not None and column.dtype == "string"
+    ]
+    if numbers_of_text and store is not None:
+        features.check_numbers(store.load_dataset(dataset.id, dataset.file_sha256), spec)
     spec = spec.model_copy(update={"dataset_id": dataset.id})
     job = JobRecord(
         id=new_id(),

@@ -198,17 +198,31 @@ def predicted_vs_actual(
         actual_index = np.searchsorted(np.asarray(classes), y.reshape(-1))
         counts = np.zeros((len(classes), len(classes)), dtype=np.int64)
         np.add.at(counts, (actual_index, predicted_index), 1)
-        image = ax.imshow(counts, cmap="Blues")
-        figure.colorbar(image, ax=ax, label="rows")
-        ticks = np.arange(len(classes))
-        names = [str(c) for c in classes]
-        ax.set_xticks(ticks, names, rotation=45 if len(classes) > 6 else 0)
-        ax.set_yticks(ticks, names)
-        if len(classes) <= 20:
-            for (i, j), count in np.ndenumerate(counts):
-                shade = "white" if count > counts.max() / 2 else "black"
-                ax.text(j, i, str(count), ha="center", va="center", color=shade)
-        ax.set(xlabel="predicted", ylabel="actual", title=title)
+        _draw_confusion(figure, ax, counts, classes, title)
+    return _png(figure)
+
+
+def _draw_confusion(figure: Figure, ax: Axes, counts: np.ndarray, classes: list[Any], title: str) -> None:
+    image = ax.imshow(counts, cmap="Blues")
+    figure.colorbar(image, ax=ax, label="rows")
+    ticks = np.arange(len(classes))
+    names = [str(c) for c in classes]
+    ax.set_xticks(ticks, names, rotation=45 if len(classes) > 6 else 0)
+    ax.set_yticks(ticks, names)
+    if len(classes) <= 20:
+        for (i, j), count in np.ndenumerate(counts):
+            shade = "white" if count > counts.max() / 2 else "black"
+            ax.text(j, i, str(count), ha="center", va="center", color=shade)
+    ax.set(xlabel="predicted", ylabel="actual", title=title)
+
+
+@_one_at_a_time
+def confusion_matrix(
+    counts: list[list[int]], classes: list[Any], *, title: str, size: tuple[int, int] = DEFAULT_SIZE
+) -> bytes:
+    """A stored confusion matrix (``[actual][predicted]`` counts, training.metrics) as a heat map."""
+    figure = _new_figure(size)
+    _draw_confusion(figure, figure.add_subplot(), np.asarray(counts, dtype=np.int64), classes, title)
     return _png(figure)
 
 

@@ -475,7 +475,8 @@ class TrainSpec(BaseModel):
 
     @model_validator(mode="after")
     def _one_split(self) -> TrainSpec:
-        if self.split is not None and "validation_split" in self.model_fields_set:
+        # A stored spec is dumped with every field, validation_split 0.0 included: only a share counts.
+        if self.split is not None and self.validation_split > 0:
             raise ValueError("give either validation_split or split, not both (split: {validation, test, stratify})")
         return self
 

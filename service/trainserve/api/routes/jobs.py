@@ -60,7 +60,7 @@ def _submit(session: Session, runtime: Runtime, spec: TrainSpec, upload: Receive
         )
     else:
         dataset = datasets.get(session=session, dataset_id=spec.dataset_id)
-    job = jobs.submit(session, runtime.queue, spec, dataset, jobs.limits_of(runtime.settings))
+    job = jobs.submit(session, runtime.queue, spec, dataset, jobs.limits_of(runtime.settings), store=runtime.store)
     return Job.model_validate(job)
 
 
