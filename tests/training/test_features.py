@@ -281,3 +281,52 @@ def test_a_target_with_one_class_after_blanks_is_refused():
 def test_ignore_leaves_a_column_out():
     spec = make_spec(columns={"island": {"type": "ignore"}})
     assert plan_training(spec, mixed_table().schema(), LIMITS).features == ["length", "depth"]
+
+
+# -- embeddings -------------------------------------------------------------------------------------
+
+
+def test_a_wide_category_is_embedded_trains_and_serves_unknown_levels_as_zero():
+    rng = np.random.default_rng(3)
+    n = 300
+    city = np.array([f"city{i}" for i in rng.integers(0, 60, n)])  # 60 levels: embedded by default
+    city[rng.random(n) < 0.1] = ""
+    x = rng.normal(size=n)
+    label = np.where(x > 0, "up", "down")
+    table = Table(["x", "city", "label"], [x, city, label])
+    spec = make_spec(columns={"x": {"type": "number"}}, validation_split=0.2)
+    plan = plan_training(spec, table.schema(), LIMITS)
+    levels = len(set(city.tolist()) - {""})
+    assert levels > 50
+    assert plan.embeddings == ((levels + 2, 16),)
+    ready = features.prepare(table, spec, plan, LIMITS)
+    column = ready.features.columns[1]
+    assert (column.encoding, column.blank_level) == ("embedding", True)
+    assert ready.x.shape[1] == 2  # x, then city's level index
+    assert ready.plan.in_features == 1 + column.embedding_dim
+    runs = []
+    for _ in range(2):
+        result = loop.train(spec, ready.plan, ready.x, ready.y, split=ready.split)
+        runs.append(result)
+    assert "eager PyTorch (category embeddings" in runs[0].notes[0]
+    first, second = (r.module.state_dict() for r in runs)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    model = runs[0].module
+    model.attach_encoder(features.FeatureEncoder(ready.features))
+    table_weights = model.embeddings.tables[0].weight  # type: ignore[union-attr]
+    unknown = len(column.levels)
+    assert torch.count_nonzero(table_weights[unknown]) == 0  # never trained: still zero
+    raw, _ = features.raw_matrix(ready.features, [np.array([0.5, 0.5]), np.array(["city3", "atlantis"])])
+    with torch.inference_mode():
+        encoded = model.encoder(torch.from_numpy(raw))  # type: ignore[misc]
+        assert encoded[:, 1].tolist() == [column.levels.index("city3"), unknown]
+        assert model(torch.from_numpy(raw)).shape == (2, 2)
+
+
+def test_embedding_dim_is_taken_from_the_spec():
+    table = mixed_table()
+    spec = make_spec(columns={"island": {"encoding": "embedding", "embedding_dim": 3}})
+    ready = prepared(table, spec)
+    assert ready.plan.embeddings == ((3 + 2, 3),)
+    assert ready.plan.in_features == 3 + 3  # length and its indicator, depth, then island's 3 dims

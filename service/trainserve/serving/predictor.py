@@ -76,16 +76,22 @@ class Predictor:
         # module(x) without nn.Module.__call__'s hook machinery, about a quarter of a
         # one-row prediction's time for the guide's MLP. (No hooks are ever registered.)
         self._steps = [self.module.scaler.forward, *(layer.forward for layer in self.module.net)]
+        if self.module.embeddings is not None:
+            self._steps.insert(0, self.module.embeddings.forward)
         if self.module.encoder is not None:
             self._steps.insert(0, self.module.encoder.forward)
 
     def encode(self, x: np.ndarray) -> np.ndarray:
-        """Raw layout -> what the scaler takes: the encoder's output, or x itself without one."""
+        """Raw layout -> what the scaler takes: encoded, categories embedded; x itself for a
+        model without preprocessing."""
         if self.module.encoder is None:
             return x
         with torch.inference_mode():
-            encoded: np.ndarray = self.module.encoder(torch.from_numpy(np.ascontiguousarray(x))).numpy()
-        return encoded
+            encoded = self.module.encoder(torch.from_numpy(np.ascontiguousarray(x)))
+            if self.module.embeddings is not None:
+                encoded = self.module.embeddings(encoded)
+            result: np.ndarray = encoded.numpy()
+        return result
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for step in self._steps:
@@ -96,11 +102,13 @@ class Predictor:
     def load(cls, store: Store, record: ModelRecord) -> Predictor:
         tensors = store.load_weights(record.id, record.weights_sha256)
         spec = TrainSpec.model_validate(record.spec)
-        plan = FeaturePlan.from_json(record.preprocessing) if record.preprocessing else None
+        stored = getattr(record, "preprocessing", None)  # absent from records made by hand (tests, tools)
+        plan = FeaturePlan.from_json(stored) if stored else None
         preprocessing = plan if plan is not None and not plan.is_identity else None
         encoder = FeatureEncoder(preprocessing) if preprocessing is not None else None
-        width = preprocessing.width if preprocessing is not None else len(record.features)
-        module = TabularNet(spec.model, width, encoder)
+        width = preprocessing.net_width if preprocessing is not None else len(record.features)
+        embeddings = preprocessing.embeddings if preprocessing is not None else None
+        module = TabularNet(spec.model, width, encoder, embeddings or None)
         module.load_state_dict(tensors)
         module.eval()
         rowwise = None

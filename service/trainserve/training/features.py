@@ -7,10 +7,12 @@ Two layouts:
   one float32 column per feature, in the model's feature order. A number is its value or
   NaN when missing; a boolean 0/1 or NaN; a category is the index of its level in the
   sorted vocabulary, NaN when missing, -1 when the level was never seen in training.
-- the **encoded layout** is what the network's scaler sees: every number column (blanks
-  filled), then one missing-indicator per number column that had blanks in training, then
-  each category's one-hot block (its levels in vocabulary order, then a blank level when
-  training had blanks). An unseen level, or a blank the model never saw, is all zeros.
+- the **encoded layout** is what the network takes: every number column (blanks filled),
+  then one missing-indicator per number column that had blanks in training, then each
+  one-hot category's block (its levels in vocabulary order, then a blank level when
+  training had blanks; an unseen level, or a blank the model never saw, is all zeros), then
+  one level-index column per embedded category (``network.Embeddings`` turns each into its
+  trained vector before the scaler: rows are the levels, then unknown, then blank).
 
 ``FeatureEncoder`` maps raw to encoded with a fixed handful of tensor operations (no
 data-dependent control flow, so it traces and exports), and training encodes the whole
@@ -58,12 +60,28 @@ class ColumnPlan:
     levels: list[Any] = field(default_factory=list)  # categories: the sorted vocabulary
     level_type: Literal["text", "number"] | None = None
     blank_level: bool = False  # categories: blanks were seen in training and have their own slot
+    embedding_dim: int | None = None  # categories with encoding "embedding"
+
+    @property
+    def embedded(self) -> bool:
+        return self.kind == "category" and self.encoding == "embedding"
 
     @property
     def width(self) -> int:
+        """Columns in the encoded layout (an embedded category is one column: its level index)."""
+        if self.embedded:
+            return 1
         if self.kind == "category":
             return len(self.levels) + int(self.blank_level)
         return 1 + int(self.indicator)
+
+    @property
+    def embedding(self) -> tuple[int, int] | None:
+        """(rows, dim) of an embedded category's table: its levels, then unknown, then blank."""
+        if not self.embedded:
+            return None
+        assert self.embedding_dim is not None
+        return len(self.levels) + 2, self.embedding_dim
 
 
 @dataclass(frozen=True)
@@ -77,6 +95,16 @@ class FeaturePlan:
     @property
     def width(self) -> int:
         return sum(c.width for c in self.columns)
+
+    @property
+    def embeddings(self) -> list[tuple[int, int]]:
+        """The embedding tables, in the order of their index columns (last in the encoded layout)."""
+        return [c.embedding for c in self.columns if c.embedding is not None]
+
+    @property
+    def net_width(self) -> int:
+        """The network's input width: the encoded layout with each index column as its embedding."""
+        return self.width + sum(dim - 1 for _, dim in self.embeddings)
 
     @property
     def is_identity(self) -> bool:
@@ -97,6 +125,7 @@ class FeaturePlan:
                 {
                     "column": c.name,
                     "kind": c.kind,
+                    "encoding": c.encoding,
                     "value": "level index in 'levels', NaN when blank, -1 when unseen"
                     if c.kind == "category"
                     else "the number, NaN when blank",
@@ -196,15 +225,21 @@ def _fit_column(name: str, values: np.ndarray, override: S.ColumnSpec | None, ma
         if not levels:
             raise _fail(f"column {name!r} is blank in every training row: ignore it", ["columns", name])
         blank_level = bool(blanks.any()) and strategy in (None,)
+        embedded = S.wants_embedding(override, len(levels))
+        dim = None
+        if embedded:
+            dim = override.embedding_dim if override is not None and override.embedding_dim else None
+            dim = dim or S.embedding_dim(len(levels))
         return ColumnPlan(
             name,
             "category",
             strategy or "level",
             constant,
-            encoding="one_hot",
+            encoding="embedding" if embedded else "one_hot",
             levels=levels,
             level_type=level_type,
             blank_level=blank_level,
+            embedding_dim=dim,
         )
     numbers = as_numbers(name, values)
     blanks = np.isnan(numbers)
@@ -307,15 +342,29 @@ class FeatureEncoder(nn.Module):
     indicator_source: torch.Tensor
     onehot_source: torch.Tensor
     onehot_code: torch.Tensor
+    embed_source: torch.Tensor
+    embed_unknown: torch.Tensor
+    embed_blank: torch.Tensor
 
     def __init__(self, plan: FeaturePlan) -> None:
         super().__init__()
         numbers = [(j, c) for j, c in enumerate(plan.columns) if c.kind != "category"]
         sources, codes = [], []
+        embedded = [(j, c) for j, c in enumerate(plan.columns) if c.embedded]
         for j, c in enumerate(plan.columns):
-            if c.kind == "category":
+            if c.kind == "category" and not c.embedded:
                 sources += [j] * c.width
                 codes += [float(k) for k in range(len(c.levels))] + ([_BLANK_CODE] if c.blank_level else [])
+        # An embedded category's index: its level, else its table's unknown row (levels), or its
+        # blank row (levels + 1) when training had blanks.
+        self.register_buffer("embed_source", torch.tensor([j for j, _ in embedded], dtype=torch.long))
+        self.register_buffer(
+            "embed_unknown", torch.tensor([float(len(c.levels)) for _, c in embedded], dtype=torch.float32)
+        )
+        self.register_buffer(
+            "embed_blank",
+            torch.tensor([float(len(c.levels) + int(c.blank_level)) for _, c in embedded], dtype=torch.float32),
+        )
         self.register_buffer("number_source", torch.tensor([j for j, _ in numbers], dtype=torch.long))
         self.register_buffer(
             "number_fill", torch.tensor([float(c.fill_value or 0.0) for _, c in numbers], dtype=torch.float32)
@@ -330,7 +379,10 @@ class FeatureEncoder(nn.Module):
         indicators = torch.isnan(x.index_select(1, self.indicator_source)).to(x.dtype)
         cells = x.index_select(1, self.onehot_source)
         hot = (cells == self.onehot_code) | (torch.isnan(cells) & (self.onehot_code == _BLANK_CODE))
-        return torch.cat([filled, indicators, hot.to(x.dtype)], dim=1)
+        codes = x.index_select(1, self.embed_source)
+        outside = (codes < 0) | (codes >= self.embed_unknown)  # NaN compares False: kept for the next line
+        index = torch.where(torch.isnan(codes), self.embed_blank, torch.where(outside, self.embed_unknown, codes))
+        return torch.cat([filled, indicators, hot.to(x.dtype), index], dim=1)
 
 
 _ENCODE_CHUNK = 65_536
@@ -407,17 +459,21 @@ def prepare(table: Table, spec: S.TrainSpec, plan: S.TrainingPlan, limits: S.Lim
         x = encode_table(fitted, table, keep)
         described = ", ".join(
             f"{c.name} ({c.kind}{', ' + str(len(c.levels)) + ' levels' if c.kind == 'category' else ''}"
+            f"{', embedding of ' + str(c.embedding_dim) if c.embedded else ''}"
             f"{', missing indicator' if c.indicator else ''})"
             for c in fitted.columns
             if c.kind == "category" or c.indicator
         )
         notes.append(f"preprocessing: {len(plan.features)} columns -> {fitted.width} features; {described}")
-    n_parameters, _ = S.count_parameters(spec.model, fitted.width)
+    n_parameters, _ = S.count_parameters(spec.model, fitted.net_width)
+    n_parameters += sum(rows * dim for rows, dim in fitted.embeddings)
     if n_parameters > limits.max_parameters:
         raise _fail(
             f"the model has {n_parameters:,} parameters with the encoded columns, the limit is "
             f"{limits.max_parameters:,}",
             ["model"],
         )
-    resolved = dataclasses.replace(plan, in_features=fitted.width, n_parameters=n_parameters)
+    resolved = dataclasses.replace(
+        plan, in_features=fitted.net_width, n_parameters=n_parameters, embeddings=tuple(fitted.embeddings)
+    )
     return Prepared(resolved, fitted, x, y, split, notes)

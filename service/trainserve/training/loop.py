@@ -614,11 +614,16 @@ def train(
     train_rows, val_rows = split.train, split.validation
     has_val = len(val_rows) > 0
     subset = len(train_rows) != len(x)  # some rows are held out
+    fixed = x.shape[1] - len(plan.embeddings)  # columns before the embedded categories' indices
     if spec.standardize:
         mean, std = _standardization(x, train_rows if subset else None)
     else:
         mean = np.zeros(x.shape[1], dtype=np.float32)
         std = np.ones(x.shape[1], dtype=np.float32)
+    if plan.embeddings:  # trained vectors need no scaling; the index columns are not scaled at all
+        width = sum(dim for _, dim in plan.embeddings)
+        mean = np.concatenate([mean[:fixed], np.zeros(width, dtype=np.float32)])
+        std = np.concatenate([std[:fixed], np.ones(width, dtype=np.float32)])
     # One float32 copy of the table at most (none when the caller's matrix already is one), moved
     # to the device once; the split is index vectors into it, and the scaler runs on each batch.
     matrix = np.ascontiguousarray(x, dtype=np.float32)
@@ -630,11 +635,12 @@ def train(
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(spec.seed)
-        model = TabularNet(spec.model, plan.in_features)
+        model = TabularNet(spec.model, plan.in_features, embeddings=list(plan.embeddings) or None)
         model.scaler.mean.copy_(torch.from_numpy(mean))
         model.scaler.std.copy_(torch.from_numpy(std))
         model.to(device)
-        net = model.net
+        # What trains (and what checkpoints hold): the user's layers, and embeddings if any.
+        net: nn.Module = model.net if model.embeddings is None else model
         loss_fn = build_loss(spec.loss, train_targets, len(plan.classes) if plan.classes is not None else None)
         loss_fn.to(device)
         optimizer = build_optimizer(spec.optimizer, net.parameters())
@@ -699,6 +705,8 @@ def choose_steps(
 ) -> tuple[Steps, list[str]]:
     """The fastest loop this spec can run on, and a note saying which one it is and why."""
     reason = native.unsupported_reason(spec, plan.n_parameters, device)
+    if plan.embeddings:
+        reason = "category embeddings train in eager PyTorch"
     if reason is None:
         try:
             started = time.perf_counter()

@@ -26,6 +26,12 @@ NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
 
 
+def _is_none(value: Any) -> bool:
+    """Fields added after specs were first stored are left out of a dump while unset, so that
+    older specs dump (and fingerprint their checkpoints) as they always did."""
+    return value is None
+
+
 class _Strict(BaseModel):
     # strict: a JSON "10" or true is not the number 10 or 1; a spec says what it means.
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -151,6 +157,7 @@ class CrossEntropyLoss(_Strict):
     label_smoothing: Fraction = 0.0
     weight: Literal["balanced"] | list[Positive] | None = Field(
         default=None,
+        exclude_if=_is_none,
         description="Per-class weights in the model's class order, or 'balanced': n / (classes x count), "
         "counted on the training split.",
     )
@@ -162,7 +169,9 @@ class CrossEntropyLoss(_Strict):
 class BCEWithLogitsLoss(_Strict):
     type: Literal["BCEWithLogitsLoss"]
     pos_weight: Literal["balanced"] | Positive | None = Field(
-        default=None, description="Weight of the positive class, or 'balanced': negatives / positives in training."
+        default=None,
+        exclude_if=_is_none,
+        description="Weight of the positive class, or 'balanced': negatives / positives in training.",
     )
 
     def kwargs(self) -> dict[str, Any]:
@@ -404,9 +413,14 @@ class TrainSpec(BaseModel):
     seed: int = Field(default=0, ge=0, le=2**63 - 1, description="Same seed, same data, same CPU: same weights.")
     standardize: bool = Field(default=True, description="Scale inputs with training-set mean and std.")
     validation_split: Fraction = Field(default=0.0, description="Short for split: {validation: x}.")
-    split: Split | None = Field(default=None, description="Validation and test shares, optionally stratified.")
+    split: Split | None = Field(
+        default=None, exclude_if=_is_none, description="Validation and test shares, optionally stratified."
+    )
     columns: dict[str, ColumnSpec] | None = Field(
-        default=None, max_length=_COLUMN_LIMIT, description="Per-column overrides of type and missing values."
+        default=None,
+        exclude_if=_is_none,
+        max_length=_COLUMN_LIMIT,
+        description="Per-column overrides of type and missing values.",
     )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     scheduler: Scheduler | None = Field(
@@ -518,9 +532,11 @@ class TrainingPlan:
     targets: list[str]
     task: Task
     classes: list[Any] | None
-    in_features: int
+    in_features: int  # the network's input width: encoded columns, embedded categories at their dims
     out_features: int
-    n_parameters: int
+    n_parameters: int  # embeddings included
+    # Category columns trained as embeddings, last in the encoded layout: (table rows, dim) each.
+    embeddings: tuple[tuple[int, int], ...] = ()
 
 
 def task_of(loss: Loss) -> Task:
@@ -644,8 +660,11 @@ def plan_training(spec: TrainSpec, schema: TableSchema, limits: Limits) -> Train
                 ["loss", "weight"],
             )
 
-    in_features = sum(encoded_width(_column(schema, name, "features"), spec) for name in features)
+    encodings = [encoding_of(_column(schema, name, "features"), spec) for name in features]
+    embeddings = tuple(table for _, table in encodings if table is not None)
+    in_features = sum(width for width, _ in encodings)
     n_parameters, out_width = count_parameters(spec.model, in_features)
+    n_parameters += sum(rows * dim for rows, dim in embeddings)
     if out_width != expected_width:
         what = {
             "classification": f"{expected_width} classes in {targets[0]!r}",
@@ -675,6 +694,7 @@ def plan_training(spec: TrainSpec, schema: TableSchema, limits: Limits) -> Train
         in_features=in_features,
         out_features=out_width,
         n_parameters=n_parameters,
+        embeddings=embeddings,
     )
 
 
@@ -704,19 +724,38 @@ def _levels_of(column: ColumnInfo) -> int | None:
     return sum(1 for c in column.classes if c != "")
 
 
-def encoded_width(column: ColumnInfo, spec: TrainSpec) -> int:
-    """How many encoded columns a feature becomes (an upper bound: levels are refitted on the
-    training split): a number 1, plus 1 for its missing indicator; a category one per level,
-    plus one for blanks."""
+# A category with more levels than this is embedded rather than one-hot by default.
+EMBED_ABOVE_LEVELS = 50
+
+
+def embedding_dim(levels: int) -> int:
+    """The default width of a category's embedding: grows slowly with its levels (fastai's
+    rule of thumb, 1.6 * levels ** 0.56), at most 16."""
+    return int(min(16, max(2, round(1.6 * levels**0.56))))
+
+
+def wants_embedding(override: ColumnSpec | None, levels: int) -> bool:
+    if override is not None and override.encoding is not None:
+        return override.encoding == "embedding"
+    return levels > EMBED_ABOVE_LEVELS
+
+
+def encoding_of(column: ColumnInfo, spec: TrainSpec) -> tuple[int, tuple[int, int] | None]:
+    """(network input columns, embedding table or None) a feature becomes (an upper bound: levels
+    are refitted on the training split): a number 1, plus 1 for its missing indicator; a
+    one-hot category one per level, plus one for blanks; an embedded one its dimension."""
     override = (spec.columns or {}).get(column.name)
     kind = column_kind(column, override)
     missing = _missing_of(column) > 0
     if kind == "category":
         levels = _levels_of(column) or 1
+        if wants_embedding(override, levels):
+            dim = override.embedding_dim if override is not None and override.embedding_dim else embedding_dim(levels)
+            return dim, (levels + 2, dim)
         blank_level = missing and (override is None or override.missing is None)
-        return levels + int(blank_level)
+        return levels + int(blank_level), None
     indicator = missing and (override is None or override.missing in (None, "median", "mean", "constant"))
-    return 1 + int(indicator)
+    return 1 + int(indicator), None
 
 
 def _plan_columns(spec: TrainSpec, schema: TableSchema, targets: list[str], limits: Limits) -> list[str]:
@@ -771,12 +810,6 @@ def _check_column(column: ColumnInfo, override: ColumnSpec | None, n_rows: int, 
         raise _fail(f"columns.{name}: a text column cannot be 'boolean'; use 'category'", [*loc, "type"])
     if override.encoding is not None and kind != "category":
         raise _fail(f"columns.{name}: encoding is for category columns, this one is {kind!r}", [*loc, "encoding"])
-    if override.encoding == "embedding":
-        raise _fail(
-            f"columns.{name}: encoding 'embedding' is not available in this release; use 'one_hot' "
-            "(or 'ignore' the column)",
-            [*loc, "encoding"],
-        )
     if kind == "category":
         _check_levels(column, limits, loc)
         if override.missing in ("median", "mean"):
