@@ -135,8 +135,18 @@ def _column_summary(column: dict[str, Any]) -> dict[str, Any]:
         "indicator": bool(column.get("indicator")),
         "levels": levels if category else None,
         "blank_level": bool(column.get("blank_level")) if category else None,
-        "width": levels + int(bool(column.get("blank_level"))) if category else 1 + int(bool(column.get("indicator"))),
+        "embedding_dim": column.get("embedding_dim"),
+        "width": _width(column, levels),
     }
+
+
+def _width(column: dict[str, Any], levels: int) -> int:
+    """Columns the feature takes in the network's input (an embedding: its dimension)."""
+    if column["kind"] != "category":
+        return 1 + int(bool(column.get("indicator")))
+    if column.get("encoding") == "embedding":
+        return int(column.get("embedding_dim") or 1)
+    return levels + int(bool(column.get("blank_level")))
 
 
 _INPUTS_SCHEMA = {
