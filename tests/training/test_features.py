@@ -330,3 +330,19 @@ def test_embedding_dim_is_taken_from_the_spec():
     ready = prepared(table, spec)
     assert ready.plan.embeddings == ((3 + 2, 3),)
     assert ready.plan.in_features == 3 + 3  # length and its indicator, depth, then island's 3 dims
+
+
+def test_the_table_encoded_for_training_is_bit_for_bit_what_the_served_encoder_computes():
+    table = mixed_table(300)
+    city = np.array([f"c{i % 60}" for i in range(300)])
+    city[::7] = ""
+    city[250:260] = "new"
+    table = Table([*table.names[:3], "city", "label"], [*table.columns[:3], city, table.column("label")])
+    plan = features.fit(table, ["length", "depth", "island", "city"], make_spec(), np.arange(200), max_levels=100)
+    assert plan.columns[3].embedded
+    raw, unseen = features.raw_matrix(plan, [table.column(n) for n in plan.features])
+    assert unseen  # rows 200.. hold levels the first 200 rows never had
+    with torch.inference_mode():
+        served = features.FeatureEncoder(plan)(torch.from_numpy(raw)).numpy()
+    trained = features.encode_table(plan, table)
+    assert served.tobytes() == trained.tobytes()

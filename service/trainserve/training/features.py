@@ -385,21 +385,56 @@ class FeatureEncoder(nn.Module):
         return torch.cat([filled, indicators, hot.to(x.dtype), index], dim=1)
 
 
-_ENCODE_CHUNK = 65_536
-
-
 def encode_table(plan: FeaturePlan, table: Table, rows: np.ndarray | None = None) -> np.ndarray:
-    """The whole table (or ``rows`` of it) in the encoded layout, as one float32 matrix, built
-    once for training a chunk of rows at a time."""
+    """The whole table (or ``rows`` of it) in the encoded layout, as one float32 matrix: what
+    ``FeatureEncoder`` computes from the raw layout, written column by column with numpy (a
+    one-hot block is one scatter of ones, not a comparison per level: 500,000 rows with 56
+    encoded columns took 4 s through the encoder's torch operations on a loaded 2-core machine,
+    well under 1 s this way). Selections and comparisons only, so the values are the same bits
+    as the encoder's (tests/training/test_features.py checks it)."""
     columns = [table.column(name) if rows is None else table.column(name)[rows] for name in plan.features]
     raw, _ = raw_matrix(plan, columns)
-    encoder = FeatureEncoder(plan)
-    out = np.empty((len(raw), plan.width), dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(raw), _ENCODE_CHUNK):
-            stop = min(start + _ENCODE_CHUNK, len(raw))
-            out[start:stop] = encoder(torch.from_numpy(raw[start:stop])).numpy()
+    out = np.zeros((len(raw), plan.width), dtype=np.float32)
+    # A block of rows at a time, so that the block being written stays in the CPU's caches
+    # (column by column over the whole matrix, every column pass wrote every cache line again).
+    for start in range(0, len(raw), _ENCODE_BLOCK_ROWS):
+        stop = min(start + _ENCODE_BLOCK_ROWS, len(raw))
+        _encode_block(plan, raw[start:stop], out[start:stop])
     return out
+
+
+_ENCODE_BLOCK_ROWS = 8_192
+
+
+def _encode_block(plan: FeaturePlan, raw: np.ndarray, out: np.ndarray) -> None:
+    numbers = [(j, c) for j, c in enumerate(plan.columns) if c.kind != "category"]
+    at = 0
+    for j, c in numbers:
+        blank = np.isnan(raw[:, j])
+        out[:, at] = np.where(blank, np.float32(c.fill_value or 0.0), raw[:, j])
+        at += 1
+    for j, c in numbers:
+        if c.indicator:
+            out[:, at] = np.isnan(raw[:, j])
+            at += 1
+    every = np.arange(len(raw))
+    for j, c in enumerate(plan.columns):
+        if c.kind != "category" or c.embedded:
+            continue
+        codes = raw[:, j]
+        blank = np.isnan(codes)
+        known = ~blank & (codes >= 0) & (codes < len(c.levels))
+        out[every[known], at + codes[known].astype(np.int64)] = 1.0
+        if c.blank_level:
+            out[blank, at + len(c.levels)] = 1.0
+        at += c.width
+    for j, c in enumerate(plan.columns):
+        if c.embedded:
+            codes = raw[:, j]
+            unknown, blank_row = len(c.levels), len(c.levels) + int(c.blank_level)
+            outside = (codes < 0) | (codes >= unknown)
+            out[:, at] = np.where(np.isnan(codes), blank_row, np.where(outside, unknown, codes))
+            at += 1
 
 
 # -- a table made ready to train -----------------------------------------------------------------
