@@ -228,7 +228,5 @@ def test_class_weights_a_stratified_test_split_and_the_confusion_plot(
     assert test["per_class"]["Chinstrap"]["support"] >= 1  # stratified: the rare class is in the test rows
     assert detail["metrics"]["test_balanced_accuracy"] == test["balanced_accuracy"]
     assert "validation" in detail["evaluation"]
-    plot = client.http.get(f"/models/{job.model_id}/confusion.png")
-    assert plot.status_code == 200
-    assert plot.content.startswith(b"\x89PNG")
+    assert client.confusion_plot(job.model_id or "", part="validation").startswith(b"\x89PNG")
     assert client.http.get(f"/models/{trained['model_id']}/confusion.png").status_code == 409
