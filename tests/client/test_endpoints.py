@@ -170,6 +170,9 @@ async def _every_endpoint(ts: Driver, moons: bytes) -> None:
     for png in (await ts("loss_plot", job.id, width=320, height=240), await ts("model_plot", model_id)):
         assert png.startswith(b"\x89PNG")
     assert (await ts("export_model", model_id)).startswith(b"PK")  # a TorchScript zip archive
+    with pytest.raises(ApiError) as no_test_rows:  # trained without a test split: nothing to plot
+        await ts("confusion_plot", model_id)
+    assert no_test_rows.value.status_code == 409
 
     rows = [[0.0, 0.5], [1.0, -0.5]]
     answer = await ts("predict", model_id, rows)
