@@ -46,8 +46,6 @@ class Settings(BaseSettings):
     max_parameters: int = Field(default=50_000_000, gt=0)
     max_layer_width: int = Field(default=65_536, gt=0)
     max_train_memory_bytes: int = Field(default=8 * 1024**3, gt=0)
-    # A category feature with more distinct values than this is refused (its one-hot width).
-    max_category_levels: int = Field(default=1000, gt=0)
     model_cache_size: int = Field(default=32, gt=0)
     # A cached model is re-checked in the database once it is this old, so that a delete in
     # another API process stops it answering here too (a delete in this process is at once).
@@ -102,6 +100,20 @@ class Settings(BaseSettings):
     orphan_grace_seconds: float = Field(default=3600.0, ge=0)
     # How long `serve` waits for its workers to checkpoint and hand back their jobs on stop.
     drain_timeout_seconds: float = Field(default=30.0, gt=0)
+
+    # Uploads (datasets/tables.py keeps the same default as DEFAULT_NA_VALUES for direct callers).
+    na_values: list[str] = Field(
+        default=["", "NA", "N/A", "NaN", "null", "None", "-"],
+        description="Cells read as missing in uploaded CSV files (after trimming spaces), unless the upload's "
+        "'na_values' form field names others. The empty cell is always missing. "
+        'As an environment variable, a JSON list: TRAINSERVE_NA_VALUES=\'["", "NA", "?"]\'.',
+    )
+    category_limit: int = Field(
+        default=1000,
+        gt=1,
+        description="A text column with more distinct values than this is flagged 'very high cardinality' "
+        "in the dataset's profile, and refused as a category feature by POST /train.",
+    )
 
     @field_validator("api_key")
     @classmethod

@@ -6,9 +6,9 @@ The client imports these too, so they stay free of FastAPI and SQLAlchemy.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from trainserve.jobs.status import JobStatus
 
@@ -25,10 +25,51 @@ class _Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
+class TopValue(BaseModel):
+    value: Any = Field(description="A category (or true/false for a boolean column)")
+    count: int
+
+
+class ColumnProfile(BaseModel):
+    kind: Literal["number", "integer", "boolean", "category"]
+    missing: int = Field(description="Rows where the column is blank or a null token")
+    missing_share: float = Field(description="missing / rows, 0 to 1")
+    distinct: int = Field(description="Distinct non-missing values")
+    min: float | None = Field(default=None, description="numbers, integers and booleans")
+    max: float | None = Field(default=None, description="numbers, integers and booleans")
+    mean: float | None = Field(default=None, description="numbers, integers and booleans")
+    top: list[TopValue] | None = Field(
+        default=None, description="categories and booleans: the most frequent values, at most 10"
+    )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What to look at before training: constant, looks like an id, very high cardinality, "
+        "missing in most rows, a rare class, a mixed column",
+    )
+
+
+_KIND_OF_DTYPE = {"string": "category", "int64": "integer", "float64": "number"}
+
+
 class Column(_Out):
     name: str
     dtype: str = Field(description="int64, float64 or string")
-    classes: list[Any] | None = Field(description="Distinct values, when the column can be a class label")
+    classes: list[Any] | None = Field(description="Distinct non-missing values, when the column can be a class label")
+    kind: Literal["number", "integer", "boolean", "category"] = Field(
+        description="The inferred type; a boolean is stored as float64 0/1, a blank number as NaN, a blank text as ''"
+    )
+    missing: int = Field(default=0, description="Rows where the column is missing")
+    profile: ColumnProfile | None = Field(default=None, description="None for datasets uploaded before profiles")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_records(cls, data: Any) -> Any:
+        # Datasets stored before kinds and profiles existed carry only name, dtype and classes.
+        if isinstance(data, dict) and not data.get("kind"):
+            data = {**data, "kind": _KIND_OF_DTYPE.get(data.get("dtype", ""), "number")}
+        if isinstance(data, dict) and not data.get("profile"):
+            data = {**data, "profile": None}
+        return data
 
 
 class Dataset(_Out):

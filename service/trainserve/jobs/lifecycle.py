@@ -30,7 +30,7 @@ def limits_of(settings: Settings) -> Limits:
         settings.max_layer_width,
         max_job_seconds=settings.max_job_seconds,
         max_memory_bytes=settings.max_train_memory_bytes,
-        max_category_levels=settings.max_category_levels,
+        max_category_levels=settings.category_limit,
     )
 
 

@@ -219,7 +219,7 @@ def _fit_column(name: str, values: np.ndarray, override: S.ColumnSpec | None, ma
         if len(levels) > max_levels:
             raise _fail(
                 f"column {name!r} has {len(levels)} distinct values in training, the limit is {max_levels} "
-                f"(TRAINSERVE_MAX_CATEGORY_LEVELS): ignore it or treat it as a number",
+                f"(TRAINSERVE_CATEGORY_LIMIT): ignore it or treat it as a number",
                 ["columns", name],
             )
         if not levels:

@@ -839,7 +839,7 @@ def _check_levels(column: ColumnInfo, limits: Limits, loc: list[str | int]) -> N
         count = "more than 1000" if levels is None else str(levels)
         raise _fail(
             f"column {column.name!r} is a category with {count} distinct values, the limit is "
-            f"{limits.max_category_levels} (TRAINSERVE_MAX_CATEGORY_LEVELS): ignore it with "
+            f"{limits.max_category_levels} (TRAINSERVE_CATEGORY_LIMIT): ignore it with "
             f'"columns": {{"{column.name}": {{"type": "ignore"}}}}, or treat it as a number',
             loc,
         )
