@@ -36,7 +36,8 @@ Client = TrainserveClient | AsyncTrainserveClient
 
 def test_the_table_lists_the_routes_the_clients_use() -> None:
     routes = {(e.route.method, e.route.path) for e in TABLE.values()}
-    assert len(TABLE) == 19
+    assert len(TABLE) == 20
+    assert ("GET", "/models/{model_id}/confusion.png") in routes
     assert ("GET", "/jobs/{job_id}/events") in routes
     assert ("POST", "/predict") in routes
     assert sum(e.route.path == "/predict" for e in TABLE.values()) == 3  # JSON, .npy and CSV
