@@ -255,10 +255,32 @@ SPECS = {
     "path as a dataset id": Case(404, "does not exist", spec(dataset_id="../../etc/passwd")),
     "missing target column": Case(422, "target column 'nope' is not in the dataset", spec(target="nope")),
     "missing feature column": Case(422, "features column 'ghost' is not", spec(features=["x0", "ghost"])),
-    "text feature column": Case(
+    # A text feature is a category now (training.features); asking 'number' of it names the rows.
+    "number asked of a text column": Case(
         422,
-        "feature column 'color' holds text",
-        lambda w: {"method": "POST", "url": "/train", "json": {**moons_spec(w.text_dataset_id), "model": LINEAR_2}},
+        "columns.color: type 'number' but rows 1, 2, 3, 4 hold text",
+        lambda w: {
+            "method": "POST",
+            "url": "/train",
+            "json": {**moons_spec(w.text_dataset_id), "model": LINEAR_2, "columns": {"color": {"type": "number"}}},
+        },
+    ),
+    "target listed twice": Case(422, "target 'label' is listed twice", spec(target=["label", "label"])),
+    "target also a feature": Case(422, "'label' is both a feature and the target", spec(features=["x0", "label"])),
+    "unknown column in columns": Case(
+        422, "columns: 'ghost' is not in the dataset", spec(columns={"ghost": {"type": "ignore"}})
+    ),
+    "fill_value of the wrong type": Case(
+        422,
+        "fill_value must be a number",
+        spec(columns={"x0": {"missing": "constant", "fill_value": "zero"}}),
+    ),
+    "split leaving one training row": Case(422, "leaves 1 training row(s) of 200", spec(validation_split=0.999)),
+    "split and validation_split": Case(
+        422, "either validation_split or split", spec(validation_split=0.2, split={"validation": 0.2})
+    ),
+    "class weights of the wrong length": Case(
+        422, "loss.weight has 3 values", spec(loss={"type": "CrossEntropyLoss", "weight": [1, 2, 3]})
     ),
     "output width vs labels": Case(
         422, "output width is 3, the data needs 2 classes", spec(model=[{"type": "Linear", "out_features": 3}])
@@ -344,7 +366,8 @@ PREDICTIONS = {
     "NaN": Case(422, "inputs[0][1]", raw_predict('{"model_id": "MODEL", "inputs": [[1.0, NaN]]}')),
     "Infinity": Case(422, "inputs[0][0]", raw_predict('{"model_id": "MODEL", "inputs": [[-Infinity, 1.0]]}')),
     "number beyond float64": Case(422, "inputs[0][0]", raw_predict('{"model_id": "MODEL", "inputs": [[1e999, 1]]}')),
-    "number beyond float32": Case(422, "inputs[0][1]", predict([[1.0, 1e300]])),
+    "number beyond float32": Case(422, "inputs[0][1]: 1e+300 is out of float32 range", predict([[1.0, 1e300]])),
+    "1e308": Case(422, "out of float32 range", predict([[1e308, 1.0]])),
     "rows mixing lists and objects": Case(422, "inputs[1]", predict([[1.0, 2.0], {"x0": 1.0, "x1": 2.0}])),
     "a row that is a string": Case(422, "inputs[0]", predict(["1,2"])),
     "rows nested too deep": Case(422, "inputs[0]", predict([[[1.0, 2.0]]])),

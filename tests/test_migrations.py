@@ -86,3 +86,14 @@ def test_the_workers_table_goes_up_down_and_up(database_url: str) -> None:
     assert "lease_expires_at" in columns(database_url, "jobs")  # 0003 and before untouched
     command.upgrade(config, "0004")
     assert columns(database_url, "workers") == {"name", "devices", "heartbeat_at", "started_at"}
+
+
+def test_the_preprocessing_and_evaluation_columns_go_up_down_and_up(database_url: str) -> None:
+    config = alembic_config(database_url)
+    command.upgrade(config, "0005")
+    assert {"preprocessing", "evaluation"} <= columns(database_url, "trained_models")
+    command.downgrade(config, "0004")
+    assert not {"preprocessing", "evaluation"} & columns(database_url, "trained_models")
+    assert "parent_model_id" in columns(database_url, "trained_models")  # 0003's column untouched
+    command.upgrade(config, "0005")
+    assert {"preprocessing", "evaluation"} <= columns(database_url, "trained_models")

@@ -292,7 +292,7 @@ class Settings(BaseSettings):
         default=1000,
         gt=1,
         description="A text column with more distinct values than this is flagged 'very high cardinality' "
-        "in the dataset's profile.",
+        "in the dataset's profile, and refused as a category feature by POST /train.",
     )
 
     @field_validator("api_key")

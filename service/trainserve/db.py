@@ -145,6 +145,11 @@ class ModelRecord(Base):
     # The model a warm start (``init_from``) began from; no foreign key: a parent may be
     # deleted while its children live on, and the chain then ends there.
     parent_model_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    # training.features.FeaturePlan.to_json(): how each column became features (null: models
+    # trained before preprocessing existed, which take numbers only).
+    preprocessing: Mapped[dict[str, Any] | None]
+    # The full metrics report (training.metrics) on the validation and test rows, by part.
+    evaluation: Mapped[dict[str, Any] | None]
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -36,7 +36,8 @@ Client = TrainserveClient | AsyncTrainserveClient
 
 def test_the_table_lists_the_routes_the_clients_use() -> None:
     routes = {(e.route.method, e.route.path) for e in TABLE.values()}
-    assert len(TABLE) == 25
+    assert len(TABLE) == 26
+    assert ("GET", "/models/{model_id}/confusion.png") in routes
     assert ("GET", "/jobs/{job_id}/events") in routes
     assert ("POST", "/predict") in routes
     assert sum(e.route.path == "/predict" for e in TABLE.values()) == 3  # JSON, .npy and CSV
@@ -170,6 +171,9 @@ async def _every_endpoint(ts: Driver, moons: bytes) -> None:
     for png in (await ts("loss_plot", job.id, width=320, height=240), await ts("model_plot", model_id)):
         assert png.startswith(b"\x89PNG")
     assert (await ts("export_model", model_id)).startswith(b"PK")  # a TorchScript zip archive
+    with pytest.raises(ApiError) as no_test_rows:  # trained without a test split: nothing to plot
+        await ts("confusion_plot", model_id)
+    assert no_test_rows.value.status_code == 409
 
     rows = [[0.0, 0.5], [1.0, -0.5]]
     answer = await ts("predict", model_id, rows)

@@ -145,7 +145,8 @@ def test_layer_without_type_is_rejected():
         ({"model": [linear(3, in_features=2)]}, ("model", 0, "Linear", "in_features")),
         ({"model": [{"type": "ReLU", "inplace": True}]}, ("model", 0, "ReLU", "inplace")),
         ({"loss": {"type": "MSELoss", "reduction": "sum"}}, ("loss", "MSELoss", "reduction")),
-        ({"loss": {"type": "CrossEntropyLoss", "weight": [1, 2]}}, ("loss", "CrossEntropyLoss", "weight")),
+        # weight is allowed now (class weights); torch's ignore_index is not.
+        ({"loss": {"type": "CrossEntropyLoss", "ignore_index": 0}}, ("loss", "CrossEntropyLoss", "ignore_index")),
         ({"optimizer": {"type": "SGD", "lr": 0.1, "foreach": True}}, ("optimizer", "SGD", "foreach")),
         ({"optimizer": {"type": "Adam", "fused": True}}, ("optimizer", "Adam", "fused")),
         ({"learning_rate": 0.1}, ("learning_rate",)),
@@ -269,19 +270,19 @@ def test_plan_needs_a_feature_besides_the_target():
     assert first_loc(error) == ["features"]
 
 
-def test_plan_rejects_string_feature_column():
+def test_plan_takes_a_text_feature_as_a_category():
+    # The old refusal ("features must be numeric") is gone: 'city' is one-hot, one column per level.
     spec = make_spec(target="species", features=["age", "city"], model=[linear(3)])
-    error = plan_error(spec, MIXED)
-    assert "'city'" in error.detail
-    assert "text" in error.detail
-    assert first_loc(error) == ["features"]
+    plan = plan_training(spec, MIXED, LIMITS)
+    assert plan.features == ["age", "city"]
+    assert plan.in_features == 1 + 2
 
 
-def test_plan_default_features_include_string_columns_and_are_rejected():
+def test_plan_default_features_include_string_columns():
     spec = make_spec(model=[linear(3)])  # target "species"; features default to all others, "city" included
-    error = plan_error(spec, MIXED)
-    assert "'city'" in error.detail
-    assert first_loc(error) == ["features"]
+    plan = plan_training(spec, MIXED, LIMITS)
+    assert "city" in plan.features
+    assert plan.in_features == 5 + 1  # four numbers, Oslo and Rome
 
 
 # -- plan_training: widths and tasks -------------------------------------------------------------

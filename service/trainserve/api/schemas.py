@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from trainserve.jobs.status import JobStatus
 
@@ -145,6 +145,52 @@ class Model(_Out):
     parent_model_id: str | None = Field(
         default=None, description="The model a warm start (init_from) began from, if any"
     )
+    preprocessing: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="Per feature column, in input order: kind, encoding, missing strategy, fill value, "
+        "missing indicator, category level count (null: a model from before preprocessing existed)",
+    )
+    evaluation: dict[str, Any] | None = Field(
+        default=None,
+        description="The full report on the validation and test rows: accuracy, balanced accuracy, macro F1, "
+        "per-class precision/recall/F1, confusion matrix, ROC AUC, log loss; MAE, RMSE, R² for regressors",
+    )
+
+    @field_validator("preprocessing", mode="before")
+    @classmethod
+    def _described(cls, value: Any) -> Any:
+        # Stored as the fitted plan (with vocabularies); shown as one summary per column.
+        if isinstance(value, dict) and "columns" in value:
+            return [_column_summary(c) for c in value["columns"]]
+        return value
+
+
+def _column_summary(column: dict[str, Any]) -> dict[str, Any]:
+    """One column of a stored FeaturePlan (trainserve.training.features) as GET /models shows it;
+    here rather than there so that the client's schemas need no torch."""
+    category = column["kind"] == "category"
+    levels = len(column.get("levels") or [])
+    return {
+        "name": column["name"],
+        "kind": column["kind"],
+        "encoding": column.get("encoding"),
+        "missing": column.get("missing"),
+        "fill_value": column.get("fill_value"),
+        "indicator": bool(column.get("indicator")),
+        "levels": levels if category else None,
+        "blank_level": bool(column.get("blank_level")) if category else None,
+        "embedding_dim": column.get("embedding_dim"),
+        "width": _width(column, levels),
+    }
+
+
+def _width(column: dict[str, Any], levels: int) -> int:
+    """Columns the feature takes in the network's input (an embedding: its dimension)."""
+    if column["kind"] != "category":
+        return 1 + int(bool(column.get("indicator")))
+    if column.get("encoding") == "embedding":
+        return int(column.get("embedding_dim") or 1)
+    return levels + int(bool(column.get("blank_level")))
 
 
 _INPUTS_SCHEMA = {
@@ -178,6 +224,11 @@ class PredictResponse(BaseModel):
     predictions: list[Any]
     probabilities: list[list[float]] | None = None
     classes: list[Any] | None = Field(default=None, description="Labels of the probability columns")
+    warnings: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="Cells answered anyway, each {row, column, value, message}: a category never seen in "
+        "training (sent to the unknown slot), a blank where training had none (imputed)",
+    )
 
 
 class JobEvent(BaseModel):

@@ -275,6 +275,11 @@ def model_plot(model_id: str, *, width: int = 800, height: int = 600) -> Request
     return Request(path={"model_id": model_id}, params={"width": width, "height": height})
 
 
+@Route("GET", "/models/{model_id}/confusion.png").reads(raw_bytes)
+def confusion_plot(model_id: str, *, part: str = "test", width: int = 800, height: int = 600) -> Request:
+    return Request(path={"model_id": model_id}, params={"part": part, "width": width, "height": height})
+
+
 @Route("GET", "/models/{model_id}/export").reads(raw_bytes)
 def export_model(model_id: str, format: str = "torchscript") -> Request:
     return Request(path={"model_id": model_id}, params={"format": format})

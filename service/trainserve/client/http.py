@@ -160,6 +160,10 @@ class TrainserveClient:
         """Decision regions, fitted curve or predicted-vs-actual, as PNG bytes."""
         return self._send(endpoints.model_plot(model_id, width=width, height=height))
 
+    def confusion_plot(self, model_id: str, *, part: str = "test", width: int = 800, height: int = 600) -> bytes:
+        """A classifier's confusion matrix on its test (or validation) rows, as PNG bytes."""
+        return self._send(endpoints.confusion_plot(model_id, part=part, width=width, height=height))
+
     def export_model(self, model_id: str, format: str = "torchscript") -> bytes:
         """The model as a TorchScript archive or a torch.export program (``format``)."""
         return self._send(endpoints.export_model(model_id, format))
@@ -329,6 +333,9 @@ class AsyncTrainserveClient:
 
     async def model_plot(self, model_id: str, *, width: int = 800, height: int = 600) -> bytes:
         return await self._send(endpoints.model_plot(model_id, width=width, height=height))
+
+    async def confusion_plot(self, model_id: str, *, part: str = "test", width: int = 800, height: int = 600) -> bytes:
+        return await self._send(endpoints.confusion_plot(model_id, part=part, width=width, height=height))
 
     async def export_model(self, model_id: str, format: str = "torchscript") -> bytes:
         return await self._send(endpoints.export_model(model_id, format))

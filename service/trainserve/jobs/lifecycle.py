@@ -21,7 +21,7 @@ from trainserve.jobs.status import JobStatus
 from trainserve.jobs.workers import check_device
 from trainserve.serving import aliases
 from trainserve.storage.base import Store, new_id
-from trainserve.training import warmstart
+from trainserve.training import features, warmstart
 from trainserve.training.spec import Limits, TrainingPlan, TrainSpec, plan_training
 
 
@@ -32,6 +32,7 @@ def limits_of(settings: Settings) -> Limits:
         settings.max_layer_width,
         max_job_seconds=settings.max_job_seconds,
         max_memory_bytes=settings.max_train_memory_bytes,
+        max_category_levels=settings.category_limit,
     )
 
 
@@ -61,13 +62,23 @@ def submit(
     limits: Limits,
     *,
     workers_stale_s: float | None = None,
+    store: Store | None = None,
 ) -> JobRecord:
     """Validate the spec against the dataset, record a queued job, enqueue it on commit.
 
     With ``workers_stale_s``, a spec asking for a device no live worker has is refused
-    (Conflict); if no worker is live at all, the job waits, with a note saying so."""
+    (Conflict); if no worker is live at all, the job waits, with a note saying so. With
+    ``store``, a spec that asks 'number' of a text column is checked against the data
+    itself, so that the refusal names the rows holding words."""
     schema = TableSchema.from_dicts(dataset.n_rows, dataset.columns)
     plan = plan_training(spec, schema, limits)
+    numbers_of_text = [
+        name
+        for name, override in (spec.columns or {}).items()
+        if override.type == "number" and (column := schema.column(name)) is not None and column.dtype == "string"
+    ]
+    if numbers_of_text and store is not None:
+        features.check_numbers(store.load_dataset(dataset.id, dataset.file_sha256), spec)
     updates: dict[str, Any] = {"dataset_id": dataset.id}
     if spec.init_from is not None:
         # Pinned to the model's id: an alias moved while the job waits must not change its parent.

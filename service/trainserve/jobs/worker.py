@@ -27,7 +27,6 @@ from sqlalchemy.orm import Session
 
 import trainserve
 from trainserve.config import Settings
-from trainserve.datasets.tables import Table
 from trainserve.db import DatasetRecord, JobRecord, ModelRecord, make_engine, make_session_factory, rows_changed, utcnow
 from trainserve.errors import CheckpointMismatch, InvalidInput, TrainserveError
 from trainserve.jobs.attempt import Attempt, StopReason, TimeLimit, WorkerContext, thin_history
@@ -37,7 +36,7 @@ from trainserve.jobs.rescuer import Rescuer
 from trainserve.jobs.status import JobStatus
 from trainserve.jobs.workers import WorkerPresence, devices_here
 from trainserve.storage.base import new_id
-from trainserve.training import loop, native
+from trainserve.training import features, loop, native
 from trainserve.training.spec import TrainingPlan, TrainSpec, plan_training
 
 log = logging.getLogger(__name__)
@@ -165,12 +164,6 @@ def _drain_when_orphaned(draining: threading.Event) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _targets(table: Table, plan: TrainingPlan) -> np.ndarray:
-    if plan.task == "regression":
-        return table.matrix(plan.targets, dtype=np.float64)
-    return table.column(plan.targets[0])
-
-
 def on_this_worker(spec: TrainSpec, settings: Settings) -> TrainSpec:
     """The spec to train here: "auto" means the device this worker was started for
     (``trainserve worker --device cuda:1``), if any; otherwise the engine's choice, which
@@ -233,10 +226,20 @@ def _run_claimed(ctx: WorkerContext, attempt: Attempt, job: JobRecord, dataset: 
             raise InvalidInput("the job's dataset was deleted before the job ran")
         spec = TrainSpec.model_validate(job.spec)
         table = ctx.store.load_dataset(dataset.id, dataset.file_sha256)
-        plan = plan_training(spec, table.schema(), limits_of(ctx.settings))
-        x, y = table.matrix(plan.features), _targets(table, plan)
-        init = _parent_weights(ctx, spec) if spec.init_from is not None else None
-        result = _train(ctx, attempt, spec, plan, x, y, init)
+        limits = limits_of(ctx.settings)
+        parent = _parent(ctx, spec) if spec.init_from is not None else None
+        # A warm start keeps the parent's preprocessing (its levels, fill values and scaling)
+        # unless the spec asks to refit: the parent's first layer expects that layout.
+        inherited = None
+        if parent is not None and not spec.refit and parent.preprocessing is not None:
+            inherited = features.FeaturePlan.from_json(parent.preprocessing)
+        prepared = features.prepare(table, spec, plan_training(spec, table.schema(), limits), limits, inherited)
+        plan = prepared.plan
+        init = _parent_weights(ctx, parent) if parent is not None else None
+        result = _train(ctx, attempt, spec, plan, prepared.x, prepared.y, init, split=prepared.split)
+        if not prepared.features.is_identity:
+            result.module.attach_encoder(features.FeatureEncoder(prepared.features))
+        result.notes[:0] = prepared.notes
     except loop.TrainingPreempted as preempted:
         attempt.hand_back(
             f"attempt {attempt.lease.attempt}: worker {ctx.name} stopped; handed back at epoch "
@@ -258,7 +261,7 @@ def _run_claimed(ctx: WorkerContext, attempt: Attempt, job: JobRecord, dataset: 
         target=native.warm_rowwise, args=(spec.model, plan.in_features, plan.task), name="warm-rowwise", daemon=True
     ).start()
     try:
-        _save(ctx, attempt, dataset, spec, plan, result)
+        _save(ctx, attempt, dataset, spec, plan, result, prepared.features)
     except Exception as exc:
         log.exception("job %s: saving the model failed", job.id)
         _end_attempt(ctx, attempt, JobStatus.FAILED, error=f"saving the model failed: {type(exc).__name__}: {exc}")
@@ -266,12 +269,16 @@ def _run_claimed(ctx: WorkerContext, attempt: Attempt, job: JobRecord, dataset: 
         ctx.store.delete_checkpoint(job.id)
 
 
-def _parent_weights(ctx: WorkerContext, spec: TrainSpec) -> dict[str, torch.Tensor]:
-    """The weights of the model a warm start begins from (its id was pinned at submit)."""
+def _parent(ctx: WorkerContext, spec: TrainSpec) -> ModelRecord:
+    """The model a warm start begins from (its id was pinned at submit)."""
     with ctx.sessions() as session:
-        parent = session.get(ModelRecord, spec.init_from)
+        parent: ModelRecord | None = session.get(ModelRecord, spec.init_from)
     if parent is None:
         raise InvalidInput(f"the model in init_from ({spec.init_from}) was deleted before the job ran")
+    return parent
+
+
+def _parent_weights(ctx: WorkerContext, parent: ModelRecord) -> dict[str, torch.Tensor]:
     try:
         return ctx.store.load_weights(parent.id, parent.weights_sha256)
     except FileNotFoundError:
@@ -286,6 +293,8 @@ def _train(
     x: np.ndarray,
     y: np.ndarray,
     init: dict[str, torch.Tensor] | None = None,
+    *,
+    split: loop.Split | None = None,
 ) -> loop.TrainedModel:
     """Train, resuming from the job's checkpoint when an earlier attempt left one."""
     spec = on_this_worker(spec, ctx.settings)
@@ -298,6 +307,7 @@ def _train(
         "checkpoint_every_s": ctx.settings.checkpoint_seconds,
         "should_preempt": attempt.should_preempt,
         "init": init,
+        "split": split,
     }
     try:
         return loop.train(spec, plan, x, y, resume=resume, **options)
@@ -336,10 +346,16 @@ def _save(
     spec: TrainSpec,
     plan: TrainingPlan,
     result: loop.TrainedModel,
+    fitted: features.FeaturePlan,
 ) -> None:
     job_id = attempt.job_id
     model_id = new_id()
-    metadata = {"trainserve_model_id": model_id, "job_id": job_id, "spec": json.dumps(spec.model_dump(mode="json"))}
+    metadata = {
+        "trainserve_model_id": model_id,
+        "job_id": job_id,
+        "spec": json.dumps(spec.model_dump(mode="json")),
+        "preprocessing": json.dumps(fitted.to_json()),
+    }
     weights_sha256, weights_bytes = ctx.store.save_weights(model_id, result.module.state_dict(), metadata)
     last = result.history[-1]
     now = utcnow()
@@ -378,6 +394,8 @@ def _save(
         "device": result.device,
         "train_seconds": result.train_seconds,
         "parent_model_id": spec.init_from,
+        "preprocessing": fitted.to_json(),
+        "evaluation": result.evaluation or None,
     }
     try:
         # Two workers finishing jobs under one name at once may both pick the same next

@@ -1,7 +1,9 @@
 """Export a trained model for use outside the service: TorchScript or a ``torch.export`` program.
 
 The exported module takes raw feature rows (float32, ``[n, features]`` in the model's
-feature order: the input scaler is inside) and answers what ``POST /predict`` answers as
+feature order: the input scaler is inside; for a model with preprocessing, the raw layout
+of ``trainserve.training.features``, its imputation and one-hot encoding inside too, and
+the vocabularies in ``trainserve.json`` under ``preprocessing``) and answers what ``POST /predict`` answers as
 numbers: class probabilities ``[n, classes]`` for a classifier, the values
 ``[n, targets]`` for a regressor. ``trainserve.json`` inside the archive names the
 features, targets and classes.

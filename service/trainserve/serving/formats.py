@@ -21,7 +21,16 @@ import orjson
 
 from trainserve.errors import InvalidInput, PayloadTooLarge
 from trainserve.serving.aliases import ALIAS_PATTERN
-from trainserve.serving.predictor import Outcome, Predictor, check_finite, inputs_to_matrix
+from trainserve.serving.predictor import (
+    Outcome,
+    Predictor,
+    RawRows,
+    check_finite,
+    column_to_raw,
+    inputs_to_matrix,
+    inputs_to_raw,
+)
+from trainserve.training.features import FeaturePlan
 from trainserve.wire import prediction_columns
 
 _ALIAS = re.compile(ALIAS_PATTERN)
@@ -99,7 +108,11 @@ def parse_json_request(body: bytes) -> JsonRequest:
     return JsonRequest(selector, inputs, may_hold_booleans)
 
 
-def json_inputs_to_matrix(request: JsonRequest, predictor: Predictor, *, max_rows: int) -> np.ndarray:
+def json_inputs_to_matrix(request: JsonRequest, predictor: Predictor, *, max_rows: int) -> np.ndarray | RawRows:
+    """The request's rows as the model's input matrix; for a model with preprocessing, its raw
+    layout with the warnings earned on the way (``RawRows``)."""
+    if predictor.preprocessing is not None:
+        return inputs_to_raw(request.inputs, predictor.preprocessing, max_rows=max_rows)
     return inputs_to_matrix(
         request.inputs, predictor.features, max_rows=max_rows, may_hold_booleans=request.may_hold_booleans
     )
@@ -139,9 +152,13 @@ def npy_to_matrix(body: bytes, predictor: Predictor, *, max_rows: int) -> np.nda
         raise _bad_body(f".npy data is {len(body) - offset} bytes, its header {shape} {dtype.str} needs {expected}")
     flat = np.frombuffer(body, dtype=dtype, count=shape[0] * shape[1], offset=offset)
     matrix = flat.reshape(shape, order="F" if fortran_order else "C")
-    with np.errstate(over="ignore"):  # beyond float32 becomes inf, named just below
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32 becomes inf, named just below
         # A fresh C-ordered float32 copy: the body's buffer is read-only and may be unaligned.
         matrix = np.ascontiguousarray(matrix, dtype=np.float32) if matrix.dtype != np.float32 else matrix.copy()
+    if predictor.preprocessing is not None:
+        # The raw layout (training.features): NaN is a blank; a code outside the vocabulary is unseen.
+        check_finite(np.where(np.isnan(matrix), np.float32(0), matrix), from_file=True)  # infinities are still refused
+        return matrix
     return check_finite(matrix, from_file=True)
 
 
@@ -152,6 +169,7 @@ class CsvTable:
     header: list[str]
     rows: list[list[str]]
     matrix: np.ndarray
+    warnings: list[dict[str, Any]] | None = None  # a model with preprocessing: cells answered anyway
 
 
 def csv_to_matrix(body: bytes, predictor: Predictor, *, max_rows: int) -> CsvTable:
@@ -180,6 +198,9 @@ def csv_to_matrix(body: bytes, predictor: Predictor, *, max_rows: int) -> CsvTab
                 f"row {i} has {len(row)} fields, the header has {len(header)}",
                 errors=[{"loc": ["file", i], "msg": "wrong number of fields"}],
             )
+    if predictor.preprocessing is not None:
+        raw = csv_rows_to_raw(header, rows, predictor.preprocessing)
+        return CsvTable(header, rows, raw.matrix, raw.warnings)
     columns = []
     for feature in predictor.features:
         j = header.index(feature)
@@ -200,6 +221,51 @@ def csv_to_matrix(body: bytes, predictor: Predictor, *, max_rows: int) -> CsvTab
     return CsvTable(header, rows, matrix)
 
 
+# What a CSV cell may say for "missing" (pandas writes an empty cell).
+BLANK_TOKENS = frozenset({"", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "-"})
+
+
+def csv_rows_to_raw(header: list[str], rows: list[list[str]], plan: FeaturePlan) -> RawRows:
+    """CSV cells -> a preprocessed model's raw layout; blanks allowed, numbers converted per
+    distinct text, categories looked up with numpy. Rows are named as in the file, from 1."""
+    matrix = np.empty((len(rows), len(plan.columns)), dtype=np.float32)
+    warnings: list[dict[str, Any]] = []
+
+    def where(i: int) -> tuple[Any, list[Any]]:
+        return i + 1, ["file", i + 1]
+
+    blank_tokens = np.array(sorted(BLANK_TOKENS))
+    for j, column in enumerate(plan.columns):
+        at = header.index(column.name)
+        strings = np.array([row[at].strip() for row in rows], dtype=np.str_)
+        blank = np.isin(strings, blank_tokens)
+        if column.kind == "category" and column.level_type == "text":
+            values = np.where(blank, "", strings)
+        else:
+            distinct, inverse = np.unique(np.where(blank, "", strings), return_inverse=True)
+            numbers = np.empty(len(distinct))
+            for k, text in enumerate(distinct.tolist()):
+                try:
+                    numbers[k] = float(text) if text else np.nan
+                except ValueError:
+                    i = int(np.flatnonzero(inverse == k)[0])
+                    msg = f"row {i + 1}, column {column.name!r}: {text!r} is not a number"
+                    raise InvalidInput(msg, errors=[{"loc": ["file", i + 1, column.name], "msg": msg}]) from None
+            values = numbers[inverse]
+            bad = np.flatnonzero(~blank & (~np.isfinite(values) | (np.abs(values) > _FLOAT32_MAX)))
+            if len(bad):
+                i = int(bad[0])
+                problem = "is out of float32 range" if np.isfinite(values[i]) else "is not a finite number"
+                msg = f"row {i + 1}, column {column.name!r}: {strings[i]!r} {problem}"
+                raise InvalidInput(msg, errors=[{"loc": ["file", i + 1, column.name], "msg": msg}])
+        matrix[:, j], found = column_to_raw(column, values, blank, where)
+        warnings += found
+    return RawRows(matrix, warnings)
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _is_float(text: str) -> bool:
     try:
         float(text)
@@ -211,7 +277,7 @@ def _is_float(text: str) -> bool:
 # -- answers ---------------------------------------------------------------------------------
 
 
-def encode_json(predictor: Predictor, outcome: Outcome) -> bytes:
+def encode_json(predictor: Predictor, outcome: Outcome, warnings: list[dict[str, Any]] | None = None) -> bytes:
     predictions = outcome.predictions
     body: dict[str, Any] = {
         "model_id": predictor.model_id,
@@ -222,6 +288,8 @@ def encode_json(predictor: Predictor, outcome: Outcome) -> bytes:
         "probabilities": outcome.probabilities,
         "classes": predictor.classes,
     }
+    if predictor.preprocessing is not None:
+        body["warnings"] = warnings or []
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
@@ -240,6 +308,14 @@ def encode_csv(table: CsvTable, predictor: Predictor, outcome: Outcome) -> bytes
     extra = np.concatenate(parts, axis=1).tolist()
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(table.header + prediction_columns(predictor.targets, predictor.classes))
+    columns = prediction_columns(predictor.targets, predictor.classes)
+    if table.warnings is not None:
+        # A model with preprocessing: one more column saying what each row was answered despite.
+        notes: list[list[str]] = [[] for _ in table.rows]
+        for warning in table.warnings:
+            notes[warning["row"] - 1].append(f"{warning['column']}: {warning['message']}")
+        extra = [[*added, "; ".join(note)] for added, note in zip(extra, notes, strict=True)]
+        columns = [*columns, "warnings"]
+    writer.writerow(table.header + columns)
     writer.writerows(row + added for row, added in zip(table.rows, extra, strict=True))
     return out.getvalue().encode()

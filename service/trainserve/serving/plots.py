@@ -198,17 +198,31 @@ def predicted_vs_actual(
         actual_index = np.searchsorted(np.asarray(classes), y.reshape(-1))
         counts = np.zeros((len(classes), len(classes)), dtype=np.int64)
         np.add.at(counts, (actual_index, predicted_index), 1)
-        image = ax.imshow(counts, cmap="Blues")
-        figure.colorbar(image, ax=ax, label="rows")
-        ticks = np.arange(len(classes))
-        names = [str(c) for c in classes]
-        ax.set_xticks(ticks, names, rotation=45 if len(classes) > 6 else 0)
-        ax.set_yticks(ticks, names)
-        if len(classes) <= 20:
-            for (i, j), count in np.ndenumerate(counts):
-                shade = "white" if count > counts.max() / 2 else "black"
-                ax.text(j, i, str(count), ha="center", va="center", color=shade)
-        ax.set(xlabel="predicted", ylabel="actual", title=title)
+        _draw_confusion(figure, ax, counts, classes, title)
+    return _png(figure)
+
+
+def _draw_confusion(figure: Figure, ax: Axes, counts: np.ndarray, classes: list[Any], title: str) -> None:
+    image = ax.imshow(counts, cmap="Blues")
+    figure.colorbar(image, ax=ax, label="rows")
+    ticks = np.arange(len(classes))
+    names = [str(c) for c in classes]
+    ax.set_xticks(ticks, names, rotation=45 if len(classes) > 6 else 0)
+    ax.set_yticks(ticks, names)
+    if len(classes) <= 20:
+        for (i, j), count in np.ndenumerate(counts):
+            shade = "white" if count > counts.max() / 2 else "black"
+            ax.text(j, i, str(count), ha="center", va="center", color=shade)
+    ax.set(xlabel="predicted", ylabel="actual", title=title)
+
+
+@_one_at_a_time
+def confusion_matrix(
+    counts: list[list[int]], classes: list[Any], *, title: str, size: tuple[int, int] = DEFAULT_SIZE
+) -> bytes:
+    """A stored confusion matrix (``[actual][predicted]`` counts, training.metrics) as a heat map."""
+    figure = _new_figure(size)
+    _draw_confusion(figure, figure.add_subplot(), np.asarray(counts, dtype=np.int64), classes, title)
     return _png(figure)
 
 
@@ -218,9 +232,15 @@ def model_plot(
     """The plot that fits the model, and its kind: decision regions for a classifier on two
     features, data and fitted curve for a regressor on one feature, predicted against
     actual otherwise (a confusion matrix for classifiers)."""
-    if predictor.task != "regression" and len(predictor.features) == 2:
+    # Decision regions need two numeric axes: a model with preprocessing may have categories.
+    if predictor.task != "regression" and len(predictor.features) == 2 and predictor.preprocessing is None:
         return "decision-regions", decision_regions(predictor, x, y, title=title, size=size)
-    if predictor.task == "regression" and len(predictor.features) == 1 and len(predictor.targets) == 1:
+    if (
+        predictor.task == "regression"
+        and len(predictor.features) == 1
+        and len(predictor.targets) == 1
+        and predictor.preprocessing is None
+    ):
         return "fitted-curve", fitted_curve(predictor, x, y, title=title, size=size)
     kind = "predicted-vs-actual" if predictor.task == "regression" else "confusion-matrix"
     return kind, predicted_vs_actual(predictor, x, y, title=title, size=size)

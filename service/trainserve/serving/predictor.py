@@ -16,6 +16,7 @@ import torch
 from trainserve.db import ModelRecord
 from trainserve.errors import InvalidInput, NativeUnavailable, NotFound, PayloadTooLarge
 from trainserve.storage.base import Store
+from trainserve.training.features import ColumnPlan, FeatureEncoder, FeaturePlan, level_index
 from trainserve.training.native import RowwiseForward
 from trainserve.training.network import TabularNet, outputs_to_probabilities
 from trainserve.training.spec import TrainSpec
@@ -60,6 +61,9 @@ class Predictor:
     # The forward pass as generated code, row by row (trainserve.training.native); None where the
     # architecture or the machine (no C compiler) cannot have one.
     rowwise: RowwiseForward | None = field(default=None, repr=False)
+    # How columns become features (training.features); None for a model that takes numbers as
+    # they are: a clean numeric table, or a model from before preprocessing existed.
+    preprocessing: FeaturePlan | None = None
     _labels: np.ndarray | None = field(default=None, repr=False)
     # Which model answered, for every answer's headers: built once, not per request.
     headers: dict[str, str] = field(default_factory=dict, repr=False)
@@ -77,6 +81,22 @@ class Predictor:
         # module(x) without nn.Module.__call__'s hook machinery, about a quarter of a
         # one-row prediction's time for the guide's MLP. (No hooks are ever registered.)
         self._steps = [self.module.scaler.forward, *(layer.forward for layer in self.module.net)]
+        if self.module.embeddings is not None:
+            self._steps.insert(0, self.module.embeddings.forward)
+        if self.module.encoder is not None:
+            self._steps.insert(0, self.module.encoder.forward)
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """Raw layout -> what the scaler takes: encoded, categories embedded; x itself for a
+        model without preprocessing."""
+        if self.module.encoder is None:
+            return x
+        with torch.inference_mode():
+            encoded = self.module.encoder(torch.from_numpy(np.ascontiguousarray(x)))
+            if self.module.embeddings is not None:
+                encoded = self.module.embeddings(encoded)
+            result: np.ndarray = encoded.numpy()
+        return result
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for step in self._steps:
@@ -87,12 +107,18 @@ class Predictor:
     def load(cls, store: Store, record: ModelRecord) -> Predictor:
         tensors = store.load_weights(record.id, record.weights_sha256)
         spec = TrainSpec.model_validate(record.spec)
-        module = TabularNet(spec.model, len(record.features))
+        stored = getattr(record, "preprocessing", None)  # absent from records made by hand (tests, tools)
+        plan = FeaturePlan.from_json(stored) if stored else None
+        preprocessing = plan if plan is not None and not plan.is_identity else None
+        encoder = FeatureEncoder(preprocessing) if preprocessing is not None else None
+        width = preprocessing.net_width if preprocessing is not None else len(record.features)
+        embeddings = preprocessing.embeddings if preprocessing is not None else None
+        module = TabularNet(spec.model, width, encoder, embeddings or None)
         module.load_state_dict(tensors)
         module.eval()
         rowwise = None
         try:
-            rowwise = RowwiseForward(module, spec.model, len(record.features), record.task)
+            rowwise = RowwiseForward(module, spec.model, width, record.task)
         except NativeUnavailable as exc:
             log.info("model %s is served by PyTorch alone, without micro-batching: %s", record.id, exc)
         return cls(
@@ -105,6 +131,7 @@ class Predictor:
             name=record.name,
             version=record.version,
             rowwise=rowwise,
+            preprocessing=preprocessing,
         )
 
     def runs_inline(self, n_rows: int) -> bool:
@@ -140,7 +167,7 @@ class Predictor:
     def infer_rowwise(self, x: np.ndarray) -> Outcome:
         """The row-wise generated forward pass: each row's answer independent of the others."""
         assert self.rowwise is not None
-        outputs = self.rowwise(x)
+        outputs = self.rowwise(self.encode(x))
         if self.task == "regression":
             return _regressed(outputs)
         return self._classified(outputs, outputs.argmax(axis=1))
@@ -412,6 +439,114 @@ def check_finite(matrix: np.ndarray, original: Any = None, *, from_file: bool = 
     i, j = (int(v) for v in np.argwhere(~np.isfinite(matrix))[0])
     value = original(i, j) if original is not None else matrix[i, j]
     if from_file:
-        msg = f"row {i + 1}, column {j}: {value} is not a finite number"
+        msg = f"row {i + 1}, column {j}: {_not_finite(value)}"
         raise InvalidInput(msg, errors=[{"loc": ["body", i + 1, j], "msg": msg}])
-    raise _bad(f"inputs[{i}][{j}]: {value} is not a finite number", [i, j])
+    raise _bad(f"inputs[{i}][{j}]: {_not_finite(value)}", [i, j])
+
+
+def _not_finite(value: Any) -> str:
+    """Why a value that became NaN or infinite in float32 cannot be used."""
+    if _is_number(value) and _fits_float(value) and np.isfinite(float(value)):
+        return f"{value} is out of float32 range (at most about ±3.4e38)"
+    return f"{value} is not a finite number"
+
+
+# -- inputs for a model with preprocessing: text categories and blanks ---------------------------
+
+
+@dataclass(frozen=True)
+class RawRows:
+    """Rows in a preprocessed model's raw layout (training.features), and what was answered anyway."""
+
+    matrix: np.ndarray
+    warnings: list[dict[str, Any]]
+
+
+_NUMBER_TYPES: frozenset[type] = frozenset({int, float, type(None)})
+_TEXT_TYPES: frozenset[type] = frozenset({str, type(None)})
+
+
+def _first_of_type(values: tuple[Any, ...], allowed: frozenset[type]) -> int:
+    return next(i for i, v in enumerate(values) if type(v) not in allowed)
+
+
+def column_to_raw(
+    column: ColumnPlan, values: np.ndarray, blank: np.ndarray, where: Callable[[int], tuple[Any, list[Any]]]
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """One feature's cells -> its raw-layout column and the warnings it earns.
+
+    ``values``: a category's cells as text ("" blank), or a number column's as float64 (NaN
+    blank); ``blank``: which cells were missing; ``where(i)``: how row i is named in
+    warnings and errors (its number and the error's loc prefix)."""
+    warnings: list[dict[str, Any]] = []
+    if column.kind == "category":
+        codes, unseen = level_index(column, values)
+        for i in np.flatnonzero(unseen).tolist():
+            row, _ = where(i)
+            message = "a category never seen in training: answered as the unknown level"
+            warnings.append({"row": row, "column": column.name, "value": values[i].item(), "message": message})
+        answered_blank = blank & np.isnan(codes) & (not column.blank_level)
+    else:
+        codes = values.astype(np.float32)
+        answered_blank = blank & (not column.indicator)
+    if column.missing == "error" and blank.any():
+        row, loc = where(int(np.flatnonzero(blank)[0]))
+        msg = f"{row}, column {column.name!r} is blank; this model was trained to refuse blanks there"
+        raise InvalidInput(msg, errors=[{"loc": [*loc, column.name], "msg": msg}])
+    for i in np.flatnonzero(answered_blank).tolist():
+        row, _ = where(i)
+        if column.kind == "category":
+            message = "blank, and training had no blanks here: answered as the unknown level"
+        else:
+            message = f"blank, and training had no blanks here: filled with {column.fill_value:g}"
+        warnings.append({"row": row, "column": column.name, "value": None, "message": message})
+    return codes, warnings
+
+
+def inputs_to_raw(inputs: list[Any], plan: FeaturePlan, *, max_rows: int) -> RawRows:
+    """JSON rows (lists in feature order, or objects keyed by feature) with strings for
+    categories and null for blanks -> the raw layout, category levels looked up with numpy."""
+    features = plan.features
+    if not inputs:
+        raise _bad("inputs is empty: send at least one row", [])
+    if len(inputs) > max_rows:
+        raise PayloadTooLarge(f"{len(inputs)} rows in one request, the limit is {max_rows}")
+    rows = _objects_to_rows(inputs, features) if isinstance(inputs[0], dict) else inputs
+    width = len(features)
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != width:
+            raise _bad(f"inputs[{i}] must be a list of {width} values in feature order ({features}), or an object", [i])
+    cells = list(zip(*rows, strict=True))
+    matrix = np.empty((len(rows), width), dtype=np.float32)
+    warnings: list[dict[str, Any]] = []
+
+    def where(i: int) -> tuple[Any, list[Any]]:
+        return i, ["inputs", i]
+
+    for j, column in enumerate(plan.columns):
+        values = cells[j]
+        text = column.kind == "category" and column.level_type == "text"
+        allowed = _TEXT_TYPES if text else _NUMBER_TYPES
+        if not allowed.issuperset(map(type, values)):
+            i = _first_of_type(values, allowed)
+            what = "a string (a category label) or null" if text else "a number or null"
+            raise _bad(f"inputs[{i}], column {column.name!r}: {values[i]!r} is not {what}", [i, column.name])
+        objects = np.array(values, dtype=object)
+        blank = np.array([v is None for v in values], dtype=bool)
+        if text:
+            column_values = np.where(blank, "", objects).astype(np.str_)
+            blank |= column_values == ""
+        else:
+            try:
+                column_values = np.where(blank, 0.0, objects).astype(np.float64)
+            except OverflowError:
+                i = next(k for k, v in enumerate(values) if v is not None and not _fits_float(v))
+                raise _bad(f"inputs[{i}], column {column.name!r}: the number is too large", [i, column.name]) from None
+            bad = np.flatnonzero(~np.isfinite(column_values) | (np.abs(column_values) > _FLOAT32_MAX))
+            if len(bad):
+                i = int(bad[0])
+                raise _bad(f"inputs[{i}], column {column.name!r}: {_not_finite(values[i])}", [i, column.name])
+            column_values[blank] = np.nan
+        matrix[:, j], found = column_to_raw(column, column_values, blank, where)
+        warnings += found
+    return RawRows(matrix, warnings)

@@ -12,6 +12,7 @@ from trainserve.errors import Conflict, NotFound
 from trainserve.serving import aliases
 from trainserve.serving.predictor import ModelCache, NameCache, Predictor
 from trainserve.storage.base import Store
+from trainserve.training.features import FeaturePlan, is_blank, raw_matrix
 
 
 def get(*, session: Session, model_id: str) -> ModelRecord:
@@ -91,6 +92,14 @@ def training_data(*, session: Session, store: Store, record: ModelRecord) -> tup
     if dataset is None:
         raise Conflict(f"the dataset model {record.id} was trained on has been deleted")
     table = store.load_dataset(dataset.id, dataset.file_sha256)
+    plan = FeaturePlan.from_json(record.preprocessing) if record.preprocessing else None
+    if plan is not None and not plan.is_identity:
+        # The raw layout the model takes, without the rows whose target is blank.
+        keep = ~np.logical_or.reduce([is_blank(table.column(name)) for name in record.targets])
+        x, _ = raw_matrix(plan, [table.column(name)[keep] for name in record.features])
+        if record.task == "regression":
+            return x, table.matrix(record.targets, dtype=np.float64)[keep]
+        return x, table.column(record.targets[0])[keep]
     x = table.matrix(record.features)
     if record.task == "regression":
         return x, table.matrix(record.targets, dtype=np.float64)

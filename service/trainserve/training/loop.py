@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from trainserve.errors import CheckpointMismatch, DeviceUnavailable, NativeUnavailable, TrainingDiverged
+from trainserve.training import metrics as metrics_lib
 from trainserve.training import native
 from trainserve.training import spec as S
-from trainserve.training.network import TabularNet
+from trainserve.training.network import TabularNet, outputs_to_probabilities
 
 _LOSSES: dict[str, type[nn.Module]] = {
     "MSELoss": nn.MSELoss,
@@ -52,8 +53,29 @@ class TrainingCancelled(Exception):
 # -- building ------------------------------------------------------------------------------
 
 
-def build_loss(loss: Any) -> nn.Module:
-    return _LOSSES[loss.type](**loss.kwargs())
+def build_loss(loss: Any, targets: torch.Tensor | None = None, n_classes: int | None = None) -> nn.Module:
+    """The loss module; class weights ('balanced' counted on ``targets``, the training rows' labels)."""
+    kwargs = loss.kwargs()
+    weight = getattr(loss, "weight", None)
+    pos_weight = getattr(loss, "pos_weight", None)
+    if weight is not None:
+        assert n_classes is not None
+        if weight == "balanced":
+            assert targets is not None
+            counts = torch.bincount(targets.cpu(), minlength=n_classes).double()
+            weights = counts.sum() / (n_classes * counts.clamp_min(1))
+            kwargs["weight"] = weights.float()
+        else:
+            kwargs["weight"] = torch.tensor(weight, dtype=torch.float32)
+    if pos_weight is not None:
+        if pos_weight == "balanced":
+            assert targets is not None
+            positives = float(targets.sum())
+            negatives = float(len(targets)) - positives
+            kwargs["pos_weight"] = torch.tensor([negatives / max(positives, 1.0)], dtype=torch.float32)
+        else:
+            kwargs["pos_weight"] = torch.tensor([float(pos_weight)], dtype=torch.float32)
+    return _LOSSES[loss.type](**kwargs)
 
 
 def build_optimizer(optimizer: Any, params: Any) -> torch.optim.Optimizer:
@@ -136,6 +158,41 @@ def evaluate(
     return metrics
 
 
+@torch.inference_mode()
+def _outputs(net: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    was_training = net.training
+    net.eval()
+    chunks = [net(x.index_select(0, rows[start : start + _EVAL_CHUNK])) for start in range(0, len(rows), _EVAL_CHUNK)]
+    net.train(was_training)
+    return torch.cat(chunks)
+
+
+def report(
+    net: nn.Module, x: torch.Tensor, targets: torch.Tensor, y: np.ndarray, plan: S.TrainingPlan, rows: torch.Tensor
+) -> dict[str, Any]:
+    """The full metrics report (training.metrics) of ``rows``: computed once, after training."""
+    outputs = _outputs(net, x, rows).float().cpu()
+    if plan.task == "regression":
+        truth = np.asarray(y, dtype=np.float64).reshape(len(y), -1)[rows.cpu().numpy()]
+        return metrics_lib.regression_report(truth, outputs.numpy())
+    assert plan.classes is not None
+    probabilities = outputs_to_probabilities(outputs, plan.task).numpy()
+    index = targets.index_select(0, rows).cpu().numpy().reshape(-1).astype(np.int64)
+    return metrics_lib.classification_report(index, probabilities, plan.classes)
+
+
+_HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "log_loss", "mae", "rmse", "r2")
+
+
+def headline(full: dict[str, Any], prefix: str) -> dict[str, float]:
+    """A report's single-number metrics as ``{prefix}_{name}`` (those that are defined)."""
+    return {
+        f"{prefix}_{name}": float(full[name])
+        for name in _HEADLINE
+        if isinstance(full.get(name), int | float) and math.isfinite(full[name])
+    }
+
+
 # -- training ------------------------------------------------------------------------------
 
 _SCHEDULERS: dict[str, Any] = {
@@ -182,6 +239,8 @@ class TrainedModel:
     loop: str = "eager"  # which training loop ran: "eager" or "native" (generated code)
     stopped_epoch: int | None = None  # early stopping: the epoch after which training stopped
     best_epoch: int | None = None  # early stopping: the epoch with the lowest validation loss
+    # The full report (training.metrics) on the validation and test rows, by part.
+    evaluation: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -210,6 +269,42 @@ def split_indices(n_rows: int, validation_split: float, seed: int) -> tuple[np.n
     order = np.random.default_rng(seed).permutation(n_rows)
     n_val = math.floor(n_rows * validation_split)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+@dataclass(frozen=True)
+class Split:
+    """Row indices (sorted) of the training, validation and test parts of a table."""
+
+    train: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+
+
+def split_rows(spec: S.TrainSpec, n_rows: int, labels: np.ndarray | None = None) -> Split:
+    """The spec's split of ``n_rows`` rows, seeded by the spec. Without a test share or
+    stratification it is ``split_indices``' split, so older specs split as they always did.
+    Stratified: each class's rows (``labels``: class indices) are split on their own,
+    validation and test shares rounded per class."""
+    validation, test = spec.validation_share, spec.test_share
+    empty = np.zeros(0, dtype=np.int64)
+    stratify = spec.split is not None and spec.split.stratify and labels is not None
+    if not stratify and test == 0:
+        train, val = split_indices(n_rows, validation, spec.seed)
+        return Split(train, val, empty)
+    rng = np.random.default_rng(spec.seed)
+    groups = [np.arange(n_rows)]
+    if stratify and labels is not None:
+        groups = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    parts: list[list[np.ndarray]] = [[], [], []]
+    for rows in groups:
+        order = rows[rng.permutation(len(rows))]
+        rounding = round if stratify else math.floor
+        n_test, n_val = int(rounding(len(rows) * test)), int(rounding(len(rows) * validation))
+        parts[2].append(order[:n_test])
+        parts[1].append(order[n_test : n_test + n_val])
+        parts[0].append(order[n_test + n_val :])
+    train, val, held = (np.sort(np.concatenate(p)).astype(np.int64) if p else empty for p in parts)
+    return Split(train, val, held)
 
 
 def _standardization(x: np.ndarray, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -497,8 +592,13 @@ def train(
     checkpoint_every_s: float | None = None,
     should_preempt: Callable[[], bool] | None = None,
     init: dict[str, torch.Tensor] | None = None,
+    split: Split | None = None,
 ) -> TrainedModel:
     """Train the spec's network on feature matrix ``x`` and raw labels ``y``.
+
+    ``split``: the rows to train on, validate on and test on (default: ``split_rows`` of
+    the spec). Test rows never train; they are scored once, at the end, as are the
+    validation rows (``TrainedModel.evaluation``).
 
     ``on_epoch`` receives each epoch's losses. ``should_stop`` and ``should_preempt`` are
     polled about every ``check_every_s`` seconds: the first answering True raises
@@ -514,31 +614,43 @@ def train(
     """
     started = time.perf_counter()
     device = resolve_device(spec.device)
-    train_rows, val_rows = split_indices(len(x), spec.validation_split, spec.seed)
+    targets = encode_targets(y, plan.task, plan.classes)
+    if split is None:
+        split = split_rows(spec, len(x), targets.numpy() if plan.task == "classification" else None)
+    train_rows, val_rows = split.train, split.validation
     has_val = len(val_rows) > 0
+    subset = len(train_rows) != len(x)  # some rows are held out
+    fixed = x.shape[1] - len(plan.embeddings)  # columns before the embedded categories' indices
     if spec.standardize:
-        mean, std = _standardization(x, train_rows if has_val else None)
+        mean, std = _standardization(x, train_rows if subset else None)
     else:
         mean = np.zeros(x.shape[1], dtype=np.float32)
         std = np.ones(x.shape[1], dtype=np.float32)
+    if plan.embeddings:  # trained vectors need no scaling; the index columns are not scaled at all
+        width = sum(dim for _, dim in plan.embeddings)
+        mean = np.concatenate([mean[:fixed], np.zeros(width, dtype=np.float32)])
+        std = np.concatenate([std[:fixed], np.ones(width, dtype=np.float32)])
     # One float32 copy of the table at most (none when the caller's matrix already is one), moved
     # to the device once; the split is index vectors into it, and the scaler runs on each batch.
     matrix = np.ascontiguousarray(x, dtype=np.float32)
     features = (torch.from_numpy(matrix) if matrix.flags.writeable else torch.tensor(matrix)).to(device)
-    targets = encode_targets(y, plan.task, plan.classes).to(device)
-    train_index = torch.from_numpy(train_rows).to(device) if has_val else None
+    train_targets = targets if not subset else targets[torch.from_numpy(train_rows)]
+    targets = targets.to(device)
+    train_index = torch.from_numpy(train_rows).to(device) if subset else None
     val_index = torch.from_numpy(val_rows).to(device) if has_val else None
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(spec.seed)
-        model = TabularNet(spec.model, plan.in_features)
+        model = TabularNet(spec.model, plan.in_features, embeddings=list(plan.embeddings) or None)
         model.scaler.mean.copy_(torch.from_numpy(mean))
         model.scaler.std.copy_(torch.from_numpy(std))
         if init is not None:
             mean, std = _warm_start(model, init, spec)
         model.to(device)
-        net = model.net
-        loss_fn = build_loss(spec.loss)
+        # What trains (and what checkpoints hold): the user's layers, and embeddings if any.
+        net: nn.Module = model.net if model.embeddings is None else model
+        loss_fn = build_loss(spec.loss, train_targets, len(plan.classes) if plan.classes is not None else None)
+        loss_fn.to(device)
         optimizer = build_optimizer(spec.optimizer, [p for p in net.parameters() if p.requires_grad])
         scheduler = build_scheduler(spec.scheduler, optimizer)
         run = _Run(spec, net, optimizer, scheduler, device, _fingerprint(spec, len(x), plan.in_features))
@@ -555,6 +667,12 @@ def train(
         if val_index is not None:
             val_metrics = evaluate(model, loss_fn, features, targets, plan.task, val_index)
             metrics.update({f"val_{k}": v for k, v in val_metrics.items()})
+        evaluation = {}
+        for part, rows in (("validation", split.validation), ("test", split.test)):
+            if len(rows):
+                evaluation[part] = report(model, features, targets, y, plan, torch.from_numpy(rows).to(device))
+        if "test" in evaluation:  # the validation rows' loss and accuracy are there already; the rest in evaluation
+            metrics.update(headline(evaluation["test"], "test"))
 
     if not all(math.isfinite(v) for v in metrics.values()):
         raise TrainingDiverged("the trained model's metrics are not finite; try a smaller learning rate")
@@ -586,6 +704,7 @@ def train(
         loop=steps.name,
         stopped_epoch=run.stopped_epoch,
         best_epoch=best_epoch,
+        evaluation=evaluation,
     )
 
 
@@ -618,6 +737,8 @@ def choose_steps(
     reason = native.unsupported_reason(spec, plan.n_parameters, device)
     if reason is None and spec.freeze:
         reason = "freeze keeps layers fixed, which the native loop does not"
+    if reason is None and plan.embeddings:
+        reason = "category embeddings train in eager PyTorch"
     if reason is None:
         try:
             started = time.perf_counter()

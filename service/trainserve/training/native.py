@@ -66,6 +66,8 @@ def unsupported_reason(spec: S.TrainSpec, n_parameters: int, device: torch.devic
         return f"generated code runs on CPU; this run is on {device.type}"
     if spec.autocast is not None:
         return "autocast runs in eager PyTorch"
+    if getattr(spec.loss, "weight", None) is not None or getattr(spec.loss, "pos_weight", None) is not None:
+        return "class weights run in eager PyTorch"
     for layer in spec.model:
         if not isinstance(layer, S.Linear) and layer.type not in ACTIVATIONS:
             return f"{layer.type} runs in eager PyTorch"

@@ -43,16 +43,63 @@ class Standardize(nn.Module):
 
 
 class TabularNet(nn.Module):
-    """The user's ``nn.Sequential`` behind an input scaler: raw feature rows in, outputs out."""
+    """The user's ``nn.Sequential`` behind an input scaler: raw feature rows in, outputs out.
 
-    def __init__(self, layers: list[Any], in_features: int) -> None:
+    A model trained on a table with blanks or categories also has an ``encoder`` in front
+    (``trainserve.training.features.FeatureEncoder``): its input is then the raw layout and
+    ``in_features`` is the encoded width. Training runs on the table encoded once, so the
+    encoder is attached after training (``attach_encoder``); its buffers are saved with
+    the weights."""
+
+    encoder: nn.Module | None
+    embeddings: Embeddings | None
+
+    def __init__(
+        self,
+        layers: list[Any],
+        in_features: int,
+        encoder: nn.Module | None = None,
+        embeddings: list[tuple[int, int]] | None = None,
+    ) -> None:
         super().__init__()
+        self.encoder = encoder
         self.scaler = Standardize(in_features)
         self.net = build_sequential(layers, in_features)
+        # After the net: its initial weights draw the same random numbers with or without embeddings.
+        self.embeddings = Embeddings(embeddings) if embeddings else None
+
+    def attach_encoder(self, encoder: nn.Module) -> None:
+        self.encoder = encoder
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.encoder is not None:
+            x = self.encoder(x)
+        if self.embeddings is not None:
+            x = self.embeddings(x)
         out: torch.Tensor = self.net(self.scaler(x))
         return out
+
+
+class Embeddings(nn.Module):
+    """Trained embeddings of category columns: the last ``len(tables)`` input columns hold
+    level indices (the encoded layout of training.features), each replaced by its row of an
+    ``nn.Embedding``; the columns before them pass through."""
+
+    def __init__(self, tables: list[tuple[int, int]]) -> None:
+        super().__init__()
+        built = [nn.Embedding(rows, dim) for rows, dim in tables]
+        with torch.no_grad():
+            for table, (rows, _) in zip(built, tables, strict=True):
+                # The unknown row (second to last) starts at zero and no training row ever picks
+                # it: a level never seen answers as "none of the levels", as a one-hot does.
+                table.weight[rows - 2].zero_()
+        self.tables = nn.ModuleList(built)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = x.shape[1] - len(self.tables)
+        index = x[:, first:].long()
+        vectors = [table(index[:, k]) for k, table in enumerate(self.tables)]
+        return torch.cat([x[:, :first], *vectors], dim=1)
 
 
 def build_sequential(layers: list[Any], in_features: int) -> nn.Sequential:

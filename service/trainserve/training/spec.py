@@ -27,6 +27,12 @@ NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
 
 
+def _is_none(value: Any) -> bool:
+    """Fields added after specs were first stored are left out of a dump while unset, so that
+    older specs dump (and fingerprint their checkpoints) as they always did."""
+    return value is None
+
+
 class _Strict(BaseModel):
     # strict: a JSON "10" or true is not the number 10 or 1; a spec says what it means.
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -178,10 +184,27 @@ class SmoothL1Loss(_Strict):
 class CrossEntropyLoss(_Strict):
     type: Literal["CrossEntropyLoss"]
     label_smoothing: Fraction = 0.0
+    weight: Literal["balanced"] | list[Positive] | None = Field(
+        default=None,
+        exclude_if=_is_none,
+        description="Per-class weights in the model's class order, or 'balanced': n / (classes x count), "
+        "counted on the training split.",
+    )
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"label_smoothing": self.label_smoothing}  # the weight becomes a tensor in training.loop
 
 
 class BCEWithLogitsLoss(_Strict):
     type: Literal["BCEWithLogitsLoss"]
+    pos_weight: Literal["balanced"] | Positive | None = Field(
+        default=None,
+        exclude_if=_is_none,
+        description="Weight of the positive class, or 'balanced': negatives / positives in training.",
+    )
+
+    def kwargs(self) -> dict[str, Any]:
+        return {}  # pos_weight becomes a tensor in training.loop
 
 
 Loss = Annotated[
@@ -322,6 +345,52 @@ class EarlyStopping(_Strict):
     )
 
 
+# -- per-column preprocessing and the split ---------------------------------------------------
+
+ColumnType = Literal["number", "boolean", "category", "ignore"]
+MissingStrategy = Literal["median", "mean", "constant", "drop_row", "error"]
+
+
+class ColumnSpec(_Strict):
+    """How one column becomes features; anything left out keeps the default of its inferred kind."""
+
+    type: ColumnType | None = Field(default=None, description="Override the inferred kind; 'ignore' drops it.")
+    encoding: Literal["one_hot", "embedding"] | None = Field(default=None, description="Categories only.")
+    embedding_dim: int | None = Field(default=None, ge=1, le=1024, description="With encoding 'embedding'.")
+    missing: MissingStrategy | None = Field(
+        default=None,
+        description="Blanks: numbers default to 'median' plus a missing-indicator column; categories to "
+        "a level of their own. 'constant' takes fill_value.",
+    )
+    fill_value: Annotated[float, Field(allow_inf_nan=False)] | int | str | None = Field(
+        default=None, description="With missing 'constant': a number for numbers, a label for categories."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ColumnSpec:
+        if self.fill_value is not None and self.missing != "constant":
+            raise ValueError("fill_value goes with missing 'constant'")
+        if self.missing == "constant" and self.fill_value is None:
+            raise ValueError("missing 'constant' needs a fill_value")
+        if self.embedding_dim is not None and self.encoding != "embedding":
+            raise ValueError("embedding_dim goes with encoding 'embedding'")
+        return self
+
+
+class Split(_Strict):
+    """Held-out rows: ``validation`` is watched during training, ``test`` only scored at the end."""
+
+    validation: Fraction = 0.0
+    test: Fraction = 0.0
+    stratify: bool = Field(default=False, description="Keep each class's share in every part (classifiers).")
+
+    @model_validator(mode="after")
+    def _leaves_training(self) -> Split:
+        if self.validation + self.test >= 1:
+            raise ValueError("validation + test must leave rows to train on (their sum must be below 1)")
+        return self
+
+
 def _named(value: Any) -> Any:
     """Let ``"loss": "MSELoss"`` stand for ``{"type": "MSELoss"}``."""
     return {"type": value} if isinstance(value, str) else value
@@ -373,7 +442,16 @@ class TrainSpec(BaseModel):
     shuffle: bool = True
     seed: int = Field(default=0, ge=0, le=2**63 - 1, description="Same seed, same data, same CPU: same weights.")
     standardize: bool = Field(default=True, description="Scale inputs with training-set mean and std.")
-    validation_split: Fraction = 0.0
+    validation_split: Fraction = Field(default=0.0, description="Short for split: {validation: x}.")
+    split: Split | None = Field(
+        default=None, exclude_if=_is_none, description="Validation and test shares, optionally stratified."
+    )
+    columns: dict[str, ColumnSpec] | None = Field(
+        default=None,
+        exclude_if=_is_none,
+        max_length=_COLUMN_LIMIT,
+        description="Per-column overrides of type and missing values.",
+    )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     scheduler: Scheduler | None = Field(
         default=None, description="A torch.optim.lr_scheduler by name, stepped once per epoch."
@@ -447,9 +525,35 @@ class TrainSpec(BaseModel):
                 seen.add(name)
         return value
 
+    @field_validator("target")
+    @classmethod
+    def _distinct_targets(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("target must name at least one column")
+            for i, name in enumerate(value):
+                if name in value[:i]:
+                    raise ValueError(f"target {name!r} is listed twice: name each target column once")
+        return value
+
+    @model_validator(mode="after")
+    def _one_split(self) -> TrainSpec:
+        # A stored spec is dumped with every field, validation_split 0.0 included: only a share counts.
+        if self.split is not None and self.validation_split > 0:
+            raise ValueError("give either validation_split or split, not both (split: {validation, test, stratify})")
+        return self
+
     @property
     def target_names(self) -> list[str] | None:
         return [self.target] if isinstance(self.target, str) else self.target
+
+    @property
+    def validation_share(self) -> float:
+        return self.split.validation if self.split is not None else self.validation_split
+
+    @property
+    def test_share(self) -> float:
+        return self.split.test if self.split is not None else 0.0
 
 
 # -- checking a spec against its data --------------------------------------------------------
@@ -465,6 +569,8 @@ class Limits:
     max_job_seconds: float = math.inf
     # A rough upper bound on what one job may allocate (see estimate_memory_bytes).
     max_memory_bytes: int = 8 * 1024**3
+    # A category column with more distinct values than this is refused (one-hot width).
+    max_category_levels: int = 1000
 
 
 @dataclass(frozen=True)
@@ -475,9 +581,11 @@ class TrainingPlan:
     targets: list[str]
     task: Task
     classes: list[Any] | None
-    in_features: int
+    in_features: int  # the network's input width: encoded columns, embedded categories at their dims
     out_features: int
-    n_parameters: int
+    n_parameters: int  # embeddings included
+    # Category columns trained as embeddings, last in the encoded layout: (table rows, dim) each.
+    embeddings: tuple[tuple[int, int], ...] = ()
 
 
 def task_of(loss: Loss) -> Task:
@@ -552,7 +660,7 @@ def plan_training(spec: TrainSpec, schema: TableSchema, limits: Limits) -> Train
         if isinstance(layer, BatchNorm1d) and spec.batch_size < 2:
             raise _fail("BatchNorm1d needs batch_size >= 2", ["batch_size"])
 
-    if spec.early_stopping is not None and spec.validation_split <= 0:
+    if spec.early_stopping is not None and spec.validation_share <= 0:
         raise _fail(
             "early_stopping watches the validation loss: set validation_split > 0 (e.g. 0.2)",
             ["early_stopping"],
@@ -561,20 +669,7 @@ def plan_training(spec: TrainSpec, schema: TableSchema, limits: Limits) -> Train
     targets = spec.target_names or [schema.columns[-1].name]
     for name in targets:
         _column(schema, name, "target")
-    if spec.features is None:
-        features = [c.name for c in schema.columns if c.name not in targets]
-    else:
-        features = list(spec.features)
-        overlap = set(features) & set(targets)
-        if overlap:
-            raise _fail(f"column {sorted(overlap)[0]!r} is both a feature and the target", ["features"])
-    if not features:
-        raise _fail("there are no feature columns left besides the target", ["features"])
-    for name in features:
-        column = _column(schema, name, "features")
-        if column.dtype == "string":
-            raise _fail(f"feature column {name!r} holds text; features must be numeric", ["features"])
-
+    features = _plan_columns(spec, schema, targets, limits)
     task = task_of(spec.loss)
     classes: list[Any] | None = None
     if task == "regression":
@@ -596,7 +691,8 @@ def plan_training(spec: TrainSpec, schema: TableSchema, limits: Limits) -> Train
                 "non-integer numbers or too many distinct values",
                 ["target"],
             )
-        classes = list(column.classes)
+        # A blank target is no label: such rows are dropped before training.
+        classes = [c for c in column.classes if c != ""]
         if len(classes) < 2:
             raise _fail(f"target column {column.name!r} has a single class", ["target"])
         if task == "binary" and len(classes) != 2:
@@ -605,8 +701,19 @@ def plan_training(spec: TrainSpec, schema: TableSchema, limits: Limits) -> Train
                 ["loss"],
             )
         expected_width = len(classes) if task == "classification" else 1
+        weight = getattr(spec.loss, "weight", None)
+        if isinstance(weight, list) and len(weight) != len(classes):
+            raise _fail(
+                f"loss.weight has {len(weight)} values, column {column.name!r} has {len(classes)} classes "
+                f"({classes[:10]}): give one weight per class, in that order, or 'balanced'",
+                ["loss", "weight"],
+            )
 
-    n_parameters, out_width = count_parameters(spec.model, len(features))
+    encodings = [encoding_of(_column(schema, name, "features"), spec) for name in features]
+    embeddings = tuple(table for _, table in encodings if table is not None)
+    in_features = sum(width for width, _ in encodings)
+    n_parameters, out_width = count_parameters(spec.model, in_features)
+    n_parameters += sum(rows * dim for rows, dim in embeddings)
     if out_width != expected_width:
         what = {
             "classification": f"{expected_width} classes in {targets[0]!r}",
@@ -620,23 +727,195 @@ def plan_training(spec: TrainSpec, schema: TableSchema, limits: Limits) -> Train
         raise _fail("the model has no trainable parameters: add a Linear layer", ["model"])
     if n_parameters > limits.max_parameters:
         raise _fail(f"the model has {n_parameters:,} parameters, the limit is {limits.max_parameters:,}", ["model"])
-    memory = estimate_memory_bytes(spec, schema.n_rows, len(features) + len(targets), n_parameters)
+    memory = estimate_memory_bytes(spec, schema.n_rows, in_features + len(targets), n_parameters)
     if memory > limits.max_memory_bytes:
         raise _fail(
             f"training would need about {_gib(memory)} (table, weights with optimizer state, and "
             f"activations for batch_size {spec.batch_size}), the limit is {_gib(limits.max_memory_bytes)}",
             ["batch_size"] if spec.batch_size > 1 else ["model"],
         )
-    if spec.validation_split and math.floor(schema.n_rows * spec.validation_split) < 1:
-        raise _fail("validation_split leaves no validation rows for this dataset", ["validation_split"])
-    if schema.n_rows - math.floor(schema.n_rows * spec.validation_split) < 1:
-        raise _fail("validation_split leaves no training rows", ["validation_split"])
+    _check_split(spec, schema, targets, classes)
     return TrainingPlan(
         features=features,
         targets=targets,
         task=task,
         classes=classes,
-        in_features=len(features),
+        in_features=in_features,
         out_features=out_width,
         n_parameters=n_parameters,
+        embeddings=embeddings,
     )
+
+
+# -- columns --------------------------------------------------------------------------------
+
+
+def column_kind(column: ColumnInfo, override: ColumnSpec | None = None) -> str:
+    """number, boolean, category or ignore: the spec's word first, else what the upload inferred."""
+    if override is not None and override.type is not None:
+        return override.type
+    inferred = getattr(column, "kind", None)
+    if inferred in ("number", "integer"):
+        return "number"
+    if inferred in ("boolean", "category"):
+        return str(inferred)
+    return "category" if column.dtype == "string" else "number"
+
+
+def _missing_of(column: ColumnInfo) -> int:
+    return int(getattr(column, "missing", 0) or 0)
+
+
+def _levels_of(column: ColumnInfo) -> int | None:
+    """Distinct non-blank values, when the schema knows them (None: more than it lists)."""
+    if column.classes is None:
+        return None
+    return sum(1 for c in column.classes if c != "")
+
+
+# A category with more levels than this is embedded rather than one-hot by default.
+EMBED_ABOVE_LEVELS = 50
+
+
+def embedding_dim(levels: int) -> int:
+    """The default width of a category's embedding: grows slowly with its levels (fastai's
+    rule of thumb, 1.6 * levels ** 0.56), at most 16."""
+    return int(min(16, max(2, round(1.6 * levels**0.56))))
+
+
+def wants_embedding(override: ColumnSpec | None, levels: int) -> bool:
+    if override is not None and override.encoding is not None:
+        return override.encoding == "embedding"
+    return levels > EMBED_ABOVE_LEVELS
+
+
+def encoding_of(column: ColumnInfo, spec: TrainSpec) -> tuple[int, tuple[int, int] | None]:
+    """(network input columns, embedding table or None) a feature becomes (an upper bound: levels
+    are refitted on the training split): a number 1, plus 1 for its missing indicator; a
+    one-hot category one per level, plus one for blanks; an embedded one its dimension."""
+    override = (spec.columns or {}).get(column.name)
+    kind = column_kind(column, override)
+    missing = _missing_of(column) > 0
+    if kind == "category":
+        levels = _levels_of(column) or 1
+        if wants_embedding(override, levels):
+            dim = override.embedding_dim if override is not None and override.embedding_dim else embedding_dim(levels)
+            return dim, (levels + 2, dim)
+        blank_level = missing and (override is None or override.missing is None)
+        return levels + int(blank_level), None
+    indicator = missing and (override is None or override.missing in (None, "median", "mean", "constant"))
+    return 1 + int(indicator), None
+
+
+def _plan_columns(spec: TrainSpec, schema: TableSchema, targets: list[str], limits: Limits) -> list[str]:
+    """The feature columns, with each column override checked against the data it names."""
+    overrides = spec.columns or {}
+    for name in overrides:
+        if schema.column(name) is None:
+            names = ", ".join(repr(c.name) for c in schema.columns[:20])
+            raise _fail(f"columns: {name!r} is not in the dataset (columns: {names})", ["columns", name])
+        if name in targets:
+            raise _fail(f"columns: {name!r} is the target; columns describes feature columns only", ["columns", name])
+    ignored = {name for name, o in overrides.items() if o.type == "ignore"}
+    if spec.features is None:
+        features = [c.name for c in schema.columns if c.name not in targets and c.name not in ignored]
+    else:
+        features = list(spec.features)
+        overlap = set(features) & set(targets)
+        if overlap:
+            raise _fail(
+                f"column {sorted(overlap)[0]!r} is both a feature and the target: remove it from features",
+                ["features"],
+            )
+        both = set(features) & ignored
+        if both:
+            raise _fail(f"column {sorted(both)[0]!r} is in features and has type 'ignore'", ["features"])
+    if not features:
+        raise _fail("there are no feature columns left besides the target", ["features"])
+    for name in features:
+        column = _column(schema, name, "features")
+        _check_column(column, overrides.get(name), schema.n_rows, limits)
+    return features
+
+
+def _check_column(column: ColumnInfo, override: ColumnSpec | None, n_rows: int, limits: Limits) -> None:
+    name = column.name
+    kind = column_kind(column, override)
+    loc: list[str | int] = ["columns", name] if override is not None else ["features"]
+    missing = _missing_of(column)
+    if n_rows and missing >= n_rows:
+        raise _fail(
+            f"column {name!r} is missing in every row: leave it out with "
+            f'"columns": {{"{name}": {{"type": "ignore"}}}} or list the features to use',
+            loc,
+        )
+    if override is None:
+        if kind == "category":
+            _check_levels(column, limits, loc)
+        return
+    # A text column asked to be a number is checked against the data itself, to name the
+    # rows that hold words (training.features.check_numbers).
+    if kind == "boolean" and column.dtype == "string":
+        raise _fail(f"columns.{name}: a text column cannot be 'boolean'; use 'category'", [*loc, "type"])
+    if override.encoding is not None and kind != "category":
+        raise _fail(f"columns.{name}: encoding is for category columns, this one is {kind!r}", [*loc, "encoding"])
+    if kind == "category":
+        _check_levels(column, limits, loc)
+        if override.missing in ("median", "mean"):
+            raise _fail(
+                f"columns.{name}: {override.missing!r} is for numbers; a category's blanks are a level of "
+                "their own by default, or use 'constant' with a fill_value label, 'drop_row' or 'error'",
+                [*loc, "missing"],
+            )
+    if override.missing == "error" and missing:
+        raise _fail(
+            f"columns.{name}: missing is 'error' and the column has {missing} blank row(s); "
+            "choose another strategy or fill them in",
+            [*loc, "missing"],
+        )
+    if override.fill_value is not None:
+        text_levels = kind == "category" and column.dtype == "string"
+        if text_levels and not isinstance(override.fill_value, str):
+            msg = f"columns.{name}: fill_value must be a label (a string) for this text column"
+            raise _fail(msg, [*loc, "fill_value"])
+        if not text_levels and isinstance(override.fill_value, str):
+            raise _fail(f"columns.{name}: fill_value must be a number for this {kind} column", [*loc, "fill_value"])
+
+
+def _check_levels(column: ColumnInfo, limits: Limits, loc: list[str | int]) -> None:
+    levels = _levels_of(column)
+    if levels is None or levels > limits.max_category_levels:
+        count = "more than 1000" if levels is None else str(levels)
+        raise _fail(
+            f"column {column.name!r} is a category with {count} distinct values, the limit is "
+            f"{limits.max_category_levels} (TRAINSERVE_CATEGORY_LIMIT): ignore it with "
+            f'"columns": {{"{column.name}": {{"type": "ignore"}}}}, or treat it as a number',
+            loc,
+        )
+
+
+def split_sizes(n_rows: int, validation: float, test: float) -> tuple[int, int, int]:
+    """(train, validation, test) row counts of a split of ``n_rows`` (stratified splits round per class)."""
+    n_test = math.floor(n_rows * test)
+    n_val = math.floor(n_rows * validation)
+    return n_rows - n_val - n_test, n_val, n_test
+
+
+def _check_split(spec: TrainSpec, schema: TableSchema, targets: list[str], classes: list[Any] | None) -> None:
+    field = "split" if spec.split is not None else "validation_split"
+    blank_targets = max(_missing_of(_column(schema, name, "target")) for name in targets)
+    n_rows = schema.n_rows - blank_targets
+    n_train, n_val, n_test = split_sizes(n_rows, spec.validation_share, spec.test_share)
+    if spec.validation_share and n_val < 1:
+        raise _fail(f"{field} leaves no validation rows for this dataset ({n_rows} rows)", [field])
+    if spec.test_share and n_test < 1:
+        raise _fail(f"{field} leaves no test rows for this dataset ({n_rows} rows)", [field])
+    needed = max(len(classes) if classes is not None else 1, 2 if spec.validation_share or spec.test_share else 1)
+    if n_train < needed:
+        what = f"the {len(classes)} classes" if classes is not None else "training"
+        raise _fail(
+            f"{field} leaves {n_train} training row(s) of {n_rows}, too few for {what}: hold out a smaller share",
+            [field],
+        )
+    if spec.split is not None and spec.split.stratify and classes is None:
+        raise _fail("split.stratify is for classifiers (CrossEntropyLoss, BCEWithLogitsLoss)", ["split", "stratify"])

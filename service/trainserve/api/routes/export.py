@@ -41,6 +41,9 @@ def export_model(
         "features": record.features,
         "targets": record.targets,
         "classes": record.classes,
+        # A model with preprocessing takes the raw layout: numbers or NaN, category level
+        # indices (NaN blank, -1 unseen) into the vocabularies listed here.
+        "preprocessing": predictor.preprocessing.export_layout() if predictor.preprocessing is not None else None,
     }
     exported = _exporter.export(predictor.module, format, model_id=record.id, info=info)
     return Response(

@@ -68,6 +68,7 @@ def _submit(session: Session, runtime: Runtime, spec: TrainSpec, upload: Receive
         dataset,
         jobs.limits_of(runtime.settings),
         workers_stale_s=stale_after_s(runtime.settings),
+        store=runtime.store,
     )
     return Job.model_validate(job)
 

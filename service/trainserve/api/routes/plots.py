@@ -6,7 +6,7 @@ never blocks the event loop.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
@@ -62,3 +62,26 @@ def model_plot(
     kind, png = plots.model_plot(predictor, x, y, title=title, size=(width, height))
     # Weights and data never change under one model id, nor does its plot.
     return _png(png, "max-age=86400", **{"X-Plot-Kind": kind})
+
+
+@router.get("/models/{model_id}/confusion.png", response_class=Response, responses=_PNG)
+def model_confusion_plot(
+    model_id: str,
+    session: SessionDep,
+    part: Annotated[Literal["test", "validation"], Query(description="which held-out rows")] = "test",
+    width: Width = plots.DEFAULT_SIZE[0],
+    height: Height = plots.DEFAULT_SIZE[1],
+) -> Response:
+    """A classifier's confusion matrix on its held-out test (or validation) rows, as scored
+    once after training; 409 when the model has no such rows (a regressor, or a spec without
+    that split)."""
+    record = registry.get(session=session, model_id=model_id)
+    report = (record.evaluation or {}).get(part)
+    if report is None or "confusion_matrix" not in report:
+        raise Conflict(
+            f"model {model_id} has no {part} confusion matrix: it needs a classifier trained with "
+            f'"split": {{"{part}": 0.2}}'
+        )
+    title = f"{registry.describe(record)}: {part} rows, accuracy {report['accuracy']:.3f}"
+    png = plots.confusion_matrix(report["confusion_matrix"], report["classes"], title=title, size=(width, height))
+    return _png(png, "max-age=86400")

@@ -34,7 +34,7 @@ from trainserve.serving.formats import (
     npy_to_matrix,
     parse_json_request,
 )
-from trainserve.serving.predictor import Outcome, Predictor
+from trainserve.serving.predictor import Outcome, Predictor, RawRows
 from trainserve.wire import CSV_MEDIA_TYPE, NPY_MEDIA_TYPE
 
 router = APIRouter(tags=["predict"])
@@ -168,13 +168,18 @@ async def predict(request: Request) -> Response:
                 f"{CSV_MEDIA_TYPE} or multipart/form-data"
             )
         max_rows = runtime.settings.max_predict_rows
-        x = (
+        parsed_rows = (
             parse(parsed, predictor, max_rows=max_rows)
             if inline
             else await run_in_threadpool(parse, parsed, predictor, max_rows=max_rows)
         )
+        warnings = None
+        if isinstance(parsed_rows, RawRows):  # a model with preprocessing (training.features)
+            x, warnings = parsed_rows.matrix, parsed_rows.warnings
+        else:
+            x = parsed_rows
         # Every answer says which model and version answered (a JSON one in its body too).
-        headers = dict(predictor.headers)
+        headers = _model_headers(predictor)
         wants_npy = NPY_MEDIA_TYPE in request.headers.get("accept", "")
         if batcher.accepts(predictor, len(x)):
             settled = True
@@ -193,7 +198,9 @@ async def predict(request: Request) -> Response:
         if wants_npy:
             return _npy_answer(predictor, outcome, output, headers)
         content = (
-            encode_json(predictor, outcome) if inline else await run_in_threadpool(encode_json, predictor, outcome)
+            encode_json(predictor, outcome, warnings)
+            if inline
+            else await run_in_threadpool(encode_json, predictor, outcome, warnings)
         )
         return Response(content, media_type="application/json", headers=headers)
     finally:
