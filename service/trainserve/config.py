@@ -73,7 +73,11 @@ class Settings(BaseSettings):
     worker_threads: int = Field(default=1, ge=1)
     # Scheduling priority a worker process gives itself (os.nice): a training job that
     # saturates the CPU then yields it to the API answering /predict on the same machine.
-    worker_nice: int = Field(default=10, ge=0, le=19)
+    # 5, from measurement on 2 shared cores at load 14 (docs/performance-16.md): a
+    # 1-thread epoch took 5.9 s at nice 0, 7.9 s at 5 and 65 s at 10 (10 starves it beside
+    # other users' programs), while a foreground process's p99 latency was 4.1 ms beside
+    # nice 0 and 0.3 ms beside both 5 and 10.
+    worker_nice: int = Field(default=5, ge=0, le=19)
     # An idle worker polls the SQLite queue this often at most (Huey's own default backs
     # off to 10 s, which made an idle server take seconds to pick up a new job).
     queue_poll_max_s: float = Field(default=0.25, gt=0)

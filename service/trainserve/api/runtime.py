@@ -12,6 +12,7 @@ from trainserve.config import Settings
 from trainserve.db import make_engine, make_session_factory
 from trainserve.jobs.queue import JobQueue, build_queue
 from trainserve.serving.batching import MicroBatcher
+from trainserve.serving.plot_cache import PlotCache
 from trainserve.serving.predictor import ModelCache
 from trainserve.storage.base import Store
 from trainserve.storage.factory import open_store
@@ -26,6 +27,7 @@ class Runtime:
     queue: JobQueue
     models: ModelCache
     batcher: MicroBatcher
+    plots: PlotCache
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
@@ -43,6 +45,8 @@ class Runtime:
                 max_wait_s=settings.predict_batch_wait_ms / 1000,
                 max_rows=settings.predict_batch_max_rows,
             ),
+            # Beside the database, local to this node (as the store's verified copies are).
+            plots=PlotCache(settings.data_dir.resolve() / "plot-cache"),
         )
 
     def check(self) -> dict[str, str]:
