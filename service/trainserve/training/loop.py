@@ -564,6 +564,10 @@ def train(
         _loop(run, steps, model, loss_fn, data, plan.task, on_epoch, hooks)
         if run.early is not None and run.early.best_weights is not None:
             net.load_state_dict(run.early.best_weights)
+        if threads is not None and threads.source == "policy":
+            # The final pass runs chunks of _EVAL_CHUNK rows, far larger than a batch: it
+            # gets the threads that size and the cores free now allow (no waiting to sample).
+            T.apply(T.choose(_EVAL_CHUNK * plan.n_parameters, wait=None).threads)
         train_metrics = evaluate(model, loss_fn, features, targets, plan.task, train_index)
         metrics = {f"train_{k}": v for k, v in train_metrics.items()}
         if val_index is not None:
