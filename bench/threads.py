@@ -19,7 +19,7 @@ same condition, side by side. Exit 1 when the engine (or service) reaches less t
 of the best plain loop's speed (ratio of times above 1/0.9) in any cell.
 
     .venv/bin/python bench/threads.py                 # full shapes (minutes)
-    .venv/bin/python bench/threads.py --quick         # a tenth of the rows, 1 epoch
+    .venv/bin/python bench/threads.py --quick         # a quarter of the rows, 1 epoch
     .venv/bin/python bench/threads.py --quick --service
 
 On a shared machine every figure moves with the other users' load; run twice.
