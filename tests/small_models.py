@@ -63,6 +63,7 @@ TRAIN_KWARGS = (
     "checkpoint_every_s",
     "should_preempt",
     "init",
+    "threads",
 )
 
 

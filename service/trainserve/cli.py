@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from trainserve.client.cli import add_client_commands
 from trainserve.config import DEVICE_PATTERN
 from trainserve.startup import StartError, load_settings, mask, prepare
 
@@ -215,7 +214,13 @@ def _where_data_lives() -> str:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The commands that run the service: they need neither the HTTP client (httpx) nor tqdm,
+# whose imports took 0.5 s of every `serve` and every worker's start (bench/start.py).
+SERVICE_COMMANDS = frozenset({"serve", "worker", "migrate", "check"})
+
+
+def build_parser(*, client_commands: bool = True) -> argparse.ArgumentParser:
+    """``trainserve``'s parser; ``client_commands=False`` leaves out (and does not import) the client's."""
     parser = argparse.ArgumentParser(
         prog="trainserve",
         description="Train PyTorch models described in JSON and serve their predictions: run the service "
@@ -259,13 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="exit 0 when the database, queue and model store answer (a worker's health check)"
     )
     check.set_defaults(run=_check)
-    add_client_commands(commands)
+    if client_commands:
+        from trainserve.client.cli import add_client_commands
+
+        add_client_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    first = (sys.argv[1:] if argv is None else argv)[:1]
+    args = build_parser(client_commands=not SERVICE_COMMANDS.issuperset(first) or not first).parse_args(argv)
     try:
         result: int = args.run(args)
     except StartError as exc:  # one line for the operator; the traceback would bury it

@@ -211,8 +211,12 @@ class Settings(BaseSettings):
     )
     # Scheduling priority a worker process gives itself (os.nice): a training job that
     # saturates the CPU then yields it to the API answering /predict on the same machine.
+    # 5, from measurement on 2 shared cores at load 14 (docs/performance-16.md): a
+    # 1-thread epoch took 5.9 s at nice 0, 7.9 s at 5 and 65 s at 10 (10 starves it beside
+    # other users' programs), while a foreground process's p99 latency was 4.1 ms beside
+    # nice 0 and 0.3 ms beside both 5 and 10.
     worker_nice: int = Field(
-        default=10,
+        default=5,
         ge=0,
         le=19,
         description="The niceness a worker process gives itself (os.nice), so that training yields the CPU to the API"

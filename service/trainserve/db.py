@@ -7,6 +7,7 @@ is never mistaken for a pydantic model or an ``nn.Module``.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -27,8 +28,10 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.engine import CursorResult, Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql import Executable
 
@@ -224,6 +227,8 @@ def migrations_dir() -> str:
 
 def upgrade_to_head(url: str) -> None:
     """Bring the schema to the newest migration (what the app does at start)."""
+    if schema_is_current(url):  # the usual start: no need to import Alembic (1.6 s on 2 cores)
+        return
     from alembic import command
     from alembic.config import Config
 
@@ -231,6 +236,44 @@ def upgrade_to_head(url: str) -> None:
     config.set_main_option("script_location", migrations_dir())
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     command.upgrade(config, "head")
+
+
+_REVISION = re.compile(r"^(down_revision|revision)\b[^=]*=\s*(?:[\"']([^\"']*)[\"']|None)", re.MULTILINE)
+
+
+def head_revision() -> str | None:
+    """The newest migration's id, read from the scripts' ``revision``/``down_revision``
+    lines without importing Alembic; None when they do not name exactly one head (then
+    Alembic decides)."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for script in resources.files("trainserve.migrations").joinpath("versions").iterdir():
+        if not script.name.endswith(".py") or script.name.startswith("__"):
+            continue
+        found = {m.group(1): m.group(2) for m in _REVISION.finditer(script.read_text())}
+        if "revision" not in found or found["revision"] is None:
+            return None
+        revisions.add(found["revision"])
+        if found.get("down_revision"):
+            parents.add(found["down_revision"])
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
+def schema_is_current(url: str) -> bool:
+    """Whether the database already stands at the newest migration (False when unsure)."""
+    head = head_revision()
+    if head is None:
+        return False
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            versions = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    except SQLAlchemyError:  # no such table yet: a new database
+        return False
+    finally:
+        engine.dispose()
+    return versions == [head]
 
 
 class ModelAliasRecord(Base):

@@ -191,3 +191,31 @@ def test_a_running_job_has_a_growing_loss_plot(client: TrainserveClient, moons: 
     finally:
         client.cancel_job(job.id)
     assert client.wait(job.id).status == "cancelled"
+
+
+def test_a_model_plot_is_drawn_once_and_revalidates_by_etag(
+    server: Server, client: TrainserveClient, moons_model: str
+) -> None:
+    first = client.http.get(f"/models/{moons_model}/plot.png", params={"width": 300, "height": 200})
+    assert first.status_code == 200
+    assert "immutable" in first.headers["cache-control"]
+    etag = first.headers["etag"]
+    again = client.http.get(f"/models/{moons_model}/plot.png", params={"width": 300, "height": 200})
+    # The very bytes, from the cache: a redraw would be a new PNG (matplotlib stamps none,
+    # but the cache's file is what answers; see serving/plot_cache.py).
+    assert (again.content, again.headers["etag"], again.headers["x-plot-kind"]) == (
+        first.content,
+        etag,
+        "decision-regions",
+    )
+    unchanged = client.http.get(
+        f"/models/{moons_model}/plot.png", params={"width": 300, "height": 200}, headers={"If-None-Match": etag}
+    )
+    assert unchanged.status_code == 304
+    assert unchanged.content == b""
+    other_size = client.http.get(
+        f"/models/{moons_model}/plot.png", params={"width": 320, "height": 200}, headers={"If-None-Match": etag}
+    )
+    assert other_size.status_code == 200
+    assert other_size.headers["etag"] != etag
+    assert decode(other_size.content).shape == (200, 320, 3)

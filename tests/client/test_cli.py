@@ -180,6 +180,14 @@ def test_jobs_and_models_list_as_tables_and_json(server: Server, moons_model: st
     assert moons_model in jobs.stdout
     listed = json.loads(cli("jobs", "--json", "--limit", "3", url=server.url).stdout)
     assert 1 <= len(listed) <= 3
+    # --offset pages: the second job of the full list is the first of the page after one.
+    everything = json.loads(cli("jobs", "--json", "--limit", "2000", url=server.url).stdout)
+    if len(everything) >= 2:
+        second = json.loads(cli("jobs", "--json", "--limit", "1", "--offset", "1", url=server.url).stdout)
+        assert [j["id"] for j in second] == [everything[1]["id"]]
+    refused = cli("models", "--limit", "0", url=server.url)
+    assert refused.returncode == 2
+    assert "--limit" in refused.stderr
 
 
 def test_plot_saves_pngs(server: Server, client: TrainserveClient, moons_model: str, tmp_path: Path) -> None:

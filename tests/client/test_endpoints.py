@@ -162,11 +162,15 @@ async def _every_endpoint(ts: Driver, moons: bytes) -> None:
     cancelled = await ts("cancel_job", long_job.id)
     assert cancelled.status in (JobStatus.CANCELLED, JobStatus.RUNNING)
     assert (await ts("wait", long_job.id, timeout=60)).status == JobStatus.CANCELLED
+    # paging: one job per page, newest first
+    newest, before = await ts("list_jobs", limit=1), await ts("list_jobs", limit=1, offset=1)
+    assert [newest[0].id, before[0].id] == [long_job.id, job.id]
 
     model_id = done.model_id
     model = await ts("get_model", model_id)
     assert isinstance(model, Model)
     assert model_id in [m.id for m in await ts("list_models", name="endpoints")]
+    assert await ts("list_models", name="endpoints", limit=1, offset=1) == []  # one version: one page
     assert len(await ts("download_weights", model_id)) == model.weights_bytes
     for png in (await ts("loss_plot", job.id, width=320, height=240), await ts("model_plot", model_id)):
         assert png.startswith(b"\x89PNG")

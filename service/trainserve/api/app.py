@@ -26,6 +26,7 @@ from trainserve.api.runtime import Runtime
 from trainserve.api.schemas import Error, PredictRequest
 from trainserve.config import Settings, get_settings
 from trainserve.db import upgrade_to_head
+from trainserve.serving import predictor
 from trainserve.training.spec import TrainSpec
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if settings.predict_threads is not None:  # this process only predicts; see config
             torch.set_num_threads(settings.predict_threads)
+        predictor.configure_threads(settings.predict_threads)
         await run_in_threadpool(upgrade_to_head, settings.resolved_database_url)
         runtime.store.ensure()
         # Everything imported and built so far (torch alone is hundreds of thousands of

@@ -13,6 +13,7 @@ from trainserve.db import make_engine, make_session_factory
 from trainserve.jobs.queue import JobQueue, build_queue
 from trainserve.serving.batching import MicroBatcher
 from trainserve.serving.drift import ReferenceCache, TimedCache
+from trainserve.serving.plot_cache import PlotCache
 from trainserve.serving.predictor import ModelCache, NameCache
 from trainserve.serving.predlog import LogSettings, PredictionLog
 from trainserve.serving.shadow import ShadowResolver
@@ -33,6 +34,7 @@ class Runtime:
     predictions: PredictionLog
     drift_references: ReferenceCache
     drift_scrape: TimedCache  # the last drift figures /metrics reported, reused for a few seconds
+    plots: PlotCache
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
@@ -66,6 +68,8 @@ class Runtime:
                 ),
                 shadow=ShadowResolver(sessions, models, settings.model_cache_revalidate_s),
             ),
+            # Beside the database, local to this node (as the store's verified copies are).
+            plots=PlotCache(settings.data_dir.resolve() / "plot-cache"),
         )
 
     def check(self) -> dict[str, str]:

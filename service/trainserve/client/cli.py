@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import httpx
 from tqdm import tqdm
@@ -85,12 +85,14 @@ def add_client_commands(commands: Any) -> None:
     jobs.add_argument("--status", type=JobStatus, choices=list(JobStatus))
     jobs.add_argument("--name", help="only jobs training this model name")
     jobs.add_argument("--limit", type=int, default=20)
+    jobs.add_argument("--offset", type=int, default=0, help="skip this many newer jobs (paging)")
     jobs.add_argument("--json", action="store_true")
     jobs.set_defaults(run=_with_client(_jobs))
 
     models = commands.add_parser("models", parents=common, help="list trained models, newest first")
     models.add_argument("--name", help="only this model's versions")
     models.add_argument("--limit", type=int, default=20)
+    models.add_argument("--offset", type=int, default=0, help="skip this many newer models (paging)")
     models.add_argument("--json", action="store_true")
     models.set_defaults(run=_with_client(_models))
 
@@ -421,7 +423,9 @@ def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
 
 
 def _jobs(client: TrainserveClient, args: argparse.Namespace) -> int:
-    found = client.list_jobs(args.status, name=args.name, limit=args.limit)
+    found = _paged(
+        lambda limit, offset: client.list_jobs(args.status, name=args.name, limit=limit, offset=offset), args
+    )
     if args.json:
         _print_json([j.model_dump(mode="json") for j in found])
         return 0
@@ -443,7 +447,7 @@ def _job_row(job: Job) -> list[str]:
 
 
 def _models(client: TrainserveClient, args: argparse.Namespace) -> int:
-    found = client.list_models(name=args.name, limit=args.limit)
+    found = _paged(lambda limit, offset: client.list_models(name=args.name, limit=limit, offset=offset), args)
     if args.json:
         _print_json([m.model_dump(mode="json") for m in found])
         return 0
@@ -563,3 +567,22 @@ def _retrain(client: TrainserveClient, args: argparse.Namespace) -> int:
         return 0
     print(f"job {job.id} {job.status}", file=sys.stderr)
     return _follow_job(client, job.id, as_json=False)
+
+
+# The server answers at most this many items per request (GET /jobs, GET /models).
+PAGE_LIMIT = 1000
+Item = TypeVar("Item")
+
+
+def _paged(fetch: Callable[[int, int], list[Item]], args: argparse.Namespace) -> list[Item]:
+    """``--limit`` items from ``--offset`` on, a page of at most PAGE_LIMIT per request."""
+    if args.limit < 1 or args.offset < 0:
+        raise CommandError("--limit must be at least 1 and --offset at least 0")
+    found: list[Item] = []
+    while len(found) < args.limit:
+        want = min(PAGE_LIMIT, args.limit - len(found))
+        page = fetch(want, args.offset + len(found))
+        found.extend(page)
+        if len(page) < want:
+            break
+    return found

@@ -228,8 +228,11 @@ def get_job(job_id: str) -> Request:
 
 
 @Route("GET", "/jobs").reads(json_as(list[Job]))
-def list_jobs(status: JobStatus | None = None, *, name: str | None = None, limit: int = 100) -> Request:
-    return Request(params=_present(status=status, name=name, limit=limit))
+def list_jobs(
+    status: JobStatus | None = None, *, name: str | None = None, limit: int = 100, offset: int = 0
+) -> Request:
+    """Newest first, one page: ``limit`` jobs (at most 1000) after the first ``offset``."""
+    return Request(params=_present(status=status, name=name, limit=limit, offset=offset or None))
 
 
 @Route("POST", "/jobs/{job_id}/cancel").reads(json_as(Job))
@@ -251,8 +254,9 @@ def loss_plot(job_id: str, *, width: int = 800, height: int = 600) -> Request:
 
 
 @Route("GET", "/models").reads(json_as(list[Model]))
-def list_models(*, name: str | None = None, limit: int = 100) -> Request:
-    return Request(params=_present(name=name, limit=limit))
+def list_models(*, name: str | None = None, limit: int = 100, offset: int = 0) -> Request:
+    """Newest first, one page: ``limit`` models (at most 1000) after the first ``offset``."""
+    return Request(params=_present(name=name, limit=limit, offset=offset or None))
 
 
 @Route("GET", "/models/{model_id}").reads(json_as(ModelDetail))

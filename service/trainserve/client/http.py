@@ -102,8 +102,11 @@ class TrainserveClient:
     def get_job(self, job_id: str) -> JobDetail:
         return self._send(endpoints.get_job(job_id))
 
-    def list_jobs(self, status: JobStatus | None = None, *, name: str | None = None, limit: int = 100) -> list[Job]:
-        return self._send(endpoints.list_jobs(status, name=name, limit=limit))
+    def list_jobs(
+        self, status: JobStatus | None = None, *, name: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[Job]:
+        """One page of jobs, newest first (``offset``: how many newer ones to skip)."""
+        return self._send(endpoints.list_jobs(status, name=name, limit=limit, offset=offset))
 
     def cancel_job(self, job_id: str) -> Job:
         return self._send(endpoints.cancel_job(job_id))
@@ -139,9 +142,9 @@ class TrainserveClient:
                 pass
             time.sleep(stream.broke_off())
 
-    def list_models(self, *, name: str | None = None, limit: int = 100) -> list[Model]:
-        """Newest first; with ``name``, that model's versions, newest version first."""
-        return self._send(endpoints.list_models(name=name, limit=limit))
+    def list_models(self, *, name: str | None = None, limit: int = 100, offset: int = 0) -> list[Model]:
+        """Newest first; with ``name``, that model's versions, newest version first. One page."""
+        return self._send(endpoints.list_models(name=name, limit=limit, offset=offset))
 
     def get_model(self, model_id: str) -> ModelDetail:
         return self._send(endpoints.get_model(model_id))
@@ -282,9 +285,9 @@ class AsyncTrainserveClient:
         return await self._send(endpoints.get_job(job_id))
 
     async def list_jobs(
-        self, status: JobStatus | None = None, *, name: str | None = None, limit: int = 100
+        self, status: JobStatus | None = None, *, name: str | None = None, limit: int = 100, offset: int = 0
     ) -> list[Job]:
-        return await self._send(endpoints.list_jobs(status, name=name, limit=limit))
+        return await self._send(endpoints.list_jobs(status, name=name, limit=limit, offset=offset))
 
     async def cancel_job(self, job_id: str) -> Job:
         return await self._send(endpoints.cancel_job(job_id))
@@ -316,8 +319,8 @@ class AsyncTrainserveClient:
                 pass
             await asyncio.sleep(stream.broke_off())
 
-    async def list_models(self, *, name: str | None = None, limit: int = 100) -> list[Model]:
-        return await self._send(endpoints.list_models(name=name, limit=limit))
+    async def list_models(self, *, name: str | None = None, limit: int = 100, offset: int = 0) -> list[Model]:
+        return await self._send(endpoints.list_models(name=name, limit=limit, offset=offset))
 
     async def get_model(self, model_id: str) -> ModelDetail:
         return await self._send(endpoints.get_model(model_id))

@@ -36,7 +36,7 @@ from trainserve.jobs.rescuer import Rescuer
 from trainserve.jobs.status import JobStatus
 from trainserve.jobs.workers import WorkerPresence, devices_here
 from trainserve.storage.base import new_id
-from trainserve.training import features, loop, native
+from trainserve.training import features, loop, native, threads
 from trainserve.training.spec import TrainingPlan, TrainSpec, plan_training
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,6 @@ def run_worker(settings: Settings, *, exit_with_parent: bool = False) -> None:
     """
     if settings.worker_nice:
         os.nice(settings.worker_nice)
-    if settings.train_threads is not None:
-        torch.set_num_threads(settings.train_threads)
     draining = threading.Event()  # set by a stop signal: a running job hands itself back
 
     def run(job_id: str) -> None:
@@ -299,7 +297,10 @@ def _train(
     """Train, resuming from the job's checkpoint when an earlier attempt left one."""
     spec = on_this_worker(spec, ctx.settings)
     resume = attempt.resume_point()
+    # Chosen per job, from its step's size and the cores free as it starts (see threads.py).
+    work = min(spec.batch_size, len(x)) * max(plan.n_parameters, 1)
     options: dict[str, Any] = {
+        "threads": threads.choose(work, override=ctx.settings.train_threads),
         "on_epoch": attempt.on_epoch,
         "should_stop": attempt.should_stop,
         "check_every_s": ctx.settings.progress_interval_s,

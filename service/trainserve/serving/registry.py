@@ -86,11 +86,17 @@ def delete(*, session: Session, store: Store, cache: ModelCache, model_id: str) 
     on_commit(session, forget)
 
 
-def training_data(*, session: Session, store: Store, record: ModelRecord) -> tuple[np.ndarray, np.ndarray]:
-    """The feature matrix and raw targets the model was trained on (its whole dataset)."""
+def training_dataset(*, session: Session, record: ModelRecord) -> DatasetRecord:
+    """The dataset row the model was trained on; Conflict once it is deleted."""
     dataset = session.get(DatasetRecord, record.dataset_id) if record.dataset_id else None
     if dataset is None:
         raise Conflict(f"the dataset model {record.id} was trained on has been deleted")
+    return dataset
+
+
+def training_data(*, session: Session, store: Store, record: ModelRecord) -> tuple[np.ndarray, np.ndarray]:
+    """The feature matrix and raw targets the model was trained on (its whole dataset)."""
+    dataset = training_dataset(session=session, record=record)
     table = store.load_dataset(dataset.id, dataset.file_sha256)
     plan = FeaturePlan.from_json(record.preprocessing) if record.preprocessing else None
     if plan is not None and not plan.is_identity:

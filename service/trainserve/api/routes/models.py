@@ -73,6 +73,7 @@ def _chunks(handle: BinaryIO) -> Iterator[bytes]:
 @router.delete("/models/{model_id}", status_code=204)
 def delete_model(model_id: str, session: SessionDep, runtime: RuntimeDep) -> None:
     registry.delete(session=session, store=runtime.store, cache=runtime.models, model_id=model_id)
+    runtime.plots.forget(model_id)  # a cache only: gone even if the delete then fails to commit
 
 
 @router.get("/models/{model_id}/predictions", response_model=list[PredictionLogEntry])

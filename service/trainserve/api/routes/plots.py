@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query
 from fastapi.responses import Response
 
 from trainserve.api.deps import RuntimeDep, SessionDep
@@ -22,6 +22,9 @@ router = APIRouter(tags=["plots"])
 _PNG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
 Width = Annotated[int, Query(ge=plots.MIN_SIDE, le=plots.MAX_SIDE, description="pixels")]
 Height = Annotated[int, Query(ge=plots.MIN_SIDE, le=plots.MAX_SIDE, description="pixels")]
+
+
+_UNCHANGED: dict[str, Any] = {"description": "the plot the If-None-Match header names: unchanged"}
 
 
 def _png(content: bytes, cache_control: str, **headers: str) -> Response:
@@ -42,26 +45,44 @@ def job_loss_plot(
     return _png(png, "no-cache" if job.status in ACTIVE else "max-age=86400")
 
 
-@router.get("/models/{model_id}/plot.png", response_class=Response, responses=_PNG)
+@router.get(
+    "/models/{model_id}/plot.png", response_class=Response, responses={**_PNG, 304: {"description": "unchanged"}}
+)
 def model_plot(
     model_id: str,
     session: SessionDep,
     runtime: RuntimeDep,
     width: Width = plots.DEFAULT_SIZE[0],
     height: Height = plots.DEFAULT_SIZE[1],
+    if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """A classifier on two features: decision regions with the training points (the guide's
     visualize2DSoftmax). A regressor on one feature: the data and the fitted curve.
     Anything else: predicted against actual on the training data (a confusion matrix for a
-    classifier). The ``X-Plot-Kind`` header says which. 409 once the training dataset is deleted."""
+    classifier). The ``X-Plot-Kind`` header says which. 409 once the training dataset is deleted.
+
+    Drawn once per model and size, then served from a cache with an ``ETag`` (304 for a
+    matching ``If-None-Match``): weights and data never change under one model id."""
     record = registry.get(session=session, model_id=model_id)
-    predictor = runtime.models.get(record)
-    x, y = registry.training_data(session=session, store=runtime.store, record=record)
-    metric = next((f"{k} {v:.3f}" for k, v in record.metrics.items() if k in ("train_accuracy", "train_r2")), "")
-    title = f"{registry.describe(record)}: {metric}" if metric else registry.describe(record)
-    kind, png = plots.model_plot(predictor, x, y, title=title, size=(width, height))
-    # Weights and data never change under one model id, nor does its plot.
-    return _png(png, "max-age=86400", **{"X-Plot-Kind": kind})
+    registry.training_dataset(session=session, record=record)  # 409 once it is deleted, cached or not
+    size = (width, height)
+    cached = runtime.plots.get(record.id, size)
+    if cached is None:
+        predictor = runtime.models.get(record)
+        x, y = registry.training_data(session=session, store=runtime.store, record=record)
+        metric = next((f"{k} {v:.3f}" for k, v in record.metrics.items() if k in ("train_accuracy", "train_r2")), "")
+        title = f"{registry.describe(record)}: {metric}" if metric else registry.describe(record)
+        kind, png = plots.model_plot(predictor, x, y, title=title, size=size)
+        cached = runtime.plots.put(record.id, size, kind, png)
+    else:
+        png = b""
+    headers = {"Cache-Control": _IMMUTABLE, "ETag": cached.etag, "X-Plot-Kind": cached.kind}
+    if if_none_match is not None and cached.etag in (tag.strip() for tag in if_none_match.split(",")):
+        return Response(status_code=304, headers=headers)
+    return Response(png or cached.read(), media_type="image/png", headers=headers)
+
+
+_IMMUTABLE = "public, max-age=31536000, immutable"
 
 
 @router.get("/models/{model_id}/confusion.png", response_class=Response, responses=_PNG)

@@ -157,7 +157,8 @@
   }
 
   async function refreshJobs() {
-    const jobs = await apiJson("/jobs?limit=50");
+    const jobs = await apiJson(`/jobs?${window.trainservePaging.query("jobs")}`);
+    window.trainservePaging.shown("jobs", jobs.length);
     const body = $("job-rows");
     const seen = new Set();
     let succeeded = 0;
@@ -463,7 +464,8 @@
   }
 
   async function refreshModels() {
-    const models = await apiJson("/models?limit=24");
+    const models = await apiJson(`/models?${window.trainservePaging.query("models")}`);
+    window.trainservePaging.shown("models", models.length);
     const key = models.map((m) => m.id).join(",");
     if (key === state.modelKey) return;
     state.modelKey = key;
@@ -547,6 +549,8 @@
       refreshJobs().catch(() => {});
       refreshModels().catch(() => {});
     });
+    window.trainservePaging.install("jobs", $("jobs"), () => refreshJobs().catch(() => {}));
+    window.trainservePaging.install("models", $("models"), () => refreshModels().catch(() => {}));
     loop(refreshJobs, JOB_POLL_MS);
     loop(refreshModels, MODEL_POLL_MS);
   }
