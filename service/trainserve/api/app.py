@@ -22,6 +22,7 @@ import trainserve
 from trainserve.api import dashboard, errors, metrics
 from trainserve.api.guard import OPEN_PATHS, GuardSettings, RequestGuard
 from trainserve.api.routes import datasets, events, export, jobs, models, plots, predict
+from trainserve.api.routes import sweeps as sweep_routes
 from trainserve.api.runtime import Runtime
 from trainserve.api.schemas import Error, PredictRequest
 from trainserve.config import Settings, get_settings
@@ -66,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(predict.router)
     for router in (datasets.router, jobs.router, events.router, models.router, plots.router, export.router):
         app.include_router(router)
+    app.include_router(sweep_routes.router)
     # Middleware added later wraps what was added before: the fast path runs inside the
     # guard, and the metrics middleware (added in metrics.install) wraps both, so it counts
     # the guard's 401s and 413s.

@@ -2,15 +2,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from trainserve.api.deps import RuntimeDep, SessionDep
-from trainserve.api.schemas import Model
+from trainserve.api.schemas import Comparison, Model
 from trainserve.errors import NotFound
 from trainserve.serving import registry
+from trainserve.serving.compare import compare
 from trainserve.training.spec import MODEL_NAME_PATTERN
 
 router = APIRouter(tags=["models"])
@@ -29,6 +30,15 @@ def list_models(
     """Newest first; with ``name``, the versions of that model, newest version first."""
     records = registry.list_all(session=session, name=name, limit=limit, offset=offset)
     return [Model.model_validate(m) for m in records]
+
+
+@router.get("/models/compare", response_model=Comparison)
+def compare_models(
+    session: SessionDep,
+    ids: str = Query(description="Two or more model ids, comma-separated: ids=a,b,c", max_length=4000),
+) -> Any:
+    """The spec fields that differ (only those), every metric side by side, each loss curve."""
+    return compare(session, [i.strip() for i in ids.split(",") if i.strip()])
 
 
 @router.get("/models/{model_id}", response_model=Model)
