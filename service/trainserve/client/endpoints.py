@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 from pydantic import TypeAdapter
 
-from trainserve.api.schemas import Dataset, Job, JobDetail, Model, PredictResponse
+from trainserve.api.schemas import Comparison, Dataset, Job, JobDetail, Model, PredictResponse, Sweep, SweepDetail
 from trainserve.jobs.status import JobStatus
 from trainserve.wire import NPY_MEDIA_TYPE
 
@@ -307,3 +307,39 @@ def predict_csv(
     """The model named in form fields beside the file."""
     fields = {key: str(value) for key, value in _present(model_id=model_id, name=name, version=version).items()}
     return Request(data=fields, files={"file": _file_part(file, filename)})
+
+
+# -- sweeps and comparison -------------------------------------------------------------------------
+
+
+@Route("POST", "/sweeps").reads(json_as(SweepDetail))
+def create_sweep(sweep: Mapping[str, Any], *, file: FileArg | None = None, filename: str | None = None) -> Request:
+    """The sweep as JSON (its base naming an uploaded dataset), or as a form field beside the file."""
+    if file is None:
+        return Request(json=dict(sweep))
+    return Request(data={"sweep": json.dumps(dict(sweep))}, files={"file": _file_part(file, filename)})
+
+
+@Route("GET", "/sweeps").reads(json_as(list[Sweep]))
+def list_sweeps(*, limit: int = 100) -> Request:
+    return Request(params={"limit": limit})
+
+
+@Route("GET", "/sweeps/{sweep_id}").reads(json_as(SweepDetail))
+def get_sweep(sweep_id: str) -> Request:
+    return Request(path={"sweep_id": sweep_id})
+
+
+@Route("POST", "/sweeps/{sweep_id}/cancel").reads(json_as(SweepDetail))
+def cancel_sweep(sweep_id: str) -> Request:
+    return Request(path={"sweep_id": sweep_id})
+
+
+@Route("GET", "/sweeps/{sweep_id}/compare").reads(json_as(Comparison))
+def compare_sweep(sweep_id: str) -> Request:
+    return Request(path={"sweep_id": sweep_id})
+
+
+@Route("GET", "/models/compare").reads(json_as(Comparison))
+def compare_models(model_ids: list[str]) -> Request:
+    return Request(params={"ids": ",".join(model_ids)})

@@ -22,7 +22,17 @@ from typing import Any, TypeVar
 import httpx
 import numpy as np
 
-from trainserve.api.schemas import Dataset, Job, JobDetail, JobEvent, Model, PredictResponse
+from trainserve.api.schemas import (
+    Comparison,
+    Dataset,
+    Job,
+    JobDetail,
+    JobEvent,
+    Model,
+    PredictResponse,
+    Sweep,
+    SweepDetail,
+)
 from trainserve.client import endpoints
 from trainserve.client.endpoints import ApiError, Call, FileArg, auth_headers
 from trainserve.client.events import EventStream, is_last
@@ -182,6 +192,37 @@ class TrainserveClient:
         call = endpoints.predict_csv(file, model_id=model_id, name=name, version=version, filename=filename)
         return self._send(call)
 
+    # -- sweeps and comparison
+
+    def create_sweep(
+        self, sweep: Mapping[str, Any], *, file: FileArg | None = None, filename: str | None = None
+    ) -> SweepDetail:
+        return self._send(endpoints.create_sweep(sweep, file=file, filename=filename))
+
+    def list_sweeps(self, *, limit: int = 100) -> list[Sweep]:
+        return self._send(endpoints.list_sweeps(limit=limit))
+
+    def get_sweep(self, sweep_id: str) -> SweepDetail:
+        return self._send(endpoints.get_sweep(sweep_id))
+
+    def cancel_sweep(self, sweep_id: str) -> SweepDetail:
+        return self._send(endpoints.cancel_sweep(sweep_id))
+
+    def wait_sweep(self, sweep_id: str, *, timeout: float = 600.0, poll: float = 0.3) -> SweepDetail:
+        """Poll until the sweep has ended and none of its trials is queued or running."""
+        deadline = time.monotonic() + timeout
+        while not sweep_done(sweep := self.get_sweep(sweep_id)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sweep {sweep_id} still {sweep.status} after {timeout}s")
+            time.sleep(poll)
+        return sweep
+
+    def compare_sweep(self, sweep_id: str) -> Comparison:
+        return self._send(endpoints.compare_sweep(sweep_id))
+
+    def compare_models(self, model_ids: list[str]) -> Comparison:
+        return self._send(endpoints.compare_models(model_ids))
+
 
 class AsyncTrainserveClient:
     """As ``TrainserveClient``, each verb awaited."""
@@ -312,3 +353,39 @@ class AsyncTrainserveClient:
     ) -> bytes:
         call = endpoints.predict_csv(file, model_id=model_id, name=name, version=version, filename=filename)
         return await self._send(call)
+
+    # -- sweeps and comparison
+
+    async def create_sweep(
+        self, sweep: Mapping[str, Any], *, file: FileArg | None = None, filename: str | None = None
+    ) -> SweepDetail:
+        return await self._send(endpoints.create_sweep(sweep, file=file, filename=filename))
+
+    async def list_sweeps(self, *, limit: int = 100) -> list[Sweep]:
+        return await self._send(endpoints.list_sweeps(limit=limit))
+
+    async def get_sweep(self, sweep_id: str) -> SweepDetail:
+        return await self._send(endpoints.get_sweep(sweep_id))
+
+    async def cancel_sweep(self, sweep_id: str) -> SweepDetail:
+        return await self._send(endpoints.cancel_sweep(sweep_id))
+
+    async def wait_sweep(self, sweep_id: str, *, timeout: float = 600.0, poll: float = 0.3) -> SweepDetail:
+        """Poll until the sweep has ended and none of its trials is queued or running."""
+        deadline = time.monotonic() + timeout
+        while not sweep_done(sweep := await self.get_sweep(sweep_id)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sweep {sweep_id} still {sweep.status} after {timeout}s")
+            await asyncio.sleep(poll)
+        return sweep
+
+    async def compare_sweep(self, sweep_id: str) -> Comparison:
+        return await self._send(endpoints.compare_sweep(sweep_id))
+
+    async def compare_models(self, model_ids: list[str]) -> Comparison:
+        return await self._send(endpoints.compare_models(model_ids))
+
+
+def sweep_done(sweep: SweepDetail) -> bool:
+    """The sweep asks for no more trials and none of its trials is still queued or running."""
+    return sweep.status != "running" and all(t.state not in ("queued", "running") for t in sweep.trials)
