@@ -204,3 +204,25 @@ class Comparison(BaseModel):
     models: list[ComparedModel]
     differences: dict[str, list[Any]] = Field(description="Dotted spec path -> each model's value, in order")
     metrics: dict[str, list[float | None]] = Field(description="Metric -> each model's value, in order")
+
+
+class EvaluateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: str = Field(description="A labelled dataset holding the model's feature and target columns")
+
+
+class Evaluation(_Out):
+    """A model's metrics on a labelled dataset; draw them at ``.../evaluations/{id}/{kind}.png``."""
+
+    id: str
+    model_id: str
+    dataset_id: str | None
+    dataset_sha256: str
+    n_rows: int
+    task: str
+    metrics: dict[str, Any] = Field(
+        description="classifiers: accuracy, balanced_accuracy, macro_f1, per_class, confusion_matrix, roc_auc, "
+        "log_loss, expected_calibration_error; regressors: mae, rmse, mse, r2, residuals"
+    )
+    created_at: UTCDateTime
