@@ -27,6 +27,7 @@ from trainserve.api.runtime import Runtime
 from trainserve.api.schemas import Error, PredictRequest
 from trainserve.config import Settings, get_settings
 from trainserve.db import upgrade_to_head
+from trainserve.sweeps.space import SweepRequest
 from trainserve.training.spec import TrainSpec
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,10 @@ def _complete_openapi(app: FastAPI, settings: Settings) -> None:
             models["TrainSpec"] = spec_schema
             # POST /predict also reads its body itself (JSON, .npy or CSV).
             models["PredictRequest"] = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            # POST /sweeps reads its body itself too (JSON, or multipart with the file).
+            sweep_schema = SweepRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            models.update(sweep_schema.pop("$defs", {}))
+            models["SweepRequest"] = sweep_schema
             models["Error"] = Error.model_json_schema()
             for unused in ("HTTPValidationError", "ValidationError"):
                 models.pop(unused, None)

@@ -25,7 +25,17 @@ import httpx
 import numpy as np
 from pydantic import TypeAdapter
 
-from trainserve.api.schemas import Comparison, Dataset, Job, JobDetail, Model, PredictResponse, Sweep, SweepDetail
+from trainserve.api.schemas import (
+    Comparison,
+    Dataset,
+    Evaluation,
+    Job,
+    JobDetail,
+    Model,
+    PredictResponse,
+    Sweep,
+    SweepDetail,
+)
 from trainserve.jobs.status import JobStatus
 from trainserve.wire import NPY_MEDIA_TYPE
 
@@ -343,3 +353,16 @@ def compare_sweep(sweep_id: str) -> Request:
 @Route("GET", "/models/compare").reads(json_as(Comparison))
 def compare_models(model_ids: list[str]) -> Request:
     return Request(params={"ids": ",".join(model_ids)})
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+
+
+@Route("POST", "/models/{model_id}/evaluate").reads(json_as(Evaluation))
+def evaluate_model(model_id: str, dataset_id: str) -> Request:
+    return Request(path={"model_id": model_id}, json={"dataset_id": dataset_id})
+
+
+@Route("GET", "/models/{model_id}/evaluations").reads(json_as(list[Evaluation]))
+def list_evaluations(model_id: str) -> Request:
+    return Request(path={"model_id": model_id})

@@ -25,6 +25,7 @@ import numpy as np
 from trainserve.api.schemas import (
     Comparison,
     Dataset,
+    Evaluation,
     Job,
     JobDetail,
     JobEvent,
@@ -223,6 +224,14 @@ class TrainserveClient:
     def compare_models(self, model_ids: list[str]) -> Comparison:
         return self._send(endpoints.compare_models(model_ids))
 
+    # -- evaluation
+
+    def evaluate_model(self, model_id: str, dataset_id: str) -> Evaluation:
+        return self._send(endpoints.evaluate_model(model_id, dataset_id))
+
+    def list_evaluations(self, model_id: str) -> list[Evaluation]:
+        return self._send(endpoints.list_evaluations(model_id))
+
 
 class AsyncTrainserveClient:
     """As ``TrainserveClient``, each verb awaited."""
@@ -384,6 +393,14 @@ class AsyncTrainserveClient:
 
     async def compare_models(self, model_ids: list[str]) -> Comparison:
         return await self._send(endpoints.compare_models(model_ids))
+
+    # -- evaluation
+
+    async def evaluate_model(self, model_id: str, dataset_id: str) -> Evaluation:
+        return await self._send(endpoints.evaluate_model(model_id, dataset_id))
+
+    async def list_evaluations(self, model_id: str) -> list[Evaluation]:
+        return await self._send(endpoints.list_evaluations(model_id))
 
 
 def sweep_done(sweep: SweepDetail) -> bool:

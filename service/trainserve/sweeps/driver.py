@@ -158,7 +158,7 @@ def top_up(session: Session, queue: JobQueue, settings: Settings, sweep_id: str)
     request = SweepRequest.model_validate(sweep.request)
     space = space_of(request)
     trials = _trials(session, sweep_id)
-    _sync(session, request.objective.metric, trials)
+    _sync(session, request.metric(), trials)
     active = sum(t.state == "active" for t in trials)
     started = 0
     dataset = session.get(DatasetRecord, sweep.dataset_id) if sweep.dataset_id else None
@@ -311,7 +311,7 @@ def cancel(session: Session, store: Store, sweep_id: str) -> SweepRecord:
 def describe(session: Session, sweep: SweepRecord, *, with_trials: bool) -> dict[str, Any]:
     """The sweep as the API shows it: its trials' live states, counts and the best trial."""
     request = SweepRequest.model_validate(sweep.request)
-    metric = request.objective.metric
+    metric = request.metric()
     rows = _trials(session, sweep.id)
     job_ids = [t.job_id for t in rows if t.job_id is not None]
     jobs_by_id = (
@@ -362,7 +362,7 @@ def describe(session: Session, sweep: SweepRecord, *, with_trials: bool) -> dict
         "parallel": sweep.parallel,
         "sampler": request.sampler,
         "pruner": request.pruner.type,
-        "objective": request.objective.model_dump(),
+        "objective": {"metric": request.metric(), "direction": request.objective.direction},
         "seed": request.seed,
         "search": request.search,
         "created_at": sweep.created_at,

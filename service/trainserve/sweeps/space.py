@@ -32,7 +32,11 @@ _MAX_CORNERS = 256
 class Objective(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    metric: str = Field(default="val_loss", description="A metric the trained model reports, e.g. val_loss.")
+    metric: str | None = Field(
+        default=None,
+        description="A metric the trained model reports, e.g. val_accuracy; "
+        "default val_loss with a validation split, else train_loss.",
+    )
     direction: Literal["minimize", "maximize"] = "minimize"
 
 
@@ -67,6 +71,12 @@ class SweepRequest(BaseModel):
     objective: Objective = Field(default_factory=Objective)
     pruner: Pruner = Field(default_factory=Pruner)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+    def metric(self) -> str:
+        """The objective's metric, its default resolved against the base spec."""
+        if self.objective.metric is not None:
+            return self.objective.metric
+        return "val_loss" if self.base.get("validation_split", 0) > 0 else "train_loss"
 
     @field_validator("pruner", mode="before")
     @classmethod
@@ -221,10 +231,10 @@ def check_request(
             ["body", "parallel"],
         )
     metrics = objective_metrics(base)
-    if request.objective.metric not in metrics:
+    if request.metric() not in metrics:
         hint = "" if base.validation_split > 0 else "; val_ metrics need a validation_split > 0 in the base spec"
         raise _fail(
-            f"objective metric {request.objective.metric!r} is not one this spec's model reports "
+            f"objective metric {request.metric()!r} is not one this spec's model reports "
             f"(it reports {', '.join(metrics)}{hint})",
             ["body", "objective", "metric"],
         )

@@ -138,7 +138,7 @@ class Pruning:
         self.request, self.space, self.params = request, space, params
         self.load_others, self.refresh_s, self.clock = load_others, refresh_s, clock
         self.values: list[tuple[int, float]] = []
-        self.metric = request.objective.metric
+        self.metric = request.metric()
         self._study: optuna.Study | None = None
         self._trial: optuna.Trial | None = None
         self._others: Sequence[TrialView] = ()

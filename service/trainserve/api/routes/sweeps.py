@@ -36,7 +36,7 @@ _SWEEP_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": SweepRequest.model_json_schema()},
+            "application/json": {"schema": {"$ref": "#/components/schemas/SweepRequest"}},
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
