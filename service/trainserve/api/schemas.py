@@ -226,3 +226,9 @@ class Evaluation(_Out):
         "log_loss, expected_calibration_error; regressors: mae, rmse, mse, r2, residuals"
     )
     created_at: UTCDateTime
+
+
+class NameRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="The model name to give")

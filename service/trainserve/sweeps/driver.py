@@ -21,7 +21,7 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from trainserve.config import Settings
@@ -374,3 +374,23 @@ def describe(session: Session, sweep: SweepRecord, *, with_trials: bool) -> dict
         out["trials"] = trials
         out["base"] = request.base
     return out
+
+
+def name_best(session: Session, sweep_id: str, name: str) -> ModelRecord:
+    """Give the best trial's model ``name``: it becomes that name's next version (unchanged
+    if it already is a version of that name; 409 if it is a version of another name)."""
+    detail = describe(session, get_sweep(session, sweep_id), with_trials=False)
+    best = detail["best"]
+    if best is None or best["model_id"] is None:
+        raise Conflict(f"sweep {sweep_id} has no complete trial with a model yet")
+    model = session.get(ModelRecord, best["model_id"])
+    if model is None:
+        raise Conflict(f"the best trial's model {best['model_id']} was deleted")
+    if model.name == name:
+        return model
+    if model.name is not None:
+        raise Conflict(f"the best trial's model is already version {model.version} of {model.name!r}")
+    latest = session.scalar(select(func.max(ModelRecord.version)).where(ModelRecord.name == name))
+    model.name, model.version = name, (latest or 0) + 1
+    session.flush()  # a version taken meanwhile fails here: the API answers 409, retry
+    return model

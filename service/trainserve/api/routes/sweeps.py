@@ -17,7 +17,7 @@ from trainserve.api.deps import RuntimeDep, SessionDep
 from trainserve.api.errors import invalid_spec
 from trainserve.api.routes.datasets import create_from_upload
 from trainserve.api.runtime import Runtime
-from trainserve.api.schemas import Comparison, Sweep, SweepDetail
+from trainserve.api.schemas import Comparison, Model, NameRequest, Sweep, SweepDetail
 from trainserve.api.uploads import ReceivedFile, receive_form
 from trainserve.datasets import catalog as datasets
 from trainserve.errors import InvalidInput, UnsupportedMediaType
@@ -140,6 +140,12 @@ def compare_trials(sweep_id: str, session: SessionDep) -> Any:
     detail = driver.describe(session, driver.get_sweep(session, sweep_id), with_trials=True)
     ids = [t["model_id"] for t in detail["trials"] if t["model_id"]]
     return compare(session, ids, at_least=0)
+
+
+@router.post("/sweeps/{sweep_id}/best/name", response_model=Model)
+def name_best(sweep_id: str, body: NameRequest, session: SessionDep) -> Any:
+    """Give the best trial's model a name: it becomes that name's next version."""
+    return driver.name_best(session, sweep_id, body.name)
 
 
 def _read(runtime: Runtime, sweep_id: str) -> dict[str, Any]:
