@@ -92,18 +92,28 @@ def run_sweep(ts: TrainserveClient, request: dict[str, Any]) -> dict[str, float]
     wall = time.perf_counter() - begin
     if len(done.trials) != request["trials"]:
         raise RuntimeError(f"{len(done.trials)} trials, asked for {request['trials']}")
-    engine = training = 0.0
+    engine = training = waited = 0.0
     epochs = 0
     for trial in done.trials:
         assert trial.job_id is not None
         job = ts.get_job(trial.job_id)
         training += seconds(job.started_at, job.finished_at)
+        if trial.number >= request["parallel"]:  # queued when an earlier trial ended: time to its claim
+            waited += seconds(job.created_at, job.started_at)
         epochs += trial.epochs_run
         if trial.model_id is not None:
             engine += ts.get_model(trial.model_id).train_seconds
     states = {s: sum(t.state == s for t in done.trials) for s in ("complete", "pruned", "failed")}
     best = done.best.value if done.best is not None else float("nan")
-    return {"wall": wall, "engine": engine, "training": training, "epochs": epochs, "best": best, **states}
+    return {
+        "wall": wall,
+        "engine": engine,
+        "training": training,
+        "waited": waited,
+        "epochs": epochs,
+        "best": best,
+        **states,
+    }
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -162,6 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"  pruner none:   wall {plain['wall']:.1f} s, engine sum {plain['engine']:.1f} s, "
         f"wall / (engine sum / 2) = {overhead:.2f} (limit {args.max_overhead})"
+    )
+    print(
+        f"    of which, per trial: {(plain['training'] - plain['engine']) / args.trials * 1000:.0f} ms claimed but "
+        f"outside the engine (data, plan, saving the model), {plain['waited'] / args.trials * 1000:.0f} ms "
+        "from being queued to being claimed"
     )
     print(
         f"  pruner median: {int(pruned['pruned'])} of {args.trials} pruned, {int(pruned['epochs'])} epochs "
