@@ -235,7 +235,7 @@ class SweepRecord(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str | None] = mapped_column(String(128))
-    status: Mapped[str] = mapped_column(String(16), index=True)  # running | succeeded | cancelled
+    status: Mapped[str] = mapped_column(String(16), index=True)  # running | succeeded | failed | cancelled
     request: Mapped[dict[str, Any]]  # the sweep as submitted, its base spec validated and complete
     dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
     trials: Mapped[int] = mapped_column(Integer)

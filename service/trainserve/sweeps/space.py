@@ -47,7 +47,7 @@ class Pruner(BaseModel):
 
     type: Literal["asha", "median", "none"] = "none"
     startup_trials: int = Field(default=5, ge=0, description="median: trials to complete before any is pruned")
-    warmup_epochs: int = Field(default=0, ge=0, description="median: epochs before a trial can be pruned")
+    warmup_epochs: int = Field(default=0, ge=0, description="median: the first epochs, never pruned")
     min_resource: int | None = Field(default=None, ge=1, description="asha: epochs of the first rung; default auto")
     reduction_factor: int = Field(default=4, ge=2, description="asha: 1/reduction_factor go on at each rung")
 

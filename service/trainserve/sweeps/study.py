@@ -62,7 +62,9 @@ def sampler_for(request: SweepRequest, space: Space, number: int) -> BaseSampler
 
 def pruner_for(pruner: Pruner) -> BasePruner:
     if pruner.type == "median":
-        return MedianPruner(n_startup_trials=pruner.startup_trials, n_warmup_steps=pruner.warmup_epochs)
+        # Epochs are steps 1, 2, ...: Optuna prunes at a step >= n_warmup_steps, so the first
+        # ``warmup_epochs`` epochs are exempt with one more.
+        return MedianPruner(n_startup_trials=pruner.startup_trials, n_warmup_steps=pruner.warmup_epochs + 1)
     if pruner.type == "asha":
         return SuccessiveHalvingPruner(
             min_resource=pruner.min_resource or "auto", reduction_factor=pruner.reduction_factor
