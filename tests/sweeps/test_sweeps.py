@@ -4,12 +4,14 @@ events, comparison, cancel, and refused requests that leave nothing behind."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import Server, moons_spec
+from tests.client.test_cli import cli
+from tests.conftest import REPO, Server, moons_spec
 from trainserve.client import TrainserveClient
 from trainserve.client.endpoints import ApiError
 
@@ -173,3 +175,22 @@ def test_cancel_a_sweep_and_refused_sweeps_leave_nothing_behind(
         client.cancel_sweep(sweep.id)
     assert again.value.status_code == 409
     assert client.http.get("/sweeps/" + "0" * 32).status_code == 404
+
+
+def test_the_cli_runs_a_sweep_with_a_progress_bar_and_prints_the_leaderboard(server: Server, tmp_path: Path) -> None:
+    spec = moons_spec(epochs=3, validation_split=0.25, target="y")  # examples/moons.csv names its label y
+    (tmp_path / "base.json").write_text(json.dumps(spec))
+    (tmp_path / "search.json").write_text(json.dumps({"optimizer.lr": {"choice": [0.01, 0.05]}}))
+    moons_csv = REPO / "examples" / "moons.csv"
+    args = ["--spec", tmp_path / "base.json", "--search", tmp_path / "search.json", "--trials", "2"]
+    result = cli("sweep", moons_csv, *args, "--sampler", "grid", "--name", "cli-sweep", "--follow", url=server.url)
+    assert result.returncode == 0, result.stderr
+    assert "2/2" in result.stderr  # the progress bar reached the last trial
+    lines = result.stdout.splitlines()
+    assert "succeeded: val_loss (minimize)" in lines[0]
+    assert lines[1].split()[:4] == ["RANK", "TRIAL", "STATE", "VAL_LOSS"]
+    assert sorted(line.split()[2] for line in lines[2:]) == ["complete", "complete"]
+    assert {"optimizer.lr=0.01", "optimizer.lr=0.05"} <= set(" ".join(lines[2:]).split())
+    listed = cli("sweeps", url=server.url)
+    assert listed.returncode == 0, listed.stderr
+    assert any("cli-sweep" in line and "2/2" in line for line in listed.stdout.splitlines())
