@@ -25,6 +25,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from trainserve.config import Settings
+from trainserve.datasets.tables import TableSchema
 from trainserve.db import DatasetRecord, JobRecord, ModelRecord, SweepRecord, TrialRecord, rows_changed, utcnow
 from trainserve.errors import Conflict, InvalidInput, NotFound
 from trainserve.jobs import lifecycle as jobs
@@ -33,7 +34,7 @@ from trainserve.jobs.status import ENDED, JobStatus
 from trainserve.storage.base import Store, new_id
 from trainserve.sweeps.space import Space, SweepRequest, check_request, space_of, trial_spec
 from trainserve.sweeps.study import Pruning, TrialPruned, TrialView, ask
-from trainserve.training.spec import TrainSpec
+from trainserve.training.spec import TrainSpec, plan_training
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,6 @@ def submit(
 ) -> SweepRecord:
     """Check the sweep as a whole (every trial spec it can produce included), record it and
     its first ``parallel`` trials; they are enqueued when the transaction commits."""
-    from trainserve.datasets.tables import TableSchema
-    from trainserve.training.spec import plan_training
-
     schema = TableSchema.from_dicts(dataset.n_rows, dataset.columns)
     limits = jobs.limits_of(settings)
     base = base.model_copy(update={"dataset_id": dataset.id})
