@@ -54,6 +54,7 @@ def fuzzed(
         "TRAINSERVE_MAX_UPLOAD_BYTES": str(64 * 1024),
         "TRAINSERVE_MAX_BODY_BYTES": str(64 * 1024),
         "TRAINSERVE_MAX_EPOCHS": "5",
+        "TRAINSERVE_MAX_SWEEP_TRIALS": "3",
     }
     running = start_server(tmp_path_factory.mktemp("fuzz"), env=env)
     try:

@@ -97,3 +97,18 @@ def test_the_preprocessing_and_evaluation_columns_go_up_down_and_up(database_url
     assert "parent_model_id" in columns(database_url, "trained_models")  # 0003's column untouched
     command.upgrade(config, "0005")
     assert {"preprocessing", "evaluation"} <= columns(database_url, "trained_models")
+
+
+def test_the_sweep_and_evaluation_tables_go_up_down_and_up(database_url: str) -> None:
+    config = alembic_config(database_url)
+    command.upgrade(config, "0006")
+    assert {"sweep_id", "trial_number"} <= columns(database_url, "jobs")
+    assert {"number", "params", "system_attrs", "intermediate"} <= columns(database_url, "sweep_trials")
+    assert {"model_id", "metrics", "curves"} <= columns(database_url, "evaluations")
+    command.downgrade(config, "0005")
+    assert "sweep_id" not in columns(database_url, "jobs")
+    assert columns(database_url, "sweeps") == set()
+    assert columns(database_url, "evaluations") == set()
+    assert {"preprocessing", "evaluation"} <= columns(database_url, "trained_models")  # 0005 untouched
+    command.upgrade(config, "0006")
+    assert {"sweep_id", "trial_number"} <= columns(database_url, "jobs")

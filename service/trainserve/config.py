@@ -299,6 +299,14 @@ class Settings(BaseSettings):
         "in the dataset's profile, and refused as a category feature by POST /train.",
     )
 
+    # Sweeps (trainserve.sweeps): what one POST /sweeps may ask for.
+    max_sweep_trials: int = Field(
+        default=1000, ge=1, description="The most trials one sweep may ask for (its `trials`)."
+    )
+    max_sweep_parallel: int = Field(
+        default=16, ge=1, description="The most trials of one sweep queued or running at once (its `parallel`)."
+    )
+
     @field_validator("api_key")
     @classmethod
     def _refuse_weak_key(cls, value: str | None) -> str | None:

@@ -113,6 +113,9 @@ class JobRecord(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # A trial of a sweep (trainserve.sweeps) is an ordinary job that also names its sweep and number.
+    sweep_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    trial_number: Mapped[int | None] = mapped_column(Integer)
 
 
 class ModelRecord(Base):
@@ -331,3 +334,61 @@ class WorkerRecord(Base):
     devices: Mapped[list[Any]]  # ["cpu", "cuda:0", ...]
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SweepRecord(Base):
+    """A hyperparameter search: its request, and whether it still asks for trials."""
+
+    __tablename__ = "sweeps"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16), index=True)  # running | succeeded | failed | cancelled
+    request: Mapped[dict[str, Any]]  # the sweep as submitted, its base spec validated and complete
+    dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
+    trials: Mapped[int] = mapped_column(Integer)
+    parallel: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+    # Every change of the sweep's trials first writes this row: the write is the lock that
+    # lets one process at a time ask the sampler for the next trial.
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class TrialRecord(Base):
+    """One trial of a sweep: the parameters the sampler chose, the job that trains them, and
+    what the sampler and pruner need to see of it again (Optuna's study is rebuilt from these rows)."""
+
+    __tablename__ = "sweep_trials"
+    __table_args__ = (UniqueConstraint("sweep_id", "number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sweep_id: Mapped[str] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    job_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    params: Mapped[dict[str, Any]]
+    system_attrs: Mapped[dict[str, Any]] = mapped_column(default=dict)  # Optuna's per-trial bookkeeping
+    state: Mapped[str] = mapped_column(String(16))  # active | complete | pruned | failed | cancelled
+    value: Mapped[float | None] = mapped_column(Float)
+    intermediate: Mapped[list[Any]] = mapped_column(default=list)  # [[epoch, objective value], ...]
+    pruned_at: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class EvaluationRecord(Base):
+    """A model's metrics on a labelled dataset (POST /models/{id}/evaluate)."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("trained_models.id", ondelete="CASCADE"), index=True)
+    dataset_id: Mapped[str | None] = mapped_column(String(32))
+    dataset_sha256: Mapped[str] = mapped_column(String(64))
+    n_rows: Mapped[int] = mapped_column(Integer)
+    task: Mapped[str] = mapped_column(String(16))
+    metrics: Mapped[dict[str, Any]]
+    # What the plots draw: confusion matrix, ROC and calibration points, or residual summary.
+    curves: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

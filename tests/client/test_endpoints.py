@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import Server, moons_spec
-from trainserve.api.schemas import Dataset, Job, JobDetail, JobEvent, Model, PredictResponse
+from trainserve.api.schemas import Dataset, Job, JobDetail, JobEvent, Model, PredictResponse, SweepDetail
 from trainserve.client import AsyncTrainserveClient, TrainserveClient, endpoints
 from trainserve.client.endpoints import ApiError, Endpoint
 from trainserve.jobs.status import JobStatus
@@ -36,7 +36,7 @@ Client = TrainserveClient | AsyncTrainserveClient
 
 def test_the_table_lists_the_routes_the_clients_use() -> None:
     routes = {(e.route.method, e.route.path) for e in TABLE.values()}
-    assert len(TABLE) == 26
+    assert len(TABLE) == 34
     assert ("GET", "/models/{model_id}/confusion.png") in routes
     assert ("GET", "/jobs/{job_id}/events") in routes
     assert ("POST", "/predict") in routes
@@ -99,7 +99,7 @@ def test_the_clients_offer_the_same_verbs() -> None:
         return {n for n, v in vars(cls).items() if callable(v) and not n.startswith("_")}
 
     assert verbs(TrainserveClient) - {"close"} == verbs(AsyncTrainserveClient) - {"aclose"}
-    assert verbs(TrainserveClient) - {"close", "wait"} == set(TABLE)
+    assert verbs(TrainserveClient) - {"close", "wait", "wait_sweep"} == set(TABLE)
 
 
 def test_a_call_is_the_request_the_server_expects() -> None:
@@ -137,6 +137,9 @@ class Driver:
         if isinstance(self.client, AsyncTrainserveClient):
             return [event async for event in self.client.events(job_id)]
         return list(self.client.events(job_id))
+
+
+_LR = {"optimizer.lr": {"choice": [0.01, 0.02]}}
 
 
 async def _every_endpoint(ts: Driver, moons: bytes) -> None:
@@ -209,6 +212,24 @@ async def _every_endpoint(ts: Driver, moons: bytes) -> None:
     await ts("delete_alias", "endpoints", "production", note="done")
     assert isinstance(await ts("list_predictions", model_id, limit=5), list)
     assert [f.feature for f in (await ts("model_drift", model_id)).features] == ["x0", "x1"]
+
+    # a one-trial sweep, compared with the job above; a second sweep cancelled
+    sweep = await ts("create_sweep", {"base": moons_spec(dataset.id, epochs=2), "search": _LR, "trials": 1})
+    assert isinstance(sweep, SweepDetail)
+    swept = await ts("wait_sweep", sweep.id, timeout=120)
+    assert swept.status == "succeeded"
+    assert sweep.id in [s.id for s in await ts("list_sweeps")]
+    assert (await ts("get_sweep", sweep.id)).trials[0].model_id == swept.trials[0].model_id
+    assert len((await ts("compare_sweep", sweep.id)).models) == 1
+    compared = await ts("compare_models", [model_id, swept.trials[0].model_id])
+    assert set(compared.differences) >= {"optimizer.lr", "epochs"}
+    endless = await ts("create_sweep", {"base": moons_spec(dataset.id, epochs=5000), "search": _LR, "trials": 3})
+    assert (await ts("cancel_sweep", endless.id)).status == "cancelled"
+    assert [t.state for t in (await ts("wait_sweep", endless.id, timeout=60)).trials] == ["cancelled"]
+
+    scored = await ts("evaluate_model", model_id, dataset.id)
+    assert scored.metrics["accuracy"] == pytest.approx(model.metrics["train_accuracy"])
+    assert [e.id for e in await ts("list_evaluations", model_id)] == [scored.id]
 
     await ts("delete_model", model_id)
     with pytest.raises(ApiError) as gone:

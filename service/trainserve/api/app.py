@@ -22,11 +22,13 @@ import trainserve
 from trainserve.api import dashboard, errors, metrics
 from trainserve.api.guard import OPEN_PATHS, GuardSettings, RequestGuard
 from trainserve.api.routes import aliases, datasets, events, export, jobs, models, plots, predict, workers
+from trainserve.api.routes import sweeps as sweep_routes
 from trainserve.api.runtime import Runtime
 from trainserve.api.schemas import Error, PredictRequest
 from trainserve.config import Settings, get_settings
 from trainserve.db import upgrade_to_head
 from trainserve.serving import predictor
+from trainserve.sweeps.space import SweepRequest
 from trainserve.training.spec import TrainSpec
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (datasets.router, jobs.router, events.router, models.router, plots.router, export.router):
         app.include_router(router)
     app.include_router(workers.router)
+    app.include_router(sweep_routes.router)
     # Middleware added later wraps what was added before: the fast path runs inside the
     # guard, and the metrics middleware (added in metrics.install) wraps both, so it counts
     # the guard's 401s and 413s.
@@ -132,6 +135,10 @@ def _complete_openapi(app: FastAPI, settings: Settings) -> None:
             models["TrainSpec"] = spec_schema
             # POST /predict also reads its body itself (JSON, .npy or CSV).
             models["PredictRequest"] = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            # POST /sweeps reads its body itself too (JSON, or multipart with the file).
+            sweep_schema = SweepRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            models.update(sweep_schema.pop("$defs", {}))
+            models["SweepRequest"] = sweep_schema
             models["Error"] = Error.model_json_schema()
             for unused in ("HTTPValidationError", "ValidationError"):
                 models.pop(unused, None)

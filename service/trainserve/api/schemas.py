@@ -112,6 +112,8 @@ class Job(_Out):
         default_factory=list,
         description="How it ran: which training loop, re-queued, resumed, handed back, stopped early",
     )
+    sweep_id: str | None = Field(default=None, description="The sweep this job is a trial of, if any")
+    trial_number: int | None = Field(default=None, description="Its trial number in that sweep (0, 1, ...)")
 
 
 class JobDetail(Job):
@@ -338,3 +340,86 @@ class Worker(_Out):
     heartbeat_at: UTCDateTime = Field(description="When it last said it was alive (every rescue interval)")
     started_at: UTCDateTime
     live: bool = Field(default=False, description="Its heartbeat is recent: a job for one of its devices will be taken")
+
+
+class Trial(BaseModel):
+    """One trial of a sweep: a job training the base spec with ``params`` set."""
+
+    number: int
+    job_id: str | None
+    model_id: str | None
+    params: dict[str, Any] = Field(description="Search path -> the value this trial trains with")
+    state: str = Field(description="queued, running, complete, pruned, failed or cancelled")
+    value: float | None = Field(description="The objective: the model's metric, or a pruned trial's last value")
+    pruned_at: int | None = Field(description="The epoch after which the pruner stopped it")
+    reason: str | None = Field(description="Why it was pruned or failed")
+    epochs_run: int
+    epochs: int | None
+
+
+class Sweep(BaseModel):
+    id: str
+    name: str | None
+    status: str = Field(description="running, succeeded, failed (no trial completed) or cancelled")
+    dataset_id: str | None
+    n_trials: int = Field(description="How many trials the sweep runs in all")
+    parallel: int
+    sampler: str
+    pruner: str
+    objective: dict[str, Any]
+    seed: int
+    search: dict[str, Any]
+    created_at: UTCDateTime
+    finished_at: UTCDateTime | None
+    counts: dict[str, int] = Field(description="Trials by state")
+    best: Trial | None = Field(description="The complete trial with the best objective value")
+
+
+class SweepDetail(Sweep):
+    trials: list[Trial]
+    base: dict[str, Any] = Field(description="The base spec, complete, as validated")
+
+
+class ComparedModel(BaseModel):
+    id: str
+    name: str | None
+    version: int | None
+    job_id: str
+    metrics: dict[str, float]
+    history: list[list[Any]] = Field(description="Its job's [epoch, train_loss, val_loss] rows")
+
+
+class Comparison(BaseModel):
+    """Models side by side: only the spec fields that differ, every metric, the loss curves."""
+
+    models: list[ComparedModel]
+    differences: dict[str, list[Any]] = Field(description="Dotted spec path -> each model's value, in order")
+    metrics: dict[str, list[float | None]] = Field(description="Metric -> each model's value, in order")
+
+
+class EvaluateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: str = Field(description="A labelled dataset holding the model's feature and target columns")
+
+
+class Evaluation(_Out):
+    """A model's metrics on a labelled dataset; draw them at ``.../evaluations/{id}/{kind}.png``."""
+
+    id: str
+    model_id: str
+    dataset_id: str | None
+    dataset_sha256: str
+    n_rows: int
+    task: str
+    metrics: dict[str, Any] = Field(
+        description="classifiers: accuracy, balanced_accuracy, macro_f1, per_class, confusion_matrix, roc_auc, "
+        "log_loss, expected_calibration_error; regressors: mae, rmse, mse, r2, residuals"
+    )
+    created_at: UTCDateTime
+
+
+class NameRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="The model name to give")

@@ -1,5 +1,6 @@
 """The CLI's client commands: ``trainserve train | follow | predict | jobs | models | cancel | plot | export``,
-and for shipping: ``promote | aliases | predictions | retrain``.
+and for shipping: ``promote | aliases | predictions | retrain``; for experiments:
+``trainserve sweep | sweeps``.
 
 They talk to a running server through the typed client: ``--url`` / ``TRAINSERVE_URL``
 and ``--api-key`` / ``TRAINSERVE_API_KEY``. Exit status: 0 done, 1 a followed job did
@@ -17,6 +18,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,9 +27,9 @@ from typing import Any, TextIO, TypeVar
 import httpx
 from tqdm import tqdm
 
-from trainserve.api.schemas import Job, Model
+from trainserve.api.schemas import Job, Model, SweepDetail
 from trainserve.client.events import shown_status
-from trainserve.client.http import ApiError, TrainserveClient
+from trainserve.client.http import ApiError, TrainserveClient, sweep_done
 from trainserve.jobs.status import JobStatus
 from trainserve.wire import prediction_columns
 
@@ -113,6 +115,7 @@ def add_client_commands(commands: Any) -> None:
     export.add_argument("--format", choices=["torchscript", "torch.export"], default="torchscript")
     export.add_argument("--output", "-o", type=Path, required=True)
     export.set_defaults(run=_with_client(_export))
+    _add_sweep_commands(commands, common)
 
     promote = commands.add_parser("promote", parents=common, help="point an alias (default production) at a version")
     promote.add_argument("model", help="NAME:VERSION, or a model id, NAME or NAME@ALIAS (its version)")
@@ -586,3 +589,131 @@ def _paged(fetch: Callable[[int, int], list[Item]], args: argparse.Namespace) ->
         if len(page) < want:
             break
     return found
+
+
+# -- sweeps --------------------------------------------------------------------------------------
+
+
+def _add_sweep_commands(commands: Any, common: list[argparse.ArgumentParser]) -> None:
+    sweep = commands.add_parser("sweep", parents=common, help="search hyperparameters: many trials of a base spec")
+    sweep.add_argument("data", help="a CSV or .npz file, or the id of an uploaded dataset")
+    sweep.add_argument("--spec", required=True, type=Path, help="the base training spec, a JSON file")
+    sweep.add_argument(
+        "--search",
+        required=True,
+        type=Path,
+        help='the search space, a JSON file: {"optimizer.lr": {"log_uniform": ...}}',
+    )
+    sweep.add_argument("--trials", type=int, default=10)
+    sweep.add_argument("--parallel", type=int, default=1, help="trials queued or running at once")
+    sweep.add_argument("--sampler", choices=["tpe", "random", "grid"], default="tpe")
+    sweep.add_argument("--pruner", choices=["asha", "median", "none"], default="none")
+    sweep.add_argument("--metric", default="val_loss", help="the objective: a metric the model reports")
+    sweep.add_argument("--direction", choices=["minimize", "maximize"], default="minimize")
+    sweep.add_argument("--seed", type=int, default=0)
+    sweep.add_argument("--name", help="a label for the sweep")
+    sweep.add_argument("--follow", "-f", action="store_true", help="show progress, then the leaderboard")
+    sweep.add_argument("--json", action="store_true", help="print the sweep as JSON")
+    sweep.set_defaults(run=_with_client(_sweep))
+
+    sweeps = commands.add_parser("sweeps", parents=common, help="list sweeps, newest first; or show one")
+    sweeps.add_argument("sweep", nargs="?", help="a sweep id: show its leaderboard")
+    sweeps.add_argument("--limit", type=int, default=50)
+    sweeps.add_argument("--json", action="store_true")
+    sweeps.set_defaults(run=_with_client(_sweeps))
+
+
+def _sweep(client: TrainserveClient, args: argparse.Namespace) -> int:
+    base = _read_spec(args.spec)
+    search = _read_spec(args.search)
+    request: dict[str, Any] = {
+        "name": args.name,
+        "base": base,
+        "search": search,
+        "sampler": args.sampler,
+        "trials": args.trials,
+        "parallel": args.parallel,
+        "objective": {"metric": args.metric, "direction": args.direction},
+        "pruner": args.pruner,
+        "seed": args.seed,
+    }
+    data = Path(args.data)
+    if data.is_file():
+        base.pop("dataset_id", None)
+        sweep = client.create_sweep(request, file=data)
+    elif _ID.match(args.data):
+        sweep = client.create_sweep({**request, "base": {**base, "dataset_id": args.data}})
+    else:
+        raise CommandError(f"{args.data} is neither a file nor a dataset id")
+    if not args.follow:
+        if args.json:
+            _print_json(sweep.model_dump(mode="json"))
+        else:
+            print(f"sweep {sweep.id} {sweep.status}; follow it with: trainserve sweeps {sweep.id}")
+        return 0
+    print(f"sweep {sweep.id} {sweep.status}", file=sys.stderr)
+    with tqdm(total=sweep.n_trials, desc=sweep.name or sweep.id[:8], unit="trial", file=sys.stderr) as bar:
+        try:
+            while True:
+                sweep = client.get_sweep(sweep.id)
+                ended = sum(t.state not in ("queued", "running") for t in sweep.trials)
+                best = sweep.best.value if sweep.best is not None else None
+                bar.set_postfix({"best": _loss_text(best), "running": sweep.counts.get("running", 0)}, refresh=False)
+                bar.update(ended - bar.n)
+                if sweep_done(sweep):
+                    break
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"stopped following; the sweep goes on (trainserve sweeps {sweep.id})", file=sys.stderr)
+            return 130
+    if args.json:
+        _print_json(sweep.model_dump(mode="json"))
+    else:
+        _leaderboard(sweep)
+    return 0 if sweep.best is not None else 1
+
+
+def _leaderboard(sweep: SweepDetail) -> None:
+    direction = sweep.objective.get("direction", "minimize")
+    metric = sweep.objective.get("metric", "value")
+    ranked = sorted(
+        sweep.trials,
+        key=lambda t: (
+            t.value is None or t.state != "complete",
+            (-1 if direction == "maximize" else 1) * (t.value or 0.0),
+            t.number,
+        ),
+    )
+    rows = []
+    for rank, t in enumerate(ranked, 1):
+        params = " ".join(f"{k}={_param_text(v)}" for k, v in t.params.items())
+        how = f"pruned@{t.pruned_at}" if t.state == "pruned" else t.state
+        rows.append([str(rank), str(t.number), how, _loss_text(t.value), f"{t.epochs_run}", params, t.model_id or "-"])
+    print(f"sweep {sweep.id} {sweep.status}: {metric} ({direction})")
+    _table(rows, ["RANK", "TRIAL", "STATE", metric.upper(), "EPOCHS", "PARAMS", "MODEL"])
+
+
+def _param_text(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _sweeps(client: TrainserveClient, args: argparse.Namespace) -> int:
+    if args.sweep is not None:
+        sweep = client.get_sweep(args.sweep)
+        if args.json:
+            _print_json(sweep.model_dump(mode="json"))
+        else:
+            _leaderboard(sweep)
+        return 0
+    found = client.list_sweeps(limit=args.limit)
+    if args.json:
+        _print_json([s.model_dump(mode="json") for s in found])
+        return 0
+    rows = []
+    for s in found:
+        done = sum(n for state, n in s.counts.items() if state not in ("queued", "running"))
+        best = _loss_text(s.best.value) if s.best is not None else "-"
+        rows.append([s.id, s.name or "-", s.status, f"{done}/{s.n_trials}", s.objective["metric"], best])
+    _table(rows, ["SWEEP", "NAME", "STATUS", "TRIALS", "OBJECTIVE", "BEST"])
+    return 0

@@ -27,8 +27,10 @@ from pydantic import TypeAdapter
 
 from trainserve.api.schemas import (
     Alias,
+    Comparison,
     Dataset,
     DriftReport,
+    Evaluation,
     Job,
     JobDetail,
     Model,
@@ -37,6 +39,8 @@ from trainserve.api.schemas import (
     PredictionLogEntry,
     PredictResponse,
     ShadowAgreement,
+    Sweep,
+    SweepDetail,
 )
 from trainserve.jobs.status import JobStatus
 from trainserve.wire import NPY_MEDIA_TYPE
@@ -368,3 +372,52 @@ def model_drift(model_id: str) -> Request:
 @Route("GET", "/models/by-name/{name}/shadow").reads(json_as(ShadowAgreement))
 def shadow_agreement(name: str) -> Request:
     return Request(path={"name": name})
+
+
+# -- sweeps and comparison -------------------------------------------------------------------------
+
+
+@Route("POST", "/sweeps").reads(json_as(SweepDetail))
+def create_sweep(sweep: Mapping[str, Any], *, file: FileArg | None = None, filename: str | None = None) -> Request:
+    """The sweep as JSON (its base naming an uploaded dataset), or as a form field beside the file."""
+    if file is None:
+        return Request(json=dict(sweep))
+    return Request(data={"sweep": json.dumps(dict(sweep))}, files={"file": _file_part(file, filename)})
+
+
+@Route("GET", "/sweeps").reads(json_as(list[Sweep]))
+def list_sweeps(*, limit: int = 100) -> Request:
+    return Request(params={"limit": limit})
+
+
+@Route("GET", "/sweeps/{sweep_id}").reads(json_as(SweepDetail))
+def get_sweep(sweep_id: str) -> Request:
+    return Request(path={"sweep_id": sweep_id})
+
+
+@Route("POST", "/sweeps/{sweep_id}/cancel").reads(json_as(SweepDetail))
+def cancel_sweep(sweep_id: str) -> Request:
+    return Request(path={"sweep_id": sweep_id})
+
+
+@Route("GET", "/sweeps/{sweep_id}/compare").reads(json_as(Comparison))
+def compare_sweep(sweep_id: str) -> Request:
+    return Request(path={"sweep_id": sweep_id})
+
+
+@Route("GET", "/models/compare").reads(json_as(Comparison))
+def compare_models(model_ids: list[str]) -> Request:
+    return Request(params={"ids": ",".join(model_ids)})
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+
+
+@Route("POST", "/models/{model_id}/evaluate").reads(json_as(Evaluation))
+def evaluate_model(model_id: str, dataset_id: str) -> Request:
+    return Request(path={"model_id": model_id}, json={"dataset_id": dataset_id})
+
+
+@Route("GET", "/models/{model_id}/evaluations").reads(json_as(list[Evaluation]))
+def list_evaluations(model_id: str) -> Request:
+    return Request(path={"model_id": model_id})

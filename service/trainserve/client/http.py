@@ -24,8 +24,10 @@ import numpy as np
 
 from trainserve.api.schemas import (
     Alias,
+    Comparison,
     Dataset,
     DriftReport,
+    Evaluation,
     Job,
     JobDetail,
     JobEvent,
@@ -35,6 +37,8 @@ from trainserve.api.schemas import (
     PredictionLogEntry,
     PredictResponse,
     ShadowAgreement,
+    Sweep,
+    SweepDetail,
 )
 from trainserve.client import endpoints
 from trainserve.client.endpoints import ApiError, Call, FileArg, auth_headers
@@ -238,6 +242,45 @@ class TrainserveClient:
         """How the name's ``shadow`` version agrees with the answers given, over logged requests."""
         return self._send(endpoints.shadow_agreement(name))
 
+    # -- sweeps and comparison
+
+    def create_sweep(
+        self, sweep: Mapping[str, Any], *, file: FileArg | None = None, filename: str | None = None
+    ) -> SweepDetail:
+        return self._send(endpoints.create_sweep(sweep, file=file, filename=filename))
+
+    def list_sweeps(self, *, limit: int = 100) -> list[Sweep]:
+        return self._send(endpoints.list_sweeps(limit=limit))
+
+    def get_sweep(self, sweep_id: str) -> SweepDetail:
+        return self._send(endpoints.get_sweep(sweep_id))
+
+    def cancel_sweep(self, sweep_id: str) -> SweepDetail:
+        return self._send(endpoints.cancel_sweep(sweep_id))
+
+    def wait_sweep(self, sweep_id: str, *, timeout: float = 600.0, poll: float = 0.3) -> SweepDetail:
+        """Poll until the sweep has ended and none of its trials is queued or running."""
+        deadline = time.monotonic() + timeout
+        while not sweep_done(sweep := self.get_sweep(sweep_id)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sweep {sweep_id} still {sweep.status} after {timeout}s")
+            time.sleep(poll)
+        return sweep
+
+    def compare_sweep(self, sweep_id: str) -> Comparison:
+        return self._send(endpoints.compare_sweep(sweep_id))
+
+    def compare_models(self, model_ids: list[str]) -> Comparison:
+        return self._send(endpoints.compare_models(model_ids))
+
+    # -- evaluation
+
+    def evaluate_model(self, model_id: str, dataset_id: str) -> Evaluation:
+        return self._send(endpoints.evaluate_model(model_id, dataset_id))
+
+    def list_evaluations(self, model_id: str) -> list[Evaluation]:
+        return self._send(endpoints.list_evaluations(model_id))
+
 
 class AsyncTrainserveClient:
     """As ``TrainserveClient``, each verb awaited."""
@@ -399,3 +442,47 @@ class AsyncTrainserveClient:
 
     async def shadow_agreement(self, name: str) -> ShadowAgreement:
         return await self._send(endpoints.shadow_agreement(name))
+
+    # -- sweeps and comparison
+
+    async def create_sweep(
+        self, sweep: Mapping[str, Any], *, file: FileArg | None = None, filename: str | None = None
+    ) -> SweepDetail:
+        return await self._send(endpoints.create_sweep(sweep, file=file, filename=filename))
+
+    async def list_sweeps(self, *, limit: int = 100) -> list[Sweep]:
+        return await self._send(endpoints.list_sweeps(limit=limit))
+
+    async def get_sweep(self, sweep_id: str) -> SweepDetail:
+        return await self._send(endpoints.get_sweep(sweep_id))
+
+    async def cancel_sweep(self, sweep_id: str) -> SweepDetail:
+        return await self._send(endpoints.cancel_sweep(sweep_id))
+
+    async def wait_sweep(self, sweep_id: str, *, timeout: float = 600.0, poll: float = 0.3) -> SweepDetail:
+        """Poll until the sweep has ended and none of its trials is queued or running."""
+        deadline = time.monotonic() + timeout
+        while not sweep_done(sweep := await self.get_sweep(sweep_id)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sweep {sweep_id} still {sweep.status} after {timeout}s")
+            await asyncio.sleep(poll)
+        return sweep
+
+    async def compare_sweep(self, sweep_id: str) -> Comparison:
+        return await self._send(endpoints.compare_sweep(sweep_id))
+
+    async def compare_models(self, model_ids: list[str]) -> Comparison:
+        return await self._send(endpoints.compare_models(model_ids))
+
+    # -- evaluation
+
+    async def evaluate_model(self, model_id: str, dataset_id: str) -> Evaluation:
+        return await self._send(endpoints.evaluate_model(model_id, dataset_id))
+
+    async def list_evaluations(self, model_id: str) -> list[Evaluation]:
+        return await self._send(endpoints.list_evaluations(model_id))
+
+
+def sweep_done(sweep: SweepDetail) -> bool:
+    """The sweep asks for no more trials and none of its trials is still queued or running."""
+    return sweep.status != "running" and all(t.state not in ("queued", "running") for t in sweep.trials)

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from trainserve.config import Settings
 from trainserve.datasets.tables import DELIMITERS, CsvOptions, parse_table, sniff_format
-from trainserve.db import DatasetRecord, JobRecord, on_commit, on_rollback
+from trainserve.db import DatasetRecord, JobRecord, SweepRecord, on_commit, on_rollback
 from trainserve.errors import Conflict, InvalidInput, NotFound
 from trainserve.jobs.status import ACTIVE
 from trainserve.storage.base import Store, new_id
@@ -145,6 +145,11 @@ def delete(*, session: Session, store: Store, dataset_id: str) -> None:
     )
     if active:
         raise Conflict(f"dataset {dataset_id} is used by {active} queued or running job(s); cancel them first")
+    sweeps = session.scalar(
+        select(func.count()).where(SweepRecord.dataset_id == dataset_id, SweepRecord.status == "running")
+    )
+    if sweeps:
+        raise Conflict(f"dataset {dataset_id} is used by {sweeps} running sweep(s); cancel them first")
     session.delete(record)
     session.flush()
     on_commit(session, lambda: store.delete_dataset(dataset_id))

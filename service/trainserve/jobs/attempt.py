@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,6 +30,9 @@ from trainserve.jobs.status import JobStatus
 from trainserve.storage.base import Store
 from trainserve.storage.factory import open_store
 from trainserve.training import loop
+
+if TYPE_CHECKING:
+    from trainserve.sweeps.study import Pruning, TrialPruned
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +139,14 @@ class Attempt:
         self.reports: list[loop.EpochReport] = []
         self.started = time.monotonic()  # moved back by the training time a checkpoint carries
         self.stop_reason: StopReason | None = None
+        # A sweep's trial reports each epoch's objective to the sweep's pruner (trainserve.sweeps).
+        self.pruning: Pruning | None = None
+        self.pruned: TrialPruned | None = None
 
     def on_epoch(self, report: loop.EpochReport) -> None:
         self.reports.append(report)
+        if self.pruning is not None:  # raises TrialPruned when the pruner stops this trial
+            self._report_to_pruner(report)
         now = time.monotonic()
         if now - self.last_write < self.interval:
             return
@@ -153,6 +161,11 @@ class Attempt:
                 # The curve so far, for loss plots and event streams of a running job.
                 history=thin_history(self.reports),
             )
+
+    def _report_to_pruner(self, report: loop.EpochReport) -> None:
+        assert self.pruning is not None
+        value = self.pruning.value_of(report.epoch, report.train_loss, report.val_loss, report.val_metrics)
+        self.pruning.report(report.epoch, value)
 
     def _why_stop(self) -> StopReason | None:
         if self.lease.lost.is_set():
@@ -193,6 +206,11 @@ class Attempt:
         checkpoint = loop.Checkpoint(int(meta["epoch"]), tensors, meta["engine"])
         # The live curve (loss plots, event streams) goes on from the epochs already done.
         self.reports = [loop.EpochReport(e, t, v, m) for e, t, v, m in checkpoint.meta.get("history", [])]
+        if self.pruning is not None:  # the epochs before the checkpoint count for the pruner too
+            for earlier in self.reports:
+                value = self.pruning.value_of(earlier.epoch, earlier.train_loss, earlier.val_loss, earlier.val_metrics)
+                if value is not None:
+                    self.pruning.values.append((earlier.epoch, value))
         self.started -= float(meta.get("trained_seconds", 0.0))  # the time limit spans attempts
         self.note(f"resumed from epoch {checkpoint.epoch} on attempt {self.lease.attempt}")
         return checkpoint

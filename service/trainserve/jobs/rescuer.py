@@ -21,6 +21,7 @@ from trainserve.jobs.lifecycle import with_note
 from trainserve.jobs.queue import JobQueue
 from trainserve.jobs.status import JobStatus
 from trainserve.storage.base import Store
+from trainserve.sweeps.driver import top_up_all
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +211,13 @@ class Rescuer:
         self._missing = missing - set(lost)
         return lost
 
+    def top_up_sweeps_now(self) -> int:
+        """Start the trials a sweep is owed: after a crash, or a trial ended without its worker."""
+        return top_up_all(self.sessions, self.queue, self.settings)
+
     def _loop(self) -> None:
         while not self._stopping.wait(self.settings.rescue_interval_seconds):
-            rounds: list[Callable[[], object]] = [self.rescue_now, self.requeue_lost_now]
+            rounds: list[Callable[[], object]] = [self.rescue_now, self.requeue_lost_now, self.top_up_sweeps_now]
             if self.on_round is not None:
                 rounds.insert(0, self.on_round)
             for rescue in rounds:

@@ -36,6 +36,8 @@ from trainserve.jobs.rescuer import Rescuer
 from trainserve.jobs.status import JobStatus
 from trainserve.jobs.workers import WorkerPresence, devices_here
 from trainserve.storage.base import new_id
+from trainserve.sweeps import driver as sweeps
+from trainserve.sweeps.study import TrialPruned
 from trainserve.training import features, loop, native, threads
 from trainserve.training.spec import TrainingPlan, TrainSpec, plan_training
 
@@ -211,11 +213,22 @@ def run_job(ctx: WorkerContext, job_id: str) -> None:
     else:
         limit = TimeLimit(ctx.settings.max_job_seconds, "TRAINSERVE_MAX_JOB_SECONDS")
     attempt = Attempt(ctx, job, time_limit=limit)
+    trial = (job.sweep_id, job.trial_number) if job.sweep_id is not None and job.trial_number is not None else None
+    if trial is not None:
+        attempt.pruning = sweeps.pruning_for(
+            ctx.sessions, *trial, refresh_s=ctx.settings.progress_interval_s, clock=time.monotonic
+        )
     attempt.lease.start()
     try:
         _run_claimed(ctx, attempt, job, dataset)
     finally:
         attempt.lease.stop()
+    if trial is not None:
+        # The sweep's next trials are asked for now, not at the rescuer's next round.
+        try:
+            sweeps.trial_ended(ctx.sessions, ctx.queue, ctx.settings, *trial, attempt.pruning, attempt.pruned)
+        except Exception:  # the rescuer tops the sweep up on its next round
+            log.exception("job %s: recording the end of sweep %s's trial failed", job.id, trial[0])
 
 
 def _run_claimed(ctx: WorkerContext, attempt: Attempt, job: JobRecord, dataset: DatasetRecord | None) -> None:
@@ -246,6 +259,21 @@ def _run_claimed(ctx: WorkerContext, attempt: Attempt, job: JobRecord, dataset: 
         return
     except loop.TrainingCancelled:
         _stopped(ctx, attempt)
+        return
+    except TrialPruned as pruned:
+        attempt.pruned = pruned
+        last = attempt.reports[-1]
+        _end_attempt(
+            ctx,
+            attempt,
+            JobStatus.PRUNED,
+            error=pruned.reason,
+            epoch=last.epoch,
+            train_loss=last.train_loss,
+            val_loss=last.val_loss,
+            val_metrics=last.val_metrics,
+            history=thin_history(attempt.reports),
+        )
         return
     except TrainserveError as exc:
         _end_attempt(ctx, attempt, JobStatus.FAILED, error=str(exc))

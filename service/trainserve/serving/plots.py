@@ -248,3 +248,49 @@ def model_plot(
         return "fitted-curve", fitted_curve(predictor, x, y, title=title, size=size)
     kind = "predicted-vs-actual" if predictor.task == "regression" else "confusion-matrix"
     return kind, predicted_vs_actual(predictor, x, y, title=title, size=size)
+
+
+# -- evaluation plots (from the curves an evaluation stored) ------------------------------------
+
+EVALUATION_PLOTS = ("confusion", "roc", "calibration", "residuals")
+
+
+@_one_at_a_time
+def evaluation_plot(kind: str, task: str, curves: dict[str, Any], *, title: str, size: tuple[int, int]) -> bytes:
+    """One of EVALUATION_PLOTS; ValueError if the evaluation's task has no such plot."""
+    classifier = task != "regression"
+    if (kind == "residuals") == classifier:
+        raise ValueError(f"a {task} model has no {kind} plot")
+    figure = _new_figure(size)
+    ax = figure.add_subplot()
+    if kind == "confusion":
+        matrix = np.asarray(curves["confusion_matrix"], dtype=float)
+        labels = [str(c) for c in curves["classes"]]
+        image = ax.imshow(matrix, cmap="Blues")
+        figure.colorbar(image, ax=ax)
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_yticks(range(len(labels)), labels)
+        for (i, j), count in np.ndenumerate(matrix):
+            ax.text(j, i, f"{int(count)}", ha="center", va="center", color="black")
+        ax.set(xlabel="predicted", ylabel="actual")
+    elif kind == "roc":
+        for label, curve in curves["roc"].items():
+            ax.plot(curve["fpr"], curve["tpr"], label=f"class {label}")
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
+        ax.legend()
+    elif kind == "calibration":
+        bins = curves["calibration"]
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", label="model")
+        ax.set(xlabel="confidence (top class)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.01))
+        ax.legend()
+    else:
+        histogram = curves["histogram"]
+        edges = np.asarray(histogram["edges"])
+        ax.bar(edges[:-1], histogram["counts"], width=np.diff(edges), align="edge", color="tab:blue", alpha=0.8)
+        ax.axvline(0, color="grey", linestyle="--", linewidth=1)
+        ax.set(xlabel="residual (predicted - actual)", ylabel="rows")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _png(figure)

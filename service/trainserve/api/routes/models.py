@@ -2,15 +2,25 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO, Literal
 
 from fastapi import APIRouter, Query
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from trainserve.api.deps import RuntimeDep, SessionDep
-from trainserve.api.schemas import DriftReport, Model, ModelDetail, ModelLink, PredictionLogEntry
-from trainserve.errors import NotFound
-from trainserve.serving import monitoring, predlog, registry
+from trainserve.api.schemas import (
+    Comparison,
+    DriftReport,
+    EvaluateRequest,
+    Evaluation,
+    Model,
+    ModelDetail,
+    ModelLink,
+    PredictionLogEntry,
+)
+from trainserve.errors import Conflict, NotFound
+from trainserve.serving import evaluation, monitoring, plots, predlog, registry
+from trainserve.serving.compare import compare
 from trainserve.training.spec import MODEL_NAME_PATTERN
 
 router = APIRouter(tags=["models"])
@@ -29,6 +39,15 @@ def list_models(
     """Newest first; with ``name``, the versions of that model, newest version first."""
     records = registry.list_all(session=session, name=name, limit=limit, offset=offset)
     return [Model.model_validate(m) for m in records]
+
+
+@router.get("/models/compare", response_model=Comparison)
+def compare_models(
+    session: SessionDep,
+    ids: str = Query(description="Two or more model ids, comma-separated: ids=a,b,c", max_length=4000),
+) -> Any:
+    """The spec fields that differ (only those), every metric side by side, each loss curve."""
+    return compare(session, [i.strip() for i in ids.split(",") if i.strip()])
 
 
 @router.get("/models/{model_id}", response_model=ModelDetail)
@@ -101,3 +120,43 @@ def model_drift(model_id: str, session: SessionDep, runtime: RuntimeDep) -> Drif
         threshold=settings.drift_threshold,
     )
     return DriftReport.model_validate(report)
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+
+@router.post("/models/{model_id}/evaluate", status_code=201, response_model=Evaluation)
+def evaluate_model(model_id: str, body: EvaluateRequest, session: SessionDep, runtime: RuntimeDep) -> Any:
+    """Score the model on a labelled dataset (read in chunks, through the /predict path) and store the metrics."""
+    return evaluation.evaluate_and_record(
+        session=session, store=runtime.store, cache=runtime.models, model_id=model_id, dataset_id=body.dataset_id
+    )
+
+
+@router.get("/models/{model_id}/evaluations", response_model=list[Evaluation])
+def list_evaluations(model_id: str, session: SessionDep) -> Any:
+    """Newest first."""
+    return evaluation.list_evaluations(session=session, model_id=model_id)
+
+
+@router.get(
+    "/models/{model_id}/evaluations/{evaluation_id}/{kind}.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "a PNG image"}},
+)
+def evaluation_plot(
+    model_id: str,
+    evaluation_id: str,
+    kind: Literal["confusion", "roc", "calibration", "residuals"],
+    session: SessionDep,
+    width: int = Query(plots.DEFAULT_SIZE[0], ge=plots.MIN_SIDE, le=plots.MAX_SIDE),
+    height: int = Query(plots.DEFAULT_SIZE[1], ge=plots.MIN_SIDE, le=plots.MAX_SIDE),
+) -> Response:
+    """confusion, roc and calibration for classifiers; residuals for regressors (else 409)."""
+    found = evaluation.get_evaluation(session=session, model_id=model_id, evaluation_id=evaluation_id)
+    title = f"model {model_id[:8]} on dataset {(found.dataset_id or '?')[:8]} ({found.n_rows} rows)"
+    try:
+        png = plots.evaluation_plot(kind, found.task, found.curves, title=title, size=(width, height))
+    except ValueError as exc:
+        raise Conflict(str(exc)) from None
+    return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=86400"})
