@@ -152,6 +152,10 @@ def test_a_real_table_trains_with_no_preprocessing_and_matches_scikit_learn(
     reference = sklearn_accuracy(rows, trained["train"], test)
     assert accuracy >= reference - 0.02, (accuracy, reference)
     assert accuracy > 10 / 11 + 0.02  # better than always answering the common class
+    # POST /models/{id}/evaluate on the same holdout, text categories and blanks included,
+    # scores exactly what /predict answered.
+    scored = client.evaluate_model(trained["model_id"], client.upload_dataset(pandas_csv(holdout), "holdout.csv").id)
+    assert scored.metrics["accuracy"] == pytest.approx(accuracy)
 
 
 UNSEEN: list[dict[str, Any]] = [

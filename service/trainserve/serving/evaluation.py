@@ -22,6 +22,7 @@ from trainserve.serving import registry
 from trainserve.serving.predictor import ModelCache, Predictor
 from trainserve.storage.base import Store, new_id
 from trainserve.training import metrics
+from trainserve.training.features import raw_matrix
 
 CHUNK_ROWS = 65_536
 ROC_POINTS = 200  # a stored ROC curve is thinned to about this many points
@@ -42,10 +43,16 @@ def check_columns(predictor: Predictor, table: Table) -> None:
             )
 
 
-def _chunks(table: Table, names: list[str]) -> Any:
+def _chunks(table: Table, predictor: Predictor) -> Any:
+    """(first row, the chunk's feature matrix): the raw layout (training.features) for a
+    model with preprocessing, so text categories and blanks are scored as /predict would."""
     for start in range(0, table.n_rows, CHUNK_ROWS):
         stop = min(start + CHUNK_ROWS, table.n_rows)
-        yield start, np.stack([table.column(n)[start:stop] for n in names], axis=1).astype(np.float32, copy=False)
+        columns = [table.column(n)[start:stop] for n in predictor.features]
+        if predictor.preprocessing is not None:
+            yield start, raw_matrix(predictor.preprocessing, columns)[0]
+        else:
+            yield start, np.stack(columns, axis=1).astype(np.float32, copy=False)
 
 
 def evaluate(predictor: Predictor, table: Table) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -64,7 +71,7 @@ def _classification(predictor: Predictor, table: Table) -> tuple[dict[str, Any],
     truth = np.empty(table.n_rows, dtype=np.int64)
     probabilities = np.empty((table.n_rows, len(classes)), dtype=np.float32)
     labels = table.column(predictor.targets[0])
-    for start, x in _chunks(table, predictor.features):
+    for start, x in _chunks(table, predictor):
         stop = start + len(x)
         outcome = predictor.infer(np.ascontiguousarray(x))
         assert outcome.probabilities is not None
@@ -97,7 +104,7 @@ def _regression(predictor: Predictor, table: Table) -> tuple[dict[str, Any], dic
     width = len(predictor.targets)
     truth = np.empty((table.n_rows, width), dtype=np.float64)
     predicted = np.empty((table.n_rows, width), dtype=np.float64)
-    for start, x in _chunks(table, predictor.features):
+    for start, x in _chunks(table, predictor):
         stop = start + len(x)
         outcome = predictor.infer(np.ascontiguousarray(x))
         predicted[start:stop] = np.asarray(outcome.predictions, dtype=np.float64).reshape(len(x), width)
