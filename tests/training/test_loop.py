@@ -299,7 +299,7 @@ def test_checkpoints_come_no_more_often_than_asked():
     taken: list[loop.Checkpoint] = []
     fit(x, y, epochs=3, on_checkpoint=taken.append, checkpoint_every_s=3600.0)
     assert taken == []
-    fit(x, y, epochs=3, compile="off", on_checkpoint=taken.append, checkpoint_every_s=0.0)
+    fit(x, y, epochs=3, loop="eager", on_checkpoint=taken.append, checkpoint_every_s=0.0)
     assert len(taken) == 3 * (7 + 1)  # after each of 7 eager batches an epoch, and at each epoch's end
 
 
