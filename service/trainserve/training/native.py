@@ -333,7 +333,7 @@ class _Program:
             " float *loss_sum, int *fresh) {"
         )
         y_type = "int64_t" if self.task == "classification" else "float"
-        self.emit(f"  const {y_type} *Y = (const {y_type} *)Yv;")
+        self.emit(f"  const {y_type} *Y = (const {y_type} *)Yv; (void)S_; /* no state: plain SGD */")
         # One workspace, allocated per call and checked: activations h, their gradients d, weight gradients g.
         buffers = [(f"h{k}", bs * widths[k]) for k in range(n_layers + 1)]
         buffers += [(f"d{k}", bs * widths[k]) for k in range(1, n_layers + 1)]
