@@ -16,6 +16,7 @@ Usage: python scripts/check_native.py [--compilers gcc,clang] [--jobs N]
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import shutil
 import subprocess
@@ -25,6 +26,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
+
+import numpy as np
 
 from trainserve.training import native
 from trainserve.training import spec as S
@@ -115,7 +118,62 @@ def check(name: str, spec: S.TrainSpec, task: S.Task, compilers: list[str], fold
             failures.append(run([cc, *flags], work))
     harness = [compilers[0], *SANITIZE, "-std=c99", "-o", "harness", "train.c", "forward.c", str(HARNESS), "-lm"]
     failures.append(run(harness, work) or run(["./harness"], work))
+    if not any(failures) and len(compilers) > 1:
+        answers = {cc: run_both(work, cc, spec, task) for cc in compilers}
+        first = answers[compilers[0]]
+        for cc, answer in answers.items():
+            if any(not np.array_equal(a, b) for a, b in zip(first, answer, strict=True)):
+                failures.append(f"{compilers[0]} and {cc} builds disagree in the last bits")
     return [f"{name}: {f}" for f in failures if f]
+
+
+def run_both(work: Path, cc: str, spec: S.TrainSpec, task: S.Task) -> list[np.ndarray]:
+    """The weights after a few steps of {cc}'s train_steps, then {cc}'s forward_rows on them:
+    with -ffp-contract=off and no fast-math, every compiler's build gives the same bits."""
+    rng = np.random.default_rng(0)
+    abi = native.train_abi(spec, IN_FEATURES, task)
+    params = [rng.uniform(-0.5, 0.5, size=shape).astype(np.float32) for shape in abi.param_shapes]
+    states = [np.zeros(abi.slot_shape(s, shape), np.float32) for shape in abi.param_shapes for s in abi.slots]
+    n = 3 * abi.batch_size + 2
+    x = rng.normal(size=(n, IN_FEATURES)).astype(np.float32)
+    y = rng.integers(0, abi.out_width, n) if task == "classification" else rng.uniform(0, 1, (n, abi.y_width))
+    y = np.ascontiguousarray(y, dtype=np.int64 if task == "classification" else np.float32)
+    mean, sd = np.zeros(IN_FEATURES, np.float32), np.ones(IN_FEATURES, np.float32)
+    loss = np.zeros(1, np.float32)
+
+    def pointers(arrays: list[np.ndarray]) -> Any:
+        return (ctypes.c_void_p * max(len(arrays), 1))(*[a.ctypes.data for a in arrays])
+
+    train = ctypes.CDLL(str(work / f"train.c.{cc}.so")).train_steps
+    train.restype = ctypes.c_int
+    train.argtypes = native._TRAIN_STEPS_ARGS
+    fresh = ctypes.c_int(1)
+    rc = train(
+        pointers(params),
+        pointers(states),
+        x.ctypes.data,
+        y.ctypes.data,
+        None,
+        mean.ctypes.data,
+        sd.ctypes.data,
+        n,
+        n,
+        0,
+        -(-n // abi.batch_size),
+        0.01,
+        loss.ctypes.data,
+        ctypes.byref(fresh),
+    )
+    assert rc == 0, rc
+    forward = ctypes.CDLL(str(work / f"forward.c.{cc}.so")).forward_rows
+    forward.restype = ctypes.c_int
+    address, count = ctypes.c_void_p, ctypes.c_long
+    forward.argtypes = [ctypes.POINTER(address), address, address, address, count, address]
+    transposed = [np.ascontiguousarray(p.T) for p in params]
+    out = np.zeros((n, native.forward_abi(spec.model, IN_FEATURES, task).out_width), np.float32)
+    rc = forward(pointers(transposed), x.ctypes.data, mean.ctypes.data, sd.ctypes.data, n, out.ctypes.data)
+    assert rc == 0, rc
+    return [*params, loss, out]
 
 
 def main() -> int:

@@ -127,8 +127,12 @@ def test_a_wrong_array_at_the_serving_boundary_raises():
     for value, message in wrong.values():
         with pytest.raises(native.AbiMismatch, match=message):
             forward(value)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="read-only"):
-        forward._arrays[0][0, 0] = 1.0  # the weights it points into cannot change under it
+    forward._flat = forward._flat.double()  # as a bug would
+    with pytest.raises(native.AbiMismatch, match=r"the weights: dtype torch\.float64"):
+        forward(x)
+    forward._flat = forward._flat[:-1].float()
+    with pytest.raises(native.AbiMismatch, match=r"the weights: shape \(35,\), the generated code needs \(36,\)"):
+        forward(x)
 
 
 # -- the compile cache ----------------------------------------------------------------------------------

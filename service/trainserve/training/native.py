@@ -194,6 +194,16 @@ class Abi:
 
 
 def _check_tensor(what: str, t: Any, shape: tuple[int, ...] | None, dtype: torch.dtype) -> None:
+    # One cheap test for the usual case (a serving call checks eight or so tensors); the
+    # detailed ones below only name what is wrong.
+    if (
+        isinstance(t, torch.Tensor)
+        and t.dtype == dtype
+        and (shape is None or t.shape == shape)
+        and t.is_cpu
+        and t.is_contiguous()
+    ):
+        return
     if not isinstance(t, torch.Tensor):
         raise AbiMismatch(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype != dtype:
@@ -207,6 +217,8 @@ def _check_tensor(what: str, t: Any, shape: tuple[int, ...] | None, dtype: torch
 
 
 def _check_array(what: str, a: Any, shape: tuple[int, ...] | None) -> None:
+    if isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape == shape and a.flags.c_contiguous:
+        return
     if not isinstance(a, np.ndarray):
         raise AbiMismatch(f"{what}: expected a numpy array, got {type(a).__name__}")
     if a.dtype != np.float32:
@@ -833,39 +845,38 @@ class RowwiseForward:
         self.function.restype = ctypes.c_int
         pointer, count = ctypes.c_void_p, ctypes.c_long
         self.function.argtypes = [ctypes.POINTER(pointer), pointer, pointer, pointer, count, pointer]
+        # A private copy of the weights (each Linear's transposed) and the scaler's mean and
+        # std, packed in one float32 tensor: each call checks that one tensor against the
+        # ABI record and reads its address afresh, then points at its parts by offset.
         scaler = module.get_submodule("scaler")
-        self._scale = tuple(scaler.get_buffer(name).detach().float().contiguous().numpy() for name in ("mean", "std"))
-        arrays = []
+        parts: list[torch.Tensor] = []
         for layer in module.get_submodule("net").modules():
             if isinstance(layer, nn.Linear):
-                arrays.append(np.ascontiguousarray(layer.weight.detach().float().numpy().T))
+                parts.append(layer.weight.detach().float().t())
                 if layer.bias is not None:
-                    arrays.append(layer.bias.detach().float().contiguous().numpy())
-        for a in arrays:
-            a.flags.writeable = False  # the model's own copy: nothing changes it after loading
-        self._arrays = tuple(arrays)
+                    parts.append(layer.bias.detach().float())
+        shapes = [tuple(part.shape) for part in parts]
+        if shapes != list(self.abi.param_shapes):
+            raise AbiMismatch(f"the module's weights have shapes {shapes}, the generated code {self.abi.param_shapes}")
+        parts += [scaler.get_buffer("mean").detach().float(), scaler.get_buffer("std").detach().float()]
+        for name, part in zip(("mean", "std"), parts[-2:], strict=True):
+            _check_tensor(f"the scaler's {name}", part, (in_features,), torch.float32)
+        self._flat = torch.cat([part.reshape(-1) for part in parts]).contiguous()
+        starts = np.cumsum([0, *(part.numel() for part in parts)])[:-1] * self._flat.element_size()
+        self._offsets = [int(s) for s in starts]  # bytes: the weights', then mean's and std's
+        self._pointer_array = ctypes.c_void_p * max(len(self._offsets) - 2, 1)
         self.width = self.abi.out_width
-        self._check_weights()
-
-    def _check_weights(self) -> list[int]:
-        shapes = self.abi.param_shapes
-        if len(self._arrays) != len(shapes):
-            raise AbiMismatch(f"the module has {len(self._arrays)} weight arrays, the generated code {len(shapes)}")
-        for i, (a, shape) in enumerate(zip(self._arrays, shapes, strict=True)):
-            _check_array(f"weight array {i}", a, shape)
-        for name, a in zip(("mean", "std"), self._scale, strict=True):
-            _check_array(f"the scaler's {name}", a, (self.abi.in_features,))
-        return [a.ctypes.data for a in self._arrays]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float32 rows (n, in_features), C-contiguous -> probabilities or outputs (n, width)."""
-        _check_array(
-            "x", x, (len(x), self.abi.in_features) if getattr(x, "ndim", 0) == 2 else (-1, self.abi.in_features)
-        )
-        pointers = (ctypes.c_void_p * max(len(self._arrays), 1))(*self._check_weights())
+        width = self.abi.in_features
+        _check_array("x", x, (len(x), width) if getattr(x, "ndim", 0) == 2 else (-1, width))
+        flat = self._flat
+        _check_tensor("the weights", flat, (self._offsets[-1] // 4 + width,), torch.float32)
+        base = flat.data_ptr()
+        *weights, mean, sd = (base + offset for offset in self._offsets)
         out = np.empty((len(x), self.width), dtype=np.float32)
-        mean, sd = self._scale
-        rc = self.function(pointers, x.ctypes.data, mean.ctypes.data, sd.ctypes.data, len(x), out.ctypes.data)
+        rc = self.function(self._pointer_array(*weights), x.ctypes.data, mean, sd, len(x), out.ctypes.data)
         if rc != 0:
             _raise_for(rc)
         return out
