@@ -8,7 +8,8 @@ regression), 27 specs. Within a task the regression losses and label smoothing r
 each spec chains two activations, so every activation and every loss meets every task;
 batch sizes (1 to 4, so partial batches), biases and gradient clipping vary across it.
 The kernels are one file pasted into every unit, so what differs between specs is the
-sequence of calls and the sizes: that is what the matrix varies. About 40 s of CPU time.
+sequence of calls and the sizes: that is what the matrix varies. About a minute of CPU
+time, spread over the cores (--jobs).
 
 Usage: python scripts/check_native.py [--compilers gcc,clang] [--jobs N]
 """
