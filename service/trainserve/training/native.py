@@ -149,6 +149,8 @@ class Abi:
         lines = [
             "/* ABI record: checked by native.py when loaded and at every call */",
             f"const long {k}_abi_in_features = {self.in_features};",
+            f"const long {k}_abi_n_widths = {len(self.widths)};",
+            f"const long {k}_abi_widths[] = {{{', '.join(map(str, self.widths))}}};",
             f"const long {k}_abi_batch_size = {self.batch_size};",
             f"const long {k}_abi_out_width = {self.out_width};",
             f"const long {k}_abi_y_width = {self.y_width};",
@@ -168,9 +170,10 @@ class Abi:
             return long.in_dll(library, f"{k}_abi_{name}").value
 
         try:
-            n_params, n_slots = number("n_params"), number("n_slots")
+            n_params, n_slots, n_widths = number("n_params"), number("n_slots"), number("n_widths")
             found = (
                 number("in_features"),
+                list((long * max(n_widths, 1)).in_dll(library, f"{k}_abi_widths"))[:n_widths],
                 number("batch_size"),
                 number("out_width"),
                 number("y_width"),
@@ -182,6 +185,7 @@ class Abi:
             raise NativeUnavailable(f"the compiled library has no ABI record: {exc}") from None
         expected = (
             self.in_features,
+            list(self.widths),
             self.batch_size,
             self.out_width,
             self.y_width,
