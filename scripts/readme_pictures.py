@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="trainserve-pictures-") as scratch:
         process, url = start_server(Path(scratch))
         try:
-            job_id, model_id = train_guide_models(url, to_csv(x, y).encode())
+            job_id, model_id = train_guide_models(url, to_csv(x, y, target="y").encode())
             plot = httpx.get(f"{url}/models/{model_id}/plot.png", timeout=120)
             if plot.status_code != 200 or plot.headers.get("content-type") != "image/png":
                 print(f"the server drew no plot: GET /models/{{id}}/plot.png answered {plot.status_code}")

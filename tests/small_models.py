@@ -62,6 +62,7 @@ TRAIN_KWARGS = (
     "on_checkpoint",
     "checkpoint_every_s",
     "should_preempt",
+    "init",
 )
 
 

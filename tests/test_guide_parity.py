@@ -20,7 +20,7 @@ def test_api_classifies_moons_at_least_as_well_as_the_guides_loop(client: Trains
     # The guide's algorithm exactly: raw inputs, per-sample SGD in the DataLoader's fixed order,
     # and torch.manual_seed(0) before the layers are built, as bench/guide.py does.
     spec = {**guide_moons_spec(), "shuffle": False}
-    job = client.wait(client.train(spec, file=to_csv(x, y).encode(), filename="moons.csv").id)
+    job = client.wait(client.train(spec, file=to_csv(x, y, target="y").encode(), filename="moons.csv").id)
     assert job.status == "succeeded", job.error
     model = client.get_model(job.model_id or "")
     assert model.metrics["train_accuracy"] >= guide_accuracy

@@ -50,6 +50,17 @@ def test_upgrade_downgrade_upgrade_and_match_the_orm(database_url: str) -> None:
     command.upgrade(config, "0002")
     assert {"lease_expires_at", "heartbeat_at", "checkpoint_epoch", "name", "notes"} <= columns(database_url, "jobs")
     assert {"name", "version", "code_version", "notes"} <= columns(database_url, "trained_models")
+    command.upgrade(config, "0003")
+    assert {"name", "alias", "version", "note", "updated_at"} <= columns(database_url, "model_aliases")
+    assert {"from_version", "to_version", "note", "who"} <= columns(database_url, "model_alias_events")
+    assert {"model_id", "version", "created_at", "inputs", "outputs"} <= columns(database_url, "prediction_log")
+    assert "parent_model_id" in columns(database_url, "trained_models")
+    command.downgrade(config, "0002")
+    assert columns(database_url, "model_aliases") == set()
+    assert columns(database_url, "prediction_log") == set()
+    assert "parent_model_id" not in columns(database_url, "trained_models")
+    command.upgrade(config, "0003")
+    command.downgrade(config, "0002")
     command.downgrade(config, "0001")
     assert "lease_expires_at" not in columns(database_url, "jobs")
     assert "version" not in columns(database_url, "trained_models")
@@ -64,3 +75,14 @@ def test_upgrade_downgrade_upgrade_and_match_the_orm(database_url: str) -> None:
     finally:
         engine.dispose()
     assert differences == []
+
+
+def test_the_workers_table_goes_up_down_and_up(database_url: str) -> None:
+    config = alembic_config(database_url)
+    command.upgrade(config, "0004")
+    assert columns(database_url, "workers") == {"name", "devices", "heartbeat_at", "started_at"}
+    command.downgrade(config, "0003")
+    assert columns(database_url, "workers") == set()
+    assert "lease_expires_at" in columns(database_url, "jobs")  # 0003 and before untouched
+    command.upgrade(config, "0004")
+    assert columns(database_url, "workers") == {"name", "devices", "heartbeat_at", "started_at"}

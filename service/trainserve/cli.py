@@ -15,25 +15,27 @@ from collections.abc import Callable
 from types import FrameType
 
 from trainserve.client.cli import add_client_commands
-from trainserve.config import DEVICE_PATTERN, get_settings
+from trainserve.config import DEVICE_PATTERN
+from trainserve.startup import StartError, load_settings, mask, prepare
 
 log = logging.getLogger("trainserve")
 
 
 def _serve(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    # Migrates before any worker starts, so workers never see an old schema. Before the
+    # imports below (torch among them: seconds), so that a bad start fails at once.
+    prepare(settings)
+
     import uvicorn
 
     from trainserve.api.app import create_app
-    from trainserve.db import make_engine, make_session_factory, upgrade_to_head
+    from trainserve.db import make_engine, make_session_factory
     from trainserve.jobs.queue import build_queue, worker_name
     from trainserve.jobs.rescuer import Rescuer, expire_leases_of, requeue_queued
     from trainserve.storage.factory import open_store
     from trainserve.storage.sweep import sweep
 
-    settings = get_settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    # Migrate before any worker starts, so workers never see an old schema.
-    upgrade_to_head(settings.resolved_database_url)
     sessions = make_session_factory(make_engine(settings.resolved_database_url))
     store = open_store(settings)
     sweep(sessions, store, grace_seconds=settings.orphan_grace_seconds)
@@ -134,15 +136,15 @@ class _WorkerSupervisor:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from trainserve.db import make_engine, make_session_factory, upgrade_to_head
+    from trainserve.db import make_engine, make_session_factory
     from trainserve.jobs.worker import run_worker
     from trainserve.storage.factory import open_store
     from trainserve.storage.sweep import sweep
 
-    settings = get_settings()
+    settings = load_settings()
     if args.device:
         settings = settings.model_copy(update={"worker_device": args.device})
-    upgrade_to_head(settings.resolved_database_url)
+    prepare(settings)
     log.info(
         "worker on queue %r, training specs with device 'auto' on %s",
         settings.queue_name,
@@ -167,10 +169,9 @@ def _device(value: str) -> str:
 
 
 def _migrate(_args: argparse.Namespace) -> int:
-    from trainserve.db import upgrade_to_head
-
-    upgrade_to_head(get_settings().resolved_database_url)
-    print("database is at the newest schema")
+    settings = load_settings()
+    prepare(settings)  # migrates
+    print(f"database {mask(settings.resolved_database_url)} is at the newest schema")
     return 0
 
 
@@ -178,7 +179,9 @@ def _check(_args: argparse.Namespace) -> int:
     from trainserve.api.runtime import Runtime
 
     try:
-        runtime = Runtime.from_settings(get_settings())
+        runtime = Runtime.from_settings(load_settings())
+    except StartError:
+        raise
     except Exception as exc:  # a queue on Postgres or SQLite connects as soon as it is built
         print(f"error: {exc}")
         return 1
@@ -192,6 +195,26 @@ def _check(_args: argparse.Namespace) -> int:
     return 0 if all(result == "ok" for result in checks.values()) else 1
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each option's default shown, and the epilog's lines kept as written."""
+
+
+def _where_data_lives() -> str:
+    """The help's epilog: where the service would keep its data if started here and now."""
+    try:
+        settings = load_settings()
+    except StartError as exc:  # help must still show; the command itself will refuse to start
+        return str(exc)
+    store = mask(settings.store_url) if settings.store_url else str(settings.resolved_store_dir)
+    return (
+        "where the data lives (from the TRAINSERVE_* variables and the current folder):\n"
+        f"  data dir  {settings.data_dir.resolve()}  (TRAINSERVE_DATA_DIR, default: the current folder)\n"
+        f"  database  {mask(settings.resolved_database_url)}  (TRAINSERVE_DATABASE_URL)\n"
+        f"  queue     {mask(settings.resolved_queue_url)}  (TRAINSERVE_QUEUE_URL)\n"
+        f"  store     {store}  (TRAINSERVE_STORE_URL, TRAINSERVE_STORE_DIR)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trainserve",
@@ -199,14 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(serve, worker, migrate) or talk to one (train, follow, predict, jobs, models, cancel, plot, export).",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the API and its worker(s) on this machine")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    where = _where_data_lives()
+    serve = commands.add_parser(
+        "serve", help="run the API and its worker(s) on this machine", epilog=where, formatter_class=_HelpFormatter
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--workers", type=int, default=1, help="worker processes to start beside the API (0: API only)")
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", default="info", help="uvicorn's log level")
     serve.set_defaults(run=_serve)
     worker = commands.add_parser(
-        "worker", help="run a training worker only, one per GPU (SIGTERM/SIGINT: hand the job back, exit)"
+        "worker",
+        help="run a training worker only, one per GPU (SIGTERM/SIGINT: hand the job back, exit)",
+        epilog=where,
+        formatter_class=_HelpFormatter,
     )
     worker.add_argument(
         "--device",
@@ -219,7 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--exit-with-parent", action="store_true", help="drain and exit when the process that started it dies"
     )
     worker.set_defaults(run=_worker)
-    migrate = commands.add_parser("migrate", help="upgrade the database schema to the newest version")
+    migrate = commands.add_parser(
+        "migrate",
+        help="upgrade the database schema to the newest version",
+        epilog=where,
+        formatter_class=_HelpFormatter,
+    )
     migrate.set_defaults(run=_migrate)
     check = commands.add_parser(
         "check", help="exit 0 when the database, queue and model store answer (a worker's health check)"
@@ -232,5 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    result: int = args.run(args)
+    try:
+        result: int = args.run(args)
+    except StartError as exc:  # one line for the operator; the traceback would bury it
+        print(f"trainserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     return result

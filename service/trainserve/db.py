@@ -142,6 +142,9 @@ class ModelRecord(Base):
     device: Mapped[str] = mapped_column(String(32))
     train_seconds: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The model a warm start (``init_from``) began from; no foreign key: a parent may be
+    # deleted while its children live on, and the chain then ends there.
+    parent_model_id: Mapped[str | None] = mapped_column(String(32), index=True)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -223,3 +226,60 @@ def upgrade_to_head(url: str) -> None:
     config.set_main_option("script_location", migrations_dir())
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     command.upgrade(config, "head")
+
+
+class ModelAliasRecord(Base):
+    """A movable pointer from a model name to one of its versions (``moons@production``)."""
+
+    __tablename__ = "model_aliases"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(32), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    note: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelAliasEventRecord(Base):
+    """One move of an alias (set, moved, or removed: ``to_version`` null), for the audit trail."""
+
+    __tablename__ = "model_alias_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128), index=True)
+    alias: Mapped[str] = mapped_column(String(32))
+    from_version: Mapped[int | None] = mapped_column(Integer)
+    to_version: Mapped[int | None] = mapped_column(Integer)
+    note: Mapped[str | None] = mapped_column(Text)
+    who: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PredictionLogRecord(Base):
+    """A sampled /predict request and its answer, kept for a bounded time and count."""
+
+    __tablename__ = "prediction_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_id: Mapped[str] = mapped_column(String(32), index=True)
+    name: Mapped[str | None] = mapped_column(String(128))
+    version: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    inputs: Mapped[list[Any]]
+    outputs: Mapped[list[Any]]
+    # A request answered by a name with a ``shadow`` alias is logged twice under one
+    # request_id: the answer it got (role "primary") and the shadow version's ("shadow").
+    request_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    role: Mapped[str | None] = mapped_column(String(8))
+
+
+class WorkerRecord(Base):
+    """A worker process and the devices it can train on, renewed while it runs: the API
+    refuses a job for a device no live worker has (``trainserve.jobs.workers``)."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # host:pid, as jobs.worker records it
+    devices: Mapped[list[Any]]  # ["cpu", "cuda:0", ...]
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -52,9 +52,10 @@ def to_csv(x: np.ndarray, y: np.ndarray, feature_names: list[str] | None = None,
 
 def guide_moons_spec() -> dict[str, Any]:
     """The guide's 2x30 Tanh make_moons classifier as a spec: its own SGD lr 0.001, batch
-    size 1, 300 epochs, on raw (unscaled) inputs. What the dashboard's form starts with."""
+    size 1, 300 epochs, on raw (unscaled) inputs. What the dashboard's form starts with, so
+    its target is the class column of the shipped ``examples/moons.csv``: ``y``."""
     return {
-        "target": "label",
+        "target": "y",
         "model": MOONS_MLP_LAYERS,
         "loss": "CrossEntropyLoss",
         "optimizer": {"type": "SGD", "lr": 0.001},

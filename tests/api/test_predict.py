@@ -48,14 +48,14 @@ def test_models_are_listed_and_described(client: TrainserveClient, model_id: str
 
 
 BAD_INPUTS = [
-    pytest.param([[1.0, 2.0, 3.0]], "row 0 has 3 values", id="wrong-width"),
-    pytest.param([[1.0, 2.0], [1.0]], "row 1 has 1 values", id="ragged"),
-    pytest.param([[1.0, "a"]], "row 0, column 1", id="string"),
-    pytest.param([[1.0, None]], "row 0, column 1", id="null"),
+    pytest.param([[1.0, 2.0, 3.0]], "inputs[0] has 3 values", id="wrong-width"),
+    pytest.param([[1.0, 2.0], [1.0]], "inputs[1] has 1 values", id="ragged"),
+    pytest.param([[1.0, "a"]], "inputs[0][1]", id="string"),
+    pytest.param([[1.0, None]], "inputs[0][1]", id="null"),
     pytest.param([], "empty", id="empty"),
     pytest.param([{"x0": 1.0, "x9": 2.0}], "unknown feature 'x9'", id="unknown-feature"),
     pytest.param([{"x0": 1.0}], "feature 'x1' is missing", id="missing-feature"),
-    pytest.param([[1.0, 2.0], {"x0": 1.0, "x1": 2.0}], "row 1", id="mixed-rows"),
+    pytest.param([[1.0, 2.0], {"x0": 1.0, "x1": 2.0}], "inputs[1]", id="mixed-rows"),
 ]
 
 
@@ -73,7 +73,7 @@ def test_nan_in_inputs_is_422(client: TrainserveClient, model_id: str) -> None:
     body = f'{{"model_id": "{model_id}", "inputs": [[1.0, NaN]]}}'
     response = client.http.post("/predict", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 422
-    assert "row 0, column 1" in response.json()["detail"]
+    assert "inputs[0][1]" in response.json()["detail"]
 
 
 def test_unknown_model_is_404(client: TrainserveClient) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,20 @@ def test_docs_and_redoc_load_their_assets_from_the_server(server: Server) -> Non
         script = httpx.get(f"{server.url}/static/vendor/{asset}")
         assert script.status_code == 200
         assert len(script.content) > 100_000
+
+
+def test_redoc_loads_nothing_from_a_cdn(server: Server) -> None:
+    # ReDoc's sidebar footer shows a logo that the vendored bundle fetched from
+    # cdn.redoc.ly: a request to the internet from every docs page. The bundle is patched
+    # to a relative URL (see docs/operations-start.md); updating it must keep the patch.
+    script = httpx.get(f"{server.url}/static/vendor/redoc.standalone.js").text
+    assert re.findall(r'src:"https?://[^"]*"', script) == []
+    assert "cdn.redoc.ly" not in script
+    logo = re.search(r'"redocly logo",onError:\(\)=>\w+\(!1\),src:"([^"]+)"', script)
+    assert logo is not None, "the logo's img element moved: check its src by hand"
+    answer = httpx.get(f"{server.url}/{logo.group(1)}")  # relative to /redoc's folder, the root
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("image/svg")
 
 
 def test_openapi_documents_both_train_bodies(server: Server) -> None:

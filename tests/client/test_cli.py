@@ -54,7 +54,7 @@ def test_the_guide_experiments_run_from_the_cli_with_a_progress_bar(server: Serv
 
 def test_example_specs_are_the_guide_experiments() -> None:
     sys.path.insert(0, str(REPO / "scripts"))
-    import guide_experiments
+    import guide_experiments  # type: ignore[import-not-found]  # scripts/ is put on sys.path just above
 
     for name in GUIDE_EXPERIMENTS:
         shipped = json.loads((EXAMPLES / f"{name}.json").read_text())
@@ -124,15 +124,34 @@ def test_predict_regression_and_its_errors(server: Server, tmp_path: Path) -> No
     assert all(float(r[2]) == float(r[2]) for r in table[1:])  # numbers, not NaN
 
     rows.write_text("x\n1.0\n2.0\noops\n")
-    bad = cli("predict", model_id, rows, url=server.url)
+    out = tmp_path / "predicted.csv"
+    out.write_text("kept\n")
+    bad = cli("predict", model_id, rows, "-o", out, url=server.url)
     assert bad.returncode == 2
-    assert "data row 3" in bad.stderr
-    assert "'oops' is not a number" in bad.stderr
+    # The file's row by the house convention (data rows from 1), not the request's inputs[2].
+    assert "error: 422 row 3, column 'x': 'oops' is not a number" in bad.stderr
+    assert "inputs[" not in bad.stderr
+    # A failed predict leaves what was there, and no header-only or partial file beside it.
+    assert out.read_text() == "kept\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["line.json", "predicted.csv", "rows.csv"]
 
     rows.write_text("x\n1.0\nnan\n")  # JSON has no NaN: refused by row, not sent as invalid JSON
     not_finite = cli("predict", model_id, rows, url=server.url)
     assert not_finite.returncode == 2
-    assert "data row 2" in not_finite.stderr
+    assert "error: 422 row 2, column 'x'" in not_finite.stderr
+
+    # `trainserve predict ... | head -1`: the reader stops early; the CLI ends quietly.
+    rows.write_text("x\n" + "0.5\n" * 8_000)  # about 200 kB of output: more than a pipe holds
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("TRAINSERVE_")}
+    command = [sys.executable, "-m", "trainserve", "predict", model_id, str(rows), "--url", server.url]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment) as reader:
+        assert reader.stdout is not None
+        assert reader.stderr is not None
+        assert reader.stdout.readline() == b"x,predicted_y\r\n"
+        reader.stdout.close()  # what head does once it has its line
+        stderr = reader.stderr.read().decode()
+        assert reader.wait(120) == 141, stderr  # 128 + SIGPIPE, as a shell reports it
+    assert stderr == ""
 
     rows.write_text("z\n1.0\n")
     missing = cli("predict", model_id, rows, url=server.url)

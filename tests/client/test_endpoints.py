@@ -36,7 +36,7 @@ Client = TrainserveClient | AsyncTrainserveClient
 
 def test_the_table_lists_the_routes_the_clients_use() -> None:
     routes = {(e.route.method, e.route.path) for e in TABLE.values()}
-    assert len(TABLE) == 19
+    assert len(TABLE) == 25
     assert ("GET", "/jobs/{job_id}/events") in routes
     assert ("POST", "/predict") in routes
     assert sum(e.route.path == "/predict" for e in TABLE.values()) == 3  # JSON, .npy and CSV
@@ -183,6 +183,24 @@ async def _every_endpoint(ts: Driver, moons: bytes) -> None:
     records = list(csv.reader(io.StringIO(table.decode())))
     assert records[0] == ["x0", "x1", "predicted_label", "probability_0", "probability_1"]
     assert [int(r[2]) for r in records[1:]] == answer.predictions
+
+    # aliases: set, read, predict through, refuse the delete of the version it holds, remove
+    alias = await ts("set_alias", "endpoints", "production", model.version, note="first")
+    assert alias.version == model.version
+    named = await ts("get_model_name", "endpoints")
+    assert named.serving_version == model.version
+    assert [e.note for e in named.history][:1] == ["first"]
+    via_alias = await ts("predict", None, rows, name="endpoints", alias="production")
+    assert via_alias.predictions == answer.predictions
+    with pytest.raises(ApiError) as held:
+        await ts("delete_model", model_id)
+    assert held.value.status_code == 409
+    await ts("set_alias", "endpoints", "shadow", model.version)
+    assert (await ts("shadow_agreement", "endpoints")).shadow_version == model.version
+    await ts("delete_alias", "endpoints", "shadow")
+    await ts("delete_alias", "endpoints", "production", note="done")
+    assert isinstance(await ts("list_predictions", model_id, limit=5), list)
+    assert [f.feature for f in (await ts("model_drift", model_id)).features] == ["x0", "x1"]
 
     await ts("delete_model", model_id)
     with pytest.raises(ApiError) as gone:

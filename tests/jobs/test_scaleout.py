@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,7 +92,8 @@ def test_two_workers_run_twenty_jobs_each_exactly_once(
         job_ids = [ts.train(moons_spec(dataset.id, epochs=3, seed=i)).id for i in range(JOBS)]
         # Each job is on the queue a second time, as after a re-enqueue by recovery: both
         # workers see it, and the claim in the database lets exactly one of them run it.
-        duplicates = build_queue(Settings(**{k.removeprefix("TRAINSERVE_").lower(): v for k, v in cluster.env.items()}))
+        fields: dict[str, Any] = {k.removeprefix("TRAINSERVE_").lower(): v for k, v in cluster.env.items()}
+        duplicates = build_queue(Settings(**fields))
         try:
             for job_id in job_ids:
                 duplicates.enqueue(job_id)
@@ -164,13 +166,23 @@ def test_worker_device_flag_decides_where_auto_specs_train(
     )
     assert refused.returncode == 2
     assert "not a device" in refused.stderr
-    cluster.add_worker(tmp_path / "cpu-box", "--device", "cpu")
+    # On a CPU machine "auto" is the CPU anyway, so "--device cpu" alone would pass with the
+    # flag ignored. A device this machine lacks shows the flag is applied: the auto spec is
+    # sent there, and the job fails naming it (no machine that runs this test has 64 GPUs).
+    impossible = cluster.add_worker(tmp_path / "wrong-box", "--device", "cuda:63")
     with TrainserveClient(cluster.api.url, timeout=60) as ts:
         dataset = ts.upload_dataset(moons[0], "moons.csv")
+        failed = ts.wait(ts.train(moons_spec(dataset.id, epochs=1)).id, timeout=120)
+        assert failed.status == "failed"
+        assert "device 'cuda:63' was asked for" in (failed.error or "")
+        impossible.terminate()
+        assert impossible.wait(60) == 0
+        cluster.add_worker(tmp_path / "cpu-box", "--device", "cpu")
         job = ts.wait(ts.train(moons_spec(dataset.id, epochs=1)).id, timeout=120)
     assert job.status == "succeeded", job.error
     assert job.device == "cpu"
     assert job.spec["device"] == "auto"  # the job keeps the spec as it was sent
+    assert failed.spec["device"] == "auto"
 
 
 @pytest.mark.parametrize("cluster", ["postgres"], indirect=True)

@@ -54,26 +54,26 @@ def test_matrix_from_dict_rows_follows_feature_order():
 @pytest.mark.parametrize("value", ["x", "1", None, [1]], ids=["text", "numeric-text", "null", "list"])
 def test_matrix_names_the_cell_that_is_not_a_number(value):
     error = matrix_error([[1, 2], [3, value]])
-    assert "row 1, column 1" in error.detail
+    assert "inputs[1][1]" in error.detail
     assert error.errors[0]["loc"] == ["inputs", 1, 1]
 
 
 @pytest.mark.parametrize("row", [[3], [3, 4, 5], []], ids=["short", "long", "empty"])
 def test_matrix_names_the_ragged_row(row):
     error = matrix_error([[1, 2], row])
-    assert "row 1" in error.detail
+    assert "inputs[1]" in error.detail
     assert error.errors[0]["loc"] == ["inputs", 1]
 
 
 def test_matrix_every_row_ragged_the_same_way():
     error = matrix_error([[1, 2, 3], [4, 5, 6]])
-    assert "row 0 has 3 values" in error.detail
+    assert "inputs[0] has 3 values" in error.detail
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_matrix_names_the_non_finite_cell(value):
     error = matrix_error([[1, 2], [value, 4]])
-    assert "row 1, column 0" in error.detail
+    assert "inputs[1][0]" in error.detail
     assert "finite" in error.detail
     assert error.errors[0]["loc"] == ["inputs", 1, 0]
 
@@ -82,20 +82,20 @@ def test_matrix_names_a_cell_that_overflows_float32():
     # 1e39 is a finite float64 but inf as float32; the error must come without a stray RuntimeWarning
     # (the test suite runs with warnings as errors).
     error = matrix_error([[1, 2], [1e39, 4]])
-    assert "row 1, column 0" in error.detail
+    assert "inputs[1][0]" in error.detail
     assert error.errors[0]["loc"] == ["inputs", 1, 0]
 
 
 def test_matrix_names_an_unknown_feature():
     error = matrix_error([{"a": 1, "b": 2}, {"a": 1, "b": 2, "c": 3}])
-    assert "row 1" in error.detail
+    assert "inputs[1]" in error.detail
     assert "'c'" in error.detail
     assert error.errors[0]["loc"] == ["inputs", 1, "c"]
 
 
 def test_matrix_names_a_missing_feature():
     error = matrix_error([{"a": 1}])
-    assert "row 0" in error.detail
+    assert "inputs[0]" in error.detail
     assert "'b'" in error.detail
     assert error.errors[0]["loc"] == ["inputs", 0, "b"]
 
@@ -211,10 +211,13 @@ def test_predictor_answers_small_requests_row_wise_and_large_ones_with_torch(tmp
     together = predictor.infer(small).probabilities
     assert together is not None
     for i in range(len(small)):
-        assert np.array_equal(predictor.infer(small[i : i + 1]).probabilities, together[i : i + 1])
+        alone = predictor.infer(small[i : i + 1]).probabilities
+        assert alone is not None
+        assert np.array_equal(alone, together[i : i + 1])
     many = np.repeat(x, 1 + (1 << 18) // (len(x) * predictor.n_parameters), axis=0).astype(np.float32)
     assert not predictor.takes_rowwise(len(many))
     torch_answer = predictor.infer(many).probabilities
+    assert torch_answer is not None
     expected = torch.softmax(predict_raw(result.module, many), dim=1).numpy()
     np.testing.assert_allclose(torch_answer, expected, rtol=1e-6, atol=1e-7)  # softmax written out: rounding
     labels_only = predictor.infer(many, probabilities=False)
@@ -229,5 +232,6 @@ def test_a_model_without_a_rowwise_pass_is_served_by_torch(tmp_path):
     assert predictor.rowwise is None
     assert not predictor.takes_rowwise(1)
     probabilities = predictor.infer(x[:5].astype(np.float32)).probabilities
+    assert probabilities is not None
     expected = torch.softmax(predict_raw(result.module, x[:5].astype(np.float32)), dim=1).numpy()
     np.testing.assert_allclose(probabilities, expected, rtol=1e-6, atol=1e-7)

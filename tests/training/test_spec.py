@@ -58,7 +58,7 @@ def plan_error(spec: TrainSpec, schema: TableSchema, limits: Limits = LIMITS) ->
 
 
 def first_loc(error: InvalidInput) -> list[Any]:
-    return error.errors[0]["loc"]
+    return list(error.errors[0]["loc"])
 
 
 def validation_locs(fields: dict[str, Any]) -> list[tuple[Any, ...]]:
@@ -190,6 +190,7 @@ def test_non_finite_learning_rate_is_rejected(lr):
 def test_nesterov_needs_momentum():
     assert ("optimizer", "SGD") in validation_locs({"optimizer": {"type": "SGD", "nesterov": True}})
     spec = make_spec(optimizer={"type": "SGD", "nesterov": True, "momentum": 0.9})
+    assert isinstance(spec.optimizer, S.SGD)
     assert spec.optimizer.nesterov is True
 
 
@@ -488,3 +489,20 @@ def test_the_checkpoint_fingerprint_ignores_the_loop():
     assert _fingerprint(make_spec(loop="eager"), 10, 2) == default
     assert _fingerprint(make_spec(compile="off"), 10, 2) == default
     assert _fingerprint(make_spec(epochs=3), 10, 2) != default  # what the run computes does count
+
+
+@pytest.mark.parametrize(
+    ("layer", "name"),
+    [
+        ({"type": "Linear", "in_features": 2, "out_features": 2}, "in_features"),
+        ({"type": "BatchNorm1d", "num_features": 2}, "num_features"),
+        ({"type": "LayerNorm", "normalized_shape": 2}, "normalized_shape"),
+    ],
+)
+def test_an_input_width_in_the_spec_is_refused_saying_it_is_inferred(layer: dict[str, object], name: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        TrainSpec.model_validate({"model": [layer, {"type": "Linear", "out_features": 1}], "loss": "MSELoss"})
+    message = str(error.value)
+    assert f"{name} is inferred from the data" in message
+    assert "remove it from the spec" in message
+    assert "Extra inputs are not permitted" not in message

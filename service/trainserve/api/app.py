@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 import trainserve
 from trainserve.api import dashboard, errors, metrics
 from trainserve.api.guard import OPEN_PATHS, GuardSettings, RequestGuard
-from trainserve.api.routes import datasets, events, export, jobs, models, plots, predict
+from trainserve.api.routes import aliases, datasets, events, export, jobs, models, plots, predict, workers
 from trainserve.api.runtime import Runtime
 from trainserve.api.schemas import Error, PredictRequest
 from trainserve.config import Settings, get_settings
@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.freeze()
         _keep_large_buffers_in_the_heap()
         yield
+        await run_in_threadpool(runtime.predictions.close)
         runtime.engine.dispose()
         runtime.queue.close()
 
@@ -64,8 +65,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     # /predict first: routes are matched in order, and it is the one called most.
     app.include_router(predict.router)
+    # Before models.router: /models/by-name/... must not be read as /models/{model_id}/...
+    app.include_router(aliases.router)
     for router in (datasets.router, jobs.router, events.router, models.router, plots.router, export.router):
         app.include_router(router)
+    app.include_router(workers.router)
     # Middleware added later wraps what was added before: the fast path runs inside the
     # guard, and the metrics middleware (added in metrics.install) wraps both, so it counts
     # the guard's 401s and 413s.

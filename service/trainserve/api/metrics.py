@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 from fastapi import APIRouter, FastAPI, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,6 +26,7 @@ import trainserve
 from trainserve.api import stats
 from trainserve.api.runtime import Runtime
 from trainserve.jobs.status import JobStatus
+from trainserve.serving import monitoring
 
 # Latency buckets from 5 ms (a cached prediction) to 60 s (a large upload).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -79,11 +80,65 @@ class ServiceCollector(Collector):
             "Models held in this API process's prediction cache",
             value=len(self.runtime.models),
         )
+        yield from self._drift()
+        log = self.runtime.predictions
+        yield CounterMetricFamily(
+            "trainserve_prediction_log_written",
+            "Sampled /predict requests this API process wrote to the prediction log",
+            value=log.written,
+        )
+        yield CounterMetricFamily(
+            "trainserve_prediction_log_dropped",
+            "Sampled /predict requests dropped because the log's buffer was full",
+            value=log.dropped,
+        )
         yield GaugeMetricFamily(
             "trainserve_model_cache_capacity",
             "How many models the prediction cache keeps",
             value=self.runtime.models.capacity,
         )
+
+    def _drift(self) -> Iterable[Metric]:
+        runtime, settings = self.runtime, self.runtime.settings
+        reports = runtime.drift_scrape.fresh()
+        if reports is None:
+            with runtime.sessions() as session:
+                reports = monitoring.named_drift(
+                    session,
+                    runtime.store,
+                    runtime.drift_references,
+                    window=settings.drift_window,
+                    threshold=settings.drift_threshold,
+                    limit=settings.drift_metrics_max_models,
+                )
+            runtime.drift_scrape.store(reports)
+        assert isinstance(reports, list)
+        labels = ["model", "feature"]
+        psi = GaugeMetricFamily(
+            "trainserve_feature_drift_psi",
+            "Population stability index of a feature: logged requests against the training split (named models)",
+            labels=labels,
+        )
+        missing = GaugeMetricFamily(
+            "trainserve_feature_missing_share", "Share of logged rows with the feature missing", labels=labels
+        )
+        drifted = GaugeMetricFamily(
+            "trainserve_feature_drifted", "1 when the feature's PSI is over TRAINSERVE_DRIFT_THRESHOLD", labels=labels
+        )
+        rows = GaugeMetricFamily(
+            "trainserve_drift_window_rows", "Logged input rows the drift figures compare", labels=["model"]
+        )
+        for report in reports:
+            rows.add_metric([report.name], report.window_rows)
+            for feature in report.features[:_MAX_FEATURE_LABELS]:
+                psi.add_metric([report.name, feature.feature], feature.psi)
+                missing.add_metric([report.name, feature.feature], feature.missing_share)
+                drifted.add_metric([report.name, feature.feature], float(feature.drifted))
+        yield from (psi, missing, drifted, rows)
+
+
+# Per model: a table of thousands of features must not make thousands of series.
+_MAX_FEATURE_LABELS = 100
 
 
 class RequestMetrics:

@@ -12,7 +12,10 @@ from trainserve.config import Settings
 from trainserve.db import make_engine, make_session_factory
 from trainserve.jobs.queue import JobQueue, build_queue
 from trainserve.serving.batching import MicroBatcher
-from trainserve.serving.predictor import ModelCache
+from trainserve.serving.drift import ReferenceCache, TimedCache
+from trainserve.serving.predictor import ModelCache, NameCache
+from trainserve.serving.predlog import LogSettings, PredictionLog
+from trainserve.serving.shadow import ShadowResolver
 from trainserve.storage.base import Store
 from trainserve.storage.factory import open_store
 
@@ -26,22 +29,42 @@ class Runtime:
     queue: JobQueue
     models: ModelCache
     batcher: MicroBatcher
+    names: NameCache
+    predictions: PredictionLog
+    drift_references: ReferenceCache
+    drift_scrape: TimedCache  # the last drift figures /metrics reported, reused for a few seconds
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
         engine = make_engine(settings.resolved_database_url)
         store = open_store(settings)
+        sessions = make_session_factory(engine)
+        models = ModelCache(store, settings.model_cache_size, revalidate_s=settings.model_cache_revalidate_s)
         return cls(
             settings=settings,
             engine=engine,
-            sessions=make_session_factory(engine),
+            sessions=sessions,
             store=store,
             queue=build_queue(settings),
-            models=ModelCache(store, settings.model_cache_size, revalidate_s=settings.model_cache_revalidate_s),
+            models=models,
             batcher=MicroBatcher(
                 enabled=settings.predict_batching,
                 max_wait_s=settings.predict_batch_wait_ms / 1000,
                 max_rows=settings.predict_batch_max_rows,
+            ),
+            names=NameCache(settings.model_cache_revalidate_s),
+            drift_references=ReferenceCache(),
+            drift_scrape=TimedCache(10.0),
+            predictions=PredictionLog(
+                sessions,
+                LogSettings(
+                    sample=settings.prediction_log_sample,
+                    buffer=settings.prediction_log_buffer,
+                    max_rows=settings.prediction_log_max_rows,
+                    max_age_s=settings.prediction_log_max_age_s,
+                    prune_interval_s=settings.prediction_log_prune_interval_s,
+                ),
+                shadow=ShadowResolver(sessions, models, settings.model_cache_revalidate_s),
             ),
         )
 

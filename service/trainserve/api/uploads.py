@@ -27,6 +27,10 @@ from trainserve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaTyp
 from trainserve.storage.base import Store
 
 MAX_TEXT_FIELD_BYTES = 1024 * 1024
+_FLUSH_BYTES = 1024 * 1024
+# How to read an uploaded table, beside its file on every upload form (POST /datasets and
+# the file + spec form of POST /train): each overrides what the parser would guess.
+TABLE_OPTION_FIELDS = frozenset({"delimiter", "decimal", "na_values"})
 
 
 @dataclass
@@ -35,6 +39,7 @@ class ReceivedFile:
     filename: str | None
     size: int
     sha256: str
+    options: dict[str, str] = field(default_factory=dict)  # the TABLE_OPTION_FIELDS sent
 
 
 @dataclass
@@ -55,6 +60,7 @@ class _FormReader:
         self.max_file_bytes = max_file_bytes
         self.form = ReceivedForm()
         self.pending: list[bytes] = []  # file bytes parsed but not written yet
+        self.pending_bytes = 0
         self.handle: IO[bytes] | None = None
         self._digest = hashlib.sha256()
         self._size = 0
@@ -107,9 +113,9 @@ class _FormReader:
         if self._name in self.form.fields or (self._is_file and self.form.file is not None):
             raise _bad(f"form field {self._name!r} appears twice", ["body", self._name])
         if self._is_file:
-            filename = options.get(b"filename", b"").decode("utf-8", "replace")
+            filename = base_name(options.get(b"filename", b"").decode("utf-8", "replace"))
             # Only a hint for the format and a label: never used as a path.
-            self.form.file = ReceivedFile(self.path, filename or None, 0, "")
+            self.form.file = ReceivedFile(self.path, filename, 0, "")
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]
@@ -119,6 +125,7 @@ class _FormReader:
                 raise PayloadTooLarge(f"the file is larger than the limit of {self.max_file_bytes} bytes")
             self._digest.update(chunk)
             self.pending.append(chunk)
+            self.pending_bytes += len(chunk)
         else:
             if len(self._text) + len(chunk) > MAX_TEXT_FIELD_BYTES:
                 raise PayloadTooLarge(f"form field {self._name!r} is larger than {MAX_TEXT_FIELD_BYTES} bytes")
@@ -142,6 +149,14 @@ class _FormReader:
             self.handle = open(self.path, "wb")  # noqa: SIM115 (closed in receive_form)
         self.handle.write(b"".join(self.pending))
         self.pending.clear()
+        self.pending_bytes = 0
+
+
+def base_name(filename: str) -> str | None:
+    """The last part of a client's file name, by either slash: ``../../x.csv`` and
+    ``C:\\data\\x.csv`` are both stored as ``x.csv``; nothing left is no name."""
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    return None if name in ("", ".", "..") else name
 
 
 def require_multipart(request: Request) -> None:
@@ -167,13 +182,16 @@ async def receive_form(
     if not boundary:
         raise _bad("the multipart Content-Type header has no boundary", ["header", "content-type"])
     with store.temp_path(".upload") as path:
-        reader = _FormReader(path, file_field=file_field, text_fields=set(text_fields), max_file_bytes=max_file_bytes)
+        accepted = set(text_fields) | TABLE_OPTION_FIELDS
+        reader = _FormReader(path, file_field=file_field, text_fields=accepted, max_file_bytes=max_file_bytes)
         callbacks: Any = reader.callbacks()
         parser = MultipartParser(boundary, callbacks)
         try:
             async for chunk in request.stream():
                 parser.write(chunk)
-                await run_in_threadpool(reader.flush)
+                # Written a MiB at a time: a thread hop per 64 KiB network chunk cost more than the write.
+                if reader.pending_bytes >= _FLUSH_BYTES:
+                    await run_in_threadpool(reader.flush)
             parser.finalize()
             await run_in_threadpool(reader.flush)
         except FormParserError as exc:
@@ -186,4 +204,9 @@ async def receive_form(
                 raise _bad("the multipart body ends inside the file", ["body", file_field])
             if reader.handle is None:
                 path.touch()  # an empty file part: the dataset code names the problem
+            options = {name: reader.form.fields.pop(name) for name in TABLE_OPTION_FIELDS & set(reader.form.fields)}
+            reader.form.file.options = options
+        elif TABLE_OPTION_FIELDS & set(reader.form.fields):
+            name = sorted(TABLE_OPTION_FIELDS & set(reader.form.fields))[0]
+            raise _bad(f"form field {name!r} says how to read an uploaded file, but no file was sent", ["body", name])
         yield reader.form

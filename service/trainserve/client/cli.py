@@ -1,4 +1,5 @@
-"""The CLI's client commands: ``trainserve train | follow | predict | jobs | models | cancel | plot | export``.
+"""The CLI's client commands: ``trainserve train | follow | predict | jobs | models | cancel | plot | export``,
+and for shipping: ``promote | aliases | predictions | retrain``.
 
 They talk to a running server through the typed client: ``--url`` / ``TRAINSERVE_URL``
 and ``--api-key`` / ``TRAINSERVE_API_KEY``. Exit status: 0 done, 1 a followed job did
@@ -15,7 +16,9 @@ import math
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -23,6 +26,7 @@ import httpx
 from tqdm import tqdm
 
 from trainserve.api.schemas import Job, Model
+from trainserve.client.events import shown_status
 from trainserve.client.http import ApiError, TrainserveClient
 from trainserve.jobs.status import JobStatus
 from trainserve.wire import prediction_columns
@@ -72,7 +76,7 @@ def add_client_commands(commands: Any) -> None:
     follow.set_defaults(run=_with_client(_follow))
 
     predict = commands.add_parser("predict", parents=common, help="predict every row of a CSV, write CSV")
-    predict.add_argument("model", help="model id, NAME (its newest version) or NAME:VERSION")
+    predict.add_argument("model", help="model id, NAME (production, else newest), NAME:VERSION or NAME@ALIAS")
     predict.add_argument("data", type=Path, help="CSV with a header row holding the model's feature columns")
     predict.add_argument("--output", "-o", type=Path, help="write here instead of standard output")
     predict.set_defaults(run=_with_client(_predict))
@@ -95,7 +99,7 @@ def add_client_commands(commands: Any) -> None:
     cancel.set_defaults(run=_with_client(_cancel))
 
     plot = commands.add_parser("plot", parents=common, help="save a model's plot, or a job's loss curve, as PNG")
-    plot.add_argument("target", help="model id, NAME or NAME:VERSION; or a job id with --loss")
+    plot.add_argument("target", help="model id, NAME, NAME:VERSION or NAME@ALIAS; or a job id with --loss")
     plot.add_argument("--loss", action="store_true", help="the job's loss curve instead of a model's plot")
     plot.add_argument("--output", "-o", type=Path, required=True)
     plot.add_argument("--width", type=int, default=800)
@@ -103,10 +107,39 @@ def add_client_commands(commands: Any) -> None:
     plot.set_defaults(run=_with_client(_plot))
 
     export = commands.add_parser("export", parents=common, help="download a model as TorchScript or torch.export")
-    export.add_argument("model", help="model id, NAME or NAME:VERSION")
+    export.add_argument("model", help="model id, NAME, NAME:VERSION or NAME@ALIAS")
     export.add_argument("--format", choices=["torchscript", "torch.export"], default="torchscript")
     export.add_argument("--output", "-o", type=Path, required=True)
     export.set_defaults(run=_with_client(_export))
+
+    promote = commands.add_parser("promote", parents=common, help="point an alias (default production) at a version")
+    promote.add_argument("model", help="NAME:VERSION, or a model id, NAME or NAME@ALIAS (its version)")
+    promote.add_argument("alias", nargs="?", default="production", help="the alias to move (default: production)")
+    promote.add_argument("--note", help="why: kept in the alias history")
+    promote.set_defaults(run=_with_client(_promote))
+
+    aliases = commands.add_parser("aliases", parents=common, help="a model name's versions, aliases and history")
+    aliases.add_argument("name", help="model name")
+    aliases.add_argument("--json", action="store_true")
+    aliases.set_defaults(run=_with_client(_aliases))
+
+    predictions = commands.add_parser("predictions", parents=common, help="a model's logged (sampled) predictions")
+    predictions.add_argument("model", help="model id, NAME, NAME:VERSION or NAME@ALIAS")
+    predictions.add_argument("--limit", type=int, default=20)
+    predictions.add_argument("--json", action="store_true")
+    predictions.set_defaults(run=_with_client(_predictions))
+
+    retrain = commands.add_parser("retrain", parents=common, help="train a named model's spec again on a new table")
+    retrain.add_argument("model", help="NAME (or NAME:VERSION, NAME@ALIAS): whose spec, features and target")
+    retrain.add_argument("data", help="a CSV or .npz file holding the model's columns")
+    retrain.add_argument(
+        "--from",
+        dest="source",
+        help="warm start from this version or alias of the name (e.g. production or 3); default: from scratch",
+    )
+    retrain.add_argument("--epochs", type=int, help="override the spec's epochs")
+    retrain.add_argument("--follow", "-f", action="store_true", help="show a progress bar until the job ends")
+    retrain.set_defaults(run=_with_client(_retrain))
 
 
 def _with_client(command: Command) -> Callable[[argparse.Namespace], int]:
@@ -126,6 +159,13 @@ def _with_client(command: Command) -> Callable[[argparse.Namespace], int]:
             return 2
         except KeyboardInterrupt:
             return 130
+        except BrokenPipeError:
+            # `trainserve predict ... | head`: the reader has all it wants. Python would
+            # print a traceback, then fail again flushing stdout at exit; point stdout at
+            # /dev/null and end like a program that SIGPIPE stopped (128 + 13), quietly.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 141
 
     return run
 
@@ -194,10 +234,15 @@ def _follow_job(client: TrainserveClient, job_id: str, *, as_json: bool) -> int:
     job = client.get_job(job_id)
     label = job.name or job.id[:8]
     end: dict[str, Any] = {}
+    showing: str | None = None  # the status in the bar's label
     with tqdm(total=job.epochs, desc=label, unit="epoch", file=sys.stderr, dynamic_ncols=True) as bar:
         try:
             for event in client.events(job_id):
                 data = event.data
+                status = shown_status(showing, event)
+                if status != showing:
+                    showing = status
+                    bar.set_description(f"{label} {status}", refresh=event.event == "status")
                 if event.event == "epoch":
                     shown = {"loss": _loss_text(data["train_loss"])}
                     if data.get("val_loss") is not None:
@@ -206,8 +251,6 @@ def _follow_job(client: TrainserveClient, job_id: str, *, as_json: bool) -> int:
                         shown[f"val_{key}"] = _loss_text(value)
                     bar.set_postfix(shown, refresh=False)
                     bar.update(data["epoch"] - bar.n)  # draws the bar with the losses above
-                elif event.event == "status":
-                    bar.set_description(f"{label} {data['status']}", refresh=True)
                 elif event.event == "end":
                     end = data
         except KeyboardInterrupt:
@@ -235,21 +278,33 @@ def _describe(model: Model) -> str:
 
 
 def resolve_model(client: TrainserveClient, reference: str) -> Model:
-    """A model id, a NAME (its newest version) or NAME:VERSION."""
+    """A model id, a NAME (its ``production`` alias's version, else its newest), NAME:VERSION
+    or NAME@ALIAS."""
     if _ID.match(reference):
         return client.get_model(reference)
-    name, _, version = reference.partition(":")
-    if version and not version.isdigit():
-        raise CommandError(f"{reference!r}: the version after ':' must be a number")
-    versions = client.list_models(name=name, limit=1000)
-    if not versions:
-        raise CommandError(f"no model is named {name!r}")
-    if not version:
-        return versions[0]
-    for model in versions:
-        if model.version == int(version):
+    name, at, alias = reference.partition("@")
+    version = ""
+    if not at:
+        name, _, version = reference.partition(":")
+        if version and not version.isdigit():
+            raise CommandError(f"{reference!r}: the version after ':' must be a number")
+    try:
+        named = client.get_model_name(name)
+    except ApiError as exc:
+        if exc.status_code in (404, 422):
+            raise CommandError(f"no model is named {name!r}") from None
+        raise
+    if at:
+        wanted = next((a.version for a in named.aliases if a.alias == alias), None)
+        if wanted is None:
+            known = ", ".join(a.alias for a in named.aliases) or "none"
+            raise CommandError(f"model {name!r} has no alias {alias!r} (aliases: {known})")
+    else:
+        wanted = int(version) if version else named.serving_version
+    for model in named.versions:
+        if model.version == wanted:
             return model
-    raise CommandError(f"model {name!r} has no version {version} (newest: {versions[0].version})")
+    raise CommandError(f"model {name!r} has no version {wanted} (newest: {named.versions[0].version})")
 
 
 # -- predict --------------------------------------------------------------------------------------
@@ -287,15 +342,32 @@ def _predict(client: TrainserveClient, args: argparse.Namespace) -> int:
         missing = [f for f in model.features if f not in header]
         if missing:
             raise CommandError(f"{args.data} has no column {missing[0]!r}; the model takes {model.features}")
-        out: TextIO = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
-        try:
-            written = _write_predictions(client, model, reader, header, out)
-        finally:
-            if args.output:
-                out.close()
+        if args.output is None:
+            written = _write_predictions(client, model, reader, header, sys.stdout)
+        else:
+            with _replaced_on_success(args.output) as out:
+                written = _write_predictions(client, model, reader, header, out)
     if args.output:
         print(f"{written} rows predicted by {_describe(model)} -> {args.output}", file=sys.stderr)
     return 0
+
+
+@contextmanager
+def _replaced_on_success(path: Path) -> Iterator[TextIO]:
+    """A file beside ``path`` that becomes ``path`` only if the block ends without an error:
+    a failed predict leaves neither a half-written file nor a header-only one, and keeps
+    whatever ``path`` held before."""
+    try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    except OSError as exc:
+        raise CommandError(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        with open(handle, "w", newline="") as out:
+            yield out
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
 
 
 def _write_predictions(
@@ -309,7 +381,7 @@ def _write_predictions(
         try:
             answer = client.predict(model.id, inputs)
         except ApiError as exc:
-            _shift_rows(exc, written)
+            _shift_rows(exc, written, model.features)
             raise
         for i, row in enumerate(chunk):
             predicted = answer.predictions[i]
@@ -321,17 +393,22 @@ def _write_predictions(
     return written
 
 
-def _shift_rows(exc: ApiError, offset: int) -> None:
-    """Report the file's data row (1 = first after the header), not the row within a chunk."""
+def _shift_rows(exc: ApiError, offset: int, features: list[str]) -> None:
+    """Name the file's row (the house convention: data rows from 1, the header is not a row),
+    not the chunk's ``inputs[i]`` the server named."""
     if not isinstance(exc.body, dict):
         return
     for error in exc.body.get("errors", []):
         loc = error.get("loc", [])
         if len(loc) >= 2 and loc[0] == "inputs" and isinstance(loc[1], int):
-            error["loc"] = ["file row", offset + loc[1] + 1, *loc[2:]]
-    match = re.match(r"row (\d+)", str(exc.body.get("detail", "")))
+            error["loc"] = ["row", offset + loc[1] + 1, *loc[2:]]
+    detail = str(exc.body.get("detail", ""))
+    match = re.match(r"inputs\[(\d+)\](?:\[(\d+)\])?", detail)
     if match:
-        exc.body["detail"] = f"data row {offset + int(match.group(1)) + 1}{exc.body['detail'][match.end() :]}"
+        row = f"row {offset + int(match.group(1)) + 1}"
+        if match.group(2) is not None and int(match.group(2)) < len(features):  # the column by its name
+            row += f", column {features[int(match.group(2))]!r}"
+        exc.body["detail"] = f"{row}{detail[match.end() :]}"
 
 
 # -- jobs, models, cancel --------------------------------------------------------------------------
@@ -409,3 +486,80 @@ def _export(client: TrainserveClient, args: argparse.Namespace) -> int:
     model = resolve_model(client, args.model)
     _save(args.output, client.export_model(model.id, args.format), f"{args.format} of {_describe(model)}")
     return 0
+
+
+# -- aliases ---------------------------------------------------------------------------------------
+
+
+def _promote(client: TrainserveClient, args: argparse.Namespace) -> int:
+    model = resolve_model(client, args.model)
+    if model.name is None or model.version is None:
+        raise CommandError(f"{_describe(model)} has no name: only named models have aliases")
+    alias = client.set_alias(model.name, args.alias, model.version, note=args.note)
+    print(f"{model.name}@{alias.alias} -> version {alias.version} ({_describe(model)})")
+    return 0
+
+
+def _aliases(client: TrainserveClient, args: argparse.Namespace) -> int:
+    named = client.get_model_name(args.name)
+    if args.json:
+        _print_json(named.model_dump(mode="json"))
+        return 0
+    pointers: dict[int, list[str]] = {}
+    for alias in named.aliases:
+        pointers.setdefault(alias.version, []).append(alias.alias)
+    rows = []
+    for model in named.versions:
+        served = "*" if model.version == named.serving_version else ""
+        rows.append([f"{served}{model.version}", ", ".join(pointers.get(model.version or 0, [])) or "-", model.id])
+    _table(rows, ["VERSION", "ALIASES", "MODEL"])
+    if named.history:
+        print()
+        history = []
+        for event in named.history:
+            moved = f"{event.from_version or '-'} -> {event.to_version or '-'}"
+            when = event.created_at.strftime("%Y-%m-%d %H:%M:%S")
+            history.append([when, event.alias, moved, event.note or ""])
+        _table(history, ["WHEN", "ALIAS", "VERSION", "NOTE"])
+    return 0
+
+
+def _predictions(client: TrainserveClient, args: argparse.Namespace) -> int:
+    model = resolve_model(client, args.model)
+    found = client.list_predictions(model.id, limit=args.limit)
+    if args.json:
+        _print_json([entry.model_dump(mode="json") for entry in found])
+        return 0
+    rows = []
+    for entry in found:
+        when = entry.created_at.strftime("%Y-%m-%d %H:%M:%S")
+        first_in = json.dumps(entry.inputs[0]) if entry.inputs else "-"
+        first_out = json.dumps(entry.outputs[0]) if entry.outputs else "-"
+        rows.append([when, str(entry.version or "-"), str(len(entry.inputs)), first_in, first_out])
+    _table(rows, ["WHEN", "VERSION", "ROWS", "FIRST INPUT", "FIRST OUTPUT"])
+    return 0
+
+
+def _retrain(client: TrainserveClient, args: argparse.Namespace) -> int:
+    """The named model's spec again, on a new table: a new version, not promoted."""
+    model = resolve_model(client, args.model)
+    if model.name is None:
+        raise CommandError(f"{_describe(model)} has no name: retrain makes a new version of a named model")
+    data = Path(args.data)
+    if not data.is_file():
+        raise CommandError(f"{args.data} is not a file")
+    spec = {k: v for k, v in model.spec.items() if k not in ("dataset_id", "init_from", "freeze", "refit")}
+    # The model's own columns, by name: a new table must hold them, whatever else it holds.
+    spec.update(name=model.name, features=model.features)
+    spec["target"] = model.targets[0] if len(model.targets) == 1 else model.targets
+    if args.source is not None:
+        source = args.source
+        spec["init_from"] = f"{model.name}:{source}" if source.isdigit() else f"{model.name}@{source}"
+    if args.epochs is not None:
+        spec["epochs"] = args.epochs
+    job = client.train(spec, file=data)
+    if not args.follow:
+        print(f"job {job.id} {job.status}; follow it with: trainserve follow {job.id}")
+        return 0
+    print(f"job {job.id} {job.status}", file=sys.stderr)
+    return _follow_job(client, job.id, as_json=False)

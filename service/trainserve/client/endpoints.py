@@ -25,7 +25,19 @@ import httpx
 import numpy as np
 from pydantic import TypeAdapter
 
-from trainserve.api.schemas import Dataset, Job, JobDetail, Model, PredictResponse
+from trainserve.api.schemas import (
+    Alias,
+    Dataset,
+    DriftReport,
+    Job,
+    JobDetail,
+    Model,
+    ModelDetail,
+    ModelName,
+    PredictionLogEntry,
+    PredictResponse,
+    ShadowAgreement,
+)
 from trainserve.jobs.status import JobStatus
 from trainserve.wire import NPY_MEDIA_TYPE
 
@@ -243,7 +255,7 @@ def list_models(*, name: str | None = None, limit: int = 100) -> Request:
     return Request(params=_present(name=name, limit=limit))
 
 
-@Route("GET", "/models/{model_id}").reads(json_as(Model))
+@Route("GET", "/models/{model_id}").reads(json_as(ModelDetail))
 def get_model(model_id: str) -> Request:
     return Request(path={"model_id": model_id})
 
@@ -272,8 +284,15 @@ _PREDICT = Route("POST", "/predict")
 
 
 @_PREDICT.reads(json_as(PredictResponse))
-def predict(model_id: str | None, inputs: list[Any], *, name: str | None = None, version: int | None = None) -> Request:
-    return Request(json={**_present(model_id=model_id, name=name, version=version), "inputs": inputs})
+def predict(
+    model_id: str | None,
+    inputs: list[Any],
+    *,
+    name: str | None = None,
+    version: int | None = None,
+    alias: str | None = None,
+) -> Request:
+    return Request(json={**_present(model_id=model_id, name=name, version=version, alias=alias), "inputs": inputs})
 
 
 @_PREDICT.reads(npy_array)
@@ -284,12 +303,13 @@ def predict_array(
     name: str | None = None,
     version: int | None = None,
     output: str = "predictions",
+    alias: str | None = None,
 ) -> Request:
     """The model named in the query string, since the body is the matrix."""
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(x), allow_pickle=False)
     return Request(
-        params={**_present(model_id=model_id, name=name, version=version), "output": output},
+        params={**_present(model_id=model_id, name=name, version=version, alias=alias), "output": output},
         content=buffer.getvalue(),
         headers={"Content-Type": NPY_MEDIA_TYPE, "Accept": NPY_MEDIA_TYPE},
     )
@@ -303,7 +323,39 @@ def predict_csv(
     name: str | None = None,
     version: int | None = None,
     filename: str | None = None,
+    alias: str | None = None,
 ) -> Request:
     """The model named in form fields beside the file."""
-    fields = {key: str(value) for key, value in _present(model_id=model_id, name=name, version=version).items()}
+    named = _present(model_id=model_id, name=name, version=version, alias=alias)
+    fields = {key: str(value) for key, value in named.items()}
     return Request(data=fields, files={"file": _file_part(file, filename)})
+
+
+@Route("GET", "/models/by-name/{name}").reads(json_as(ModelName))
+def get_model_name(name: str) -> Request:
+    return Request(path={"name": name})
+
+
+@Route("PUT", "/models/by-name/{name}/aliases/{alias}").reads(json_as(Alias))
+def set_alias(name: str, alias: str, version: int, *, note: str | None = None) -> Request:
+    return Request(path={"name": name, "alias": alias}, json=_present(version=version, note=note))
+
+
+@Route("DELETE", "/models/by-name/{name}/aliases/{alias}").reads(no_body)
+def delete_alias(name: str, alias: str, *, note: str | None = None) -> Request:
+    return Request(path={"name": name, "alias": alias}, params=_present(note=note))
+
+
+@Route("GET", "/models/{model_id}/predictions").reads(json_as(list[PredictionLogEntry]))
+def list_predictions(model_id: str, *, limit: int = 100) -> Request:
+    return Request(path={"model_id": model_id}, params={"limit": limit})
+
+
+@Route("GET", "/models/{model_id}/drift").reads(json_as(DriftReport))
+def model_drift(model_id: str) -> Request:
+    return Request(path={"model_id": model_id})
+
+
+@Route("GET", "/models/by-name/{name}/shadow").reads(json_as(ShadowAgreement))
+def shadow_agreement(name: str) -> Request:
+    return Request(path={"name": name})

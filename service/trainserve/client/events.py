@@ -77,3 +77,15 @@ class EventStream:
 
 def is_last(event: JobEvent) -> bool:
     return event.event == "end"
+
+
+def shown_status(shown: str | None, event: JobEvent) -> str | None:
+    """The status a progress display shows after ``event``: the status event's own, and
+    "running" once epochs arrive while it still says "queued" (or nothing): a job whose
+    epochs advance runs, whatever status event the stream sent last (a fast job can go from
+    queued to epochs between two looks at its row, or be re-queued and claimed again)."""
+    if event.event == "status":
+        return str(event.data["status"])
+    if event.event == "epoch" and shown in (None, "queued"):
+        return "running"
+    return shown

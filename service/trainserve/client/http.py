@@ -22,7 +22,20 @@ from typing import Any, TypeVar
 import httpx
 import numpy as np
 
-from trainserve.api.schemas import Dataset, Job, JobDetail, JobEvent, Model, PredictResponse
+from trainserve.api.schemas import (
+    Alias,
+    Dataset,
+    DriftReport,
+    Job,
+    JobDetail,
+    JobEvent,
+    Model,
+    ModelDetail,
+    ModelName,
+    PredictionLogEntry,
+    PredictResponse,
+    ShadowAgreement,
+)
 from trainserve.client import endpoints
 from trainserve.client.endpoints import ApiError, Call, FileArg, auth_headers
 from trainserve.client.events import EventStream, is_last
@@ -130,7 +143,7 @@ class TrainserveClient:
         """Newest first; with ``name``, that model's versions, newest version first."""
         return self._send(endpoints.list_models(name=name, limit=limit))
 
-    def get_model(self, model_id: str) -> Model:
+    def get_model(self, model_id: str) -> ModelDetail:
         return self._send(endpoints.get_model(model_id))
 
     def download_weights(self, model_id: str) -> bytes:
@@ -152,10 +165,17 @@ class TrainserveClient:
         return self._send(endpoints.export_model(model_id, format))
 
     def predict(
-        self, model_id: str | None, inputs: list[Any], *, name: str | None = None, version: int | None = None
+        self,
+        model_id: str | None,
+        inputs: list[Any],
+        *,
+        name: str | None = None,
+        version: int | None = None,
+        alias: str | None = None,
     ) -> PredictResponse:
-        """Rows as lists or objects; name the model by id, or by ``name`` (newest, or ``version``)."""
-        return self._send(endpoints.predict(model_id, inputs, name=name, version=version))
+        """Rows as lists or objects; name the model by id, or by ``name`` (its ``production``
+        alias's version, else the newest; or ``version``, or ``alias``)."""
+        return self._send(endpoints.predict(model_id, inputs, name=name, version=version, alias=alias))
 
     def predict_array(
         self,
@@ -165,9 +185,12 @@ class TrainserveClient:
         name: str | None = None,
         version: int | None = None,
         output: str = "predictions",
+        alias: str | None = None,
     ) -> np.ndarray:
         """A matrix in and an array out, both as ``.npy`` (the fast form for large batches)."""
-        return self._send(endpoints.predict_array(x, model_id=model_id, name=name, version=version, output=output))
+        return self._send(
+            endpoints.predict_array(x, model_id=model_id, name=name, version=version, output=output, alias=alias)
+        )
 
     def predict_csv(
         self,
@@ -177,10 +200,36 @@ class TrainserveClient:
         name: str | None = None,
         version: int | None = None,
         filename: str | None = None,
+        alias: str | None = None,
     ) -> bytes:
         """A CSV with the model's feature columns in; the same CSV with prediction columns out."""
-        call = endpoints.predict_csv(file, model_id=model_id, name=name, version=version, filename=filename)
+        call = endpoints.predict_csv(
+            file, model_id=model_id, name=name, version=version, filename=filename, alias=alias
+        )
         return self._send(call)
+
+    def get_model_name(self, name: str) -> ModelName:
+        """A model name's versions, aliases and alias history."""
+        return self._send(endpoints.get_model_name(name))
+
+    def set_alias(self, name: str, alias: str, version: int, *, note: str | None = None) -> Alias:
+        """Point ``name@alias`` at ``version`` (``production``: what requests by name alone get)."""
+        return self._send(endpoints.set_alias(name, alias, version, note=note))
+
+    def delete_alias(self, name: str, alias: str, *, note: str | None = None) -> None:
+        self._send(endpoints.delete_alias(name, alias, note=note))
+
+    def list_predictions(self, model_id: str, *, limit: int = 100) -> list[PredictionLogEntry]:
+        """The model's logged (sampled) predictions, newest first."""
+        return self._send(endpoints.list_predictions(model_id, limit=limit))
+
+    def model_drift(self, model_id: str) -> DriftReport:
+        """Per feature, how far the logged requests moved from the training data."""
+        return self._send(endpoints.model_drift(model_id))
+
+    def shadow_agreement(self, name: str) -> ShadowAgreement:
+        """How the name's ``shadow`` version agrees with the answers given, over logged requests."""
+        return self._send(endpoints.shadow_agreement(name))
 
 
 class AsyncTrainserveClient:
@@ -266,7 +315,7 @@ class AsyncTrainserveClient:
     async def list_models(self, *, name: str | None = None, limit: int = 100) -> list[Model]:
         return await self._send(endpoints.list_models(name=name, limit=limit))
 
-    async def get_model(self, model_id: str) -> Model:
+    async def get_model(self, model_id: str) -> ModelDetail:
         return await self._send(endpoints.get_model(model_id))
 
     async def download_weights(self, model_id: str) -> bytes:
@@ -285,9 +334,15 @@ class AsyncTrainserveClient:
         return await self._send(endpoints.export_model(model_id, format))
 
     async def predict(
-        self, model_id: str | None, inputs: list[Any], *, name: str | None = None, version: int | None = None
+        self,
+        model_id: str | None,
+        inputs: list[Any],
+        *,
+        name: str | None = None,
+        version: int | None = None,
+        alias: str | None = None,
     ) -> PredictResponse:
-        return await self._send(endpoints.predict(model_id, inputs, name=name, version=version))
+        return await self._send(endpoints.predict(model_id, inputs, name=name, version=version, alias=alias))
 
     async def predict_array(
         self,
@@ -297,8 +352,9 @@ class AsyncTrainserveClient:
         name: str | None = None,
         version: int | None = None,
         output: str = "predictions",
+        alias: str | None = None,
     ) -> np.ndarray:
-        call = endpoints.predict_array(x, model_id=model_id, name=name, version=version, output=output)
+        call = endpoints.predict_array(x, model_id=model_id, name=name, version=version, output=output, alias=alias)
         return await self._send(call)
 
     async def predict_csv(
@@ -309,6 +365,27 @@ class AsyncTrainserveClient:
         name: str | None = None,
         version: int | None = None,
         filename: str | None = None,
+        alias: str | None = None,
     ) -> bytes:
-        call = endpoints.predict_csv(file, model_id=model_id, name=name, version=version, filename=filename)
+        call = endpoints.predict_csv(
+            file, model_id=model_id, name=name, version=version, filename=filename, alias=alias
+        )
         return await self._send(call)
+
+    async def get_model_name(self, name: str) -> ModelName:
+        return await self._send(endpoints.get_model_name(name))
+
+    async def set_alias(self, name: str, alias: str, version: int, *, note: str | None = None) -> Alias:
+        return await self._send(endpoints.set_alias(name, alias, version, note=note))
+
+    async def delete_alias(self, name: str, alias: str, *, note: str | None = None) -> None:
+        await self._send(endpoints.delete_alias(name, alias, note=note))
+
+    async def list_predictions(self, model_id: str, *, limit: int = 100) -> list[PredictionLogEntry]:
+        return await self._send(endpoints.list_predictions(model_id, limit=limit))
+
+    async def model_drift(self, model_id: str) -> DriftReport:
+        return await self._send(endpoints.model_drift(model_id))
+
+    async def shadow_agreement(self, name: str) -> ShadowAgreement:
+        return await self._send(endpoints.shadow_agreement(name))

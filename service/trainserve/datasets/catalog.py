@@ -1,39 +1,110 @@
-"""Datasets: validate an upload, keep the parsed table in the store and a row in the database."""
+"""Datasets: validate an upload, keep the parsed table in the store and a row in the database.
+
+Re-uploading the same bytes, read the same way, makes a new dataset record (its own id,
+name and lifetime) that shares the stored table of the first one: the local store links
+the file (one copy on disk per upload sha256), and deleting one record removes only its
+own name, never a table another record still uses. Stores that cannot share (S3) save
+a copy.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from trainserve.config import Settings
-from trainserve.datasets.tables import parse_table, sniff_format
+from trainserve.datasets.tables import DELIMITERS, CsvOptions, parse_table, sniff_format
 from trainserve.db import DatasetRecord, JobRecord, on_commit, on_rollback
 from trainserve.errors import Conflict, InvalidInput, NotFound
 from trainserve.jobs.status import ACTIVE
 from trainserve.storage.base import Store, new_id
 
+_DELIMITER_WORDS = {"tab": "\t", "\\t": "\t", **{word: char for char, word in DELIMITERS.items()}}
+
+
+def _option_error(name: str, msg: str) -> InvalidInput:
+    return InvalidInput(f"form field {name!r}: {msg}", errors=[{"loc": ["body", name], "msg": msg}])
+
+
+def csv_options(fields: dict[str, str], default_na_values: list[str]) -> CsvOptions:
+    """The upload form's ``delimiter``, ``decimal`` and ``na_values`` as parser options."""
+    delimiter: str | None = None
+    if "delimiter" in fields:
+        given = fields["delimiter"]
+        delimiter = _DELIMITER_WORDS.get(given.lower(), given)
+        if len(delimiter) != 1 or not delimiter.isascii() or delimiter.isalnum() or delimiter in '"\r\n.':
+            raise _option_error(
+                "delimiter",
+                f"{given!r} is not a delimiter: send one character such as ',' ';' '|' or a tab "
+                "(or the words comma, semicolon, tab, pipe)",
+            )
+    decimal: str | None = None
+    if "decimal" in fields:
+        decimal = fields["decimal"]
+        if decimal not in (".", ","):
+            raise _option_error("decimal", f"{decimal!r} is not a decimal separator: send '.' or ','")
+    na_values = tuple(default_na_values)
+    if "na_values" in fields:
+        na_values = _na_values(fields["na_values"])
+    return CsvOptions(delimiter=delimiter, decimal=decimal, na_values=na_values)
+
+
+def _na_values(raw: str) -> tuple[str, ...]:
+    """A JSON list of strings. Only JSON: a comma-separated form could not hold a comma, and
+    would take a stray number, ``true`` or ``{}`` for a token instead of refusing it."""
+    try:
+        values: Any = json.loads(raw)
+    except ValueError:
+        values = None
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        msg = f'{raw[:40]!r} is not a JSON list of strings: send one, such as ["NA", "?"]'
+        raise _option_error("na_values", msg)
+    return tuple(v.strip() for v in values)
+
 
 def create_from_file(
-    *, session: Session, store: Store, settings: Settings, raw: Path, size: int, sha256: str, filename: str | None
+    *,
+    session: Session,
+    store: Store,
+    settings: Settings,
+    raw: Path,
+    size: int,
+    sha256: str,
+    filename: str | None,
+    options: dict[str, str] | None = None,
 ) -> DatasetRecord:
     """Parse and check an uploaded file already on disk (size and sha256 of its bytes known),
     then publish table and row together. ``raw`` is left for the caller to remove."""
     if size == 0:
         raise InvalidInput("the file is empty", errors=[{"loc": ["file"], "msg": "the file is empty"}])
+    options = options or {}
+    parse_options = csv_options(options, settings.na_values)
     with open(raw, "rb") as handle:
         fmt = sniff_format(filename, handle.read(4))
+    if fmt != "csv" and options:
+        name = sorted(options)[0]
+        raise _option_error(name, f"applies to CSV files only, and this one is {fmt}: leave it out")
     # An .npz decompresses; bound what it may expand to by the upload limit's worth of float64s.
-    table = parse_table(raw, fmt, max_elements=settings.max_upload_bytes // 8 * 4)
+    table = parse_table(
+        raw, fmt, max_elements=settings.max_upload_bytes // 8 * 4, options=parse_options, filename=filename
+    )
+    columns = [c.as_dict() for c in table.schema(category_limit=settings.category_limit).columns]
     dataset_id = new_id()
-    file_sha256 = store.save_dataset(dataset_id, table)
+    same = _same_upload(session, sha256, columns)
+    if same is not None and store.share_dataset(same.id, dataset_id):
+        file_sha256 = same.file_sha256
+    else:
+        file_sha256 = store.save_dataset(dataset_id, table)
     record = DatasetRecord(
         id=dataset_id,
         filename=(filename or "")[:255] or None,
         format=fmt,
         n_rows=table.n_rows,
-        columns=[c.as_dict() for c in table.schema().columns],
+        columns=columns,
         size_bytes=size,
         sha256=sha256,
         file_sha256=file_sha256,
@@ -42,6 +113,17 @@ def create_from_file(
     on_rollback(session, lambda: store.delete_dataset(dataset_id))
     session.flush()
     return record
+
+
+def _shape(columns: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """What reading options change about a table: names, types, missing counts, classes."""
+    return [(c["name"], c["dtype"], c.get("kind"), c.get("missing"), c.get("classes")) for c in columns]
+
+
+def _same_upload(session: Session, sha256: str, columns: list[dict[str, Any]]) -> DatasetRecord | None:
+    query = select(DatasetRecord).where(DatasetRecord.sha256 == sha256).order_by(DatasetRecord.created_at)
+    shape = _shape(columns)
+    return next((r for r in session.scalars(query) if _shape(r.columns) == shape), None)
 
 
 def get(*, session: Session, dataset_id: str) -> DatasetRecord:

@@ -14,12 +14,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from trainserve.config import Settings
 from trainserve.datasets.tables import TableSchema
-from trainserve.db import DatasetRecord, JobRecord, on_commit, rows_changed, utcnow
-from trainserve.errors import Conflict, NotFound
+from trainserve.db import DatasetRecord, JobRecord, ModelRecord, on_commit, rows_changed, utcnow
+from trainserve.errors import Conflict, InvalidInput, NotFound
 from trainserve.jobs.queue import JobQueue
 from trainserve.jobs.status import JobStatus
+from trainserve.jobs.workers import check_device
+from trainserve.serving import aliases
 from trainserve.storage.base import Store, new_id
-from trainserve.training.spec import Limits, TrainSpec, plan_training
+from trainserve.training import warmstart
+from trainserve.training.spec import Limits, TrainingPlan, TrainSpec, plan_training
 
 
 def limits_of(settings: Settings) -> Limits:
@@ -50,10 +53,28 @@ def list_jobs(
     return list(session.scalars(query))
 
 
-def submit(session: Session, queue: JobQueue, spec: TrainSpec, dataset: DatasetRecord, limits: Limits) -> JobRecord:
-    """Validate the spec against the dataset, record a queued job, enqueue it on commit."""
-    plan_training(spec, TableSchema.from_dicts(dataset.n_rows, dataset.columns), limits)
-    spec = spec.model_copy(update={"dataset_id": dataset.id})
+def submit(
+    session: Session,
+    queue: JobQueue,
+    spec: TrainSpec,
+    dataset: DatasetRecord,
+    limits: Limits,
+    *,
+    workers_stale_s: float | None = None,
+) -> JobRecord:
+    """Validate the spec against the dataset, record a queued job, enqueue it on commit.
+
+    With ``workers_stale_s``, a spec asking for a device no live worker has is refused
+    (Conflict); if no worker is live at all, the job waits, with a note saying so."""
+    schema = TableSchema.from_dicts(dataset.n_rows, dataset.columns)
+    plan = plan_training(spec, schema, limits)
+    updates: dict[str, Any] = {"dataset_id": dataset.id}
+    if spec.init_from is not None:
+        # Pinned to the model's id: an alias moved while the job waits must not change its parent.
+        updates["init_from"] = warm_start_parent(session, spec, plan, schema).id
+    warmstart.check_freeze(spec, plan.in_features)
+    note = check_device(session, spec.device, stale_s=workers_stale_s) if workers_stale_s is not None else None
+    spec = spec.model_copy(update=updates)
     job = JobRecord(
         id=new_id(),
         status=JobStatus.QUEUED,
@@ -62,6 +83,7 @@ def submit(session: Session, queue: JobQueue, spec: TrainSpec, dataset: DatasetR
         epochs=spec.epochs,
         history=[],
         name=spec.name,
+        notes=[note] if note else [],
     )
     session.add(job)
     session.flush()
@@ -116,3 +138,44 @@ def cancel(session: Session, store: Store, job_id: str) -> JobRecord:
             raise Conflict(f"job {job_id} has already ended ({job.status})")
     session.refresh(job)
     return job
+
+
+def _mismatch(msg: str, loc: list[str | int]) -> InvalidInput:
+    return InvalidInput(msg, errors=[{"loc": loc, "msg": msg}])
+
+
+def warm_start_parent(session: Session, spec: TrainSpec, plan: TrainingPlan, schema: TableSchema) -> ModelRecord:
+    """The model ``init_from`` names, checked to fit this spec and data: the same feature
+    columns and types, targets, task and classes, and the same layers, shape for shape."""
+    assert spec.init_from is not None
+    parent = aliases.find_reference(session, spec.init_from, ["init_from"])
+    named = f"the model in init_from ({_label(parent)})"
+    if parent.task != plan.task:
+        raise _mismatch(f"{named} is a {parent.task} model, this spec trains {plan.task}", ["loss"])
+    if parent.features != plan.features:
+        raise _mismatch(f"{named} takes features {parent.features}, this spec {plan.features}", ["features"])
+    parent_data = session.get(DatasetRecord, parent.dataset_id) if parent.dataset_id else None
+    if parent_data is not None:
+        before = {c["name"]: c.get("dtype") for c in parent_data.columns}
+        for name in plan.features:
+            now = schema.column(name)
+            if now is not None and before.get(name) is not None and _kind(now.dtype) != _kind(before[name]):
+                raise _mismatch(
+                    f"feature {name!r} holds {now.dtype} here, {before[name]} in the data of {named}", ["features"]
+                )
+    if parent.targets != plan.targets:
+        raise _mismatch(f"{named} predicts {parent.targets}, this spec {plan.targets}", ["target"])
+    if (parent.classes or None) != (plan.classes or None):
+        raise _mismatch(f"{named} has classes {parent.classes}, this data {plan.classes}", ["target"])
+    warmstart.check_layers(spec.model, TrainSpec.model_validate(parent.spec).model, plan.in_features)
+    return parent
+
+
+def _label(record: ModelRecord) -> str:
+    return f"{record.name} v{record.version}" if record.name else record.id
+
+
+def _kind(dtype: str) -> str:
+    # A new table whose column holds only whole numbers reads as int64 where the old one read
+    # float64: the same feature to the network. Other types (text, categories) must match.
+    return "number" if dtype in ("int64", "float64", "bool", "boolean", "integer", "number") else dtype

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from datetime import timedelta
 from typing import Any
 
@@ -182,8 +182,18 @@ class Rescuer:
     """Runs ``rescue_expired`` and ``requeue_lost`` every ``rescue_interval_seconds`` in a
     background thread."""
 
-    def __init__(self, sessions: sessionmaker, queue: JobQueue, store: Store, settings: Settings) -> None:  # type: ignore[type-arg]
+    def __init__(
+        self,
+        sessions: sessionmaker,  # type: ignore[type-arg]
+        queue: JobQueue,
+        store: Store,
+        settings: Settings,
+        *,
+        on_round: Callable[[], None] | None = None,
+    ) -> None:
         self.sessions, self.queue, self.store, self.settings = sessions, queue, store, settings
+        # A worker renews its row in the workers table here (trainserve.jobs.workers).
+        self.on_round = on_round
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="job-rescuer", daemon=True)
         self._missing: set[str] = set()  # queued jobs the last look found with no entry on the queue
@@ -202,7 +212,10 @@ class Rescuer:
 
     def _loop(self) -> None:
         while not self._stopping.wait(self.settings.rescue_interval_seconds):
-            for rescue in (self.rescue_now, self.requeue_lost_now):
+            rounds: list[Callable[[], object]] = [self.rescue_now, self.requeue_lost_now]
+            if self.on_round is not None:
+                rounds.insert(0, self.on_round)
+            for rescue in rounds:
                 try:
                     rescue()
                 except Exception:  # the database or the queue may be briefly away; try again next round

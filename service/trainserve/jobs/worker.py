@@ -35,6 +35,7 @@ from trainserve.jobs.lifecycle import limits_of
 from trainserve.jobs.queue import build_queue
 from trainserve.jobs.rescuer import Rescuer
 from trainserve.jobs.status import JobStatus
+from trainserve.jobs.workers import WorkerPresence, devices_here
 from trainserve.storage.base import new_id
 from trainserve.training import loop, native
 from trainserve.training.spec import TrainingPlan, TrainSpec, plan_training
@@ -71,7 +72,9 @@ def run_worker(settings: Settings, *, exit_with_parent: bool = False) -> None:
         max_delay=settings.queue_poll_max_s,
     )
     sessions = make_session_factory(make_engine(settings.resolved_database_url))
-    rescuer = Rescuer(sessions, queue, ctx.store, settings)
+    presence = WorkerPresence(sessions, ctx.name, devices_here())
+    presence.announce()
+    rescuer = Rescuer(sessions, queue, ctx.store, settings, on_round=presence.beat)
     rescuer.start()
     if exit_with_parent:
         _drain_when_orphaned(draining)
@@ -79,6 +82,10 @@ def run_worker(settings: Settings, *, exit_with_parent: bool = False) -> None:
         _consume_until_drained(consumer, draining)
     finally:
         rescuer.stop()
+        try:
+            presence.leave()
+        except Exception:  # the database may be gone; the row then goes stale on its own
+            log.exception("could not remove this worker's row")
 
 
 def _consume_until_drained(consumer: Consumer, draining: threading.Event) -> None:
@@ -228,7 +235,8 @@ def _run_claimed(ctx: WorkerContext, attempt: Attempt, job: JobRecord, dataset: 
         table = ctx.store.load_dataset(dataset.id, dataset.file_sha256)
         plan = plan_training(spec, table.schema(), limits_of(ctx.settings))
         x, y = table.matrix(plan.features), _targets(table, plan)
-        result = _train(ctx, attempt, spec, plan, x, y)
+        init = _parent_weights(ctx, spec) if spec.init_from is not None else None
+        result = _train(ctx, attempt, spec, plan, x, y, init)
     except loop.TrainingPreempted as preempted:
         attempt.hand_back(
             f"attempt {attempt.lease.attempt}: worker {ctx.name} stopped; handed back at epoch "
@@ -258,8 +266,26 @@ def _run_claimed(ctx: WorkerContext, attempt: Attempt, job: JobRecord, dataset: 
         ctx.store.delete_checkpoint(job.id)
 
 
+def _parent_weights(ctx: WorkerContext, spec: TrainSpec) -> dict[str, torch.Tensor]:
+    """The weights of the model a warm start begins from (its id was pinned at submit)."""
+    with ctx.sessions() as session:
+        parent = session.get(ModelRecord, spec.init_from)
+    if parent is None:
+        raise InvalidInput(f"the model in init_from ({spec.init_from}) was deleted before the job ran")
+    try:
+        return ctx.store.load_weights(parent.id, parent.weights_sha256)
+    except FileNotFoundError:
+        raise InvalidInput(f"the weights of the model in init_from ({parent.id}) are gone") from None
+
+
 def _train(
-    ctx: WorkerContext, attempt: Attempt, spec: TrainSpec, plan: TrainingPlan, x: np.ndarray, y: np.ndarray
+    ctx: WorkerContext,
+    attempt: Attempt,
+    spec: TrainSpec,
+    plan: TrainingPlan,
+    x: np.ndarray,
+    y: np.ndarray,
+    init: dict[str, torch.Tensor] | None = None,
 ) -> loop.TrainedModel:
     """Train, resuming from the job's checkpoint when an earlier attempt left one."""
     spec = on_this_worker(spec, ctx.settings)
@@ -271,6 +297,7 @@ def _train(
         "on_checkpoint": attempt.save_checkpoint,
         "checkpoint_every_s": ctx.settings.checkpoint_seconds,
         "should_preempt": attempt.should_preempt,
+        "init": init,
     }
     try:
         return loop.train(spec, plan, x, y, resume=resume, **options)
@@ -350,6 +377,7 @@ def _save(
         "code_version": f"trainserve {trainserve.__version__}",
         "device": result.device,
         "train_seconds": result.train_seconds,
+        "parent_model_id": spec.init_from,
     }
     try:
         # Two workers finishing jobs under one name at once may both pick the same next

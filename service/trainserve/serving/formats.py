@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,10 +20,12 @@ import numpy as np
 import orjson
 
 from trainserve.errors import InvalidInput, PayloadTooLarge
+from trainserve.serving.aliases import ALIAS_PATTERN
 from trainserve.serving.predictor import Outcome, Predictor, check_finite, inputs_to_matrix
 from trainserve.wire import prediction_columns
 
-_JSON_FIELDS = ("model_id", "name", "version", "inputs")
+_ALIAS = re.compile(ALIAS_PATTERN)
+_JSON_FIELDS = ("model_id", "name", "version", "inputs", "alias")
 
 
 def _bad_body(msg: str, field: str | None = None) -> InvalidInput:
@@ -31,11 +34,13 @@ def _bad_body(msg: str, field: str | None = None) -> InvalidInput:
 
 @dataclass(frozen=True)
 class ModelSelector:
-    """Which model answers: an id, or a name with an optional version (else the latest)."""
+    """Which model answers: an id, or a name with an optional version or alias (else the
+    ``production`` alias's version, else the newest)."""
 
     model_id: str | None = None
     name: str | None = None
     version: int | None = None
+    alias: str | None = None
 
     def checked(self) -> ModelSelector:
         if (self.model_id is None) == (self.name is None):
@@ -44,6 +49,15 @@ class ModelSelector:
             raise _bad_body("version must be a positive integer", "version")
         if self.version is not None and self.name is None:
             raise _bad_body("version goes with name, not with model_id", "version")
+        if self.alias is not None:
+            if self.name is None:
+                raise _bad_body("alias goes with name, not with model_id", "alias")
+            if self.version is not None:
+                raise _bad_body("name the model by version or by alias, not both", "alias")
+            if not _ALIAS.fullmatch(self.alias):
+                raise _bad_body(
+                    "alias must be lowercase letters, digits, '_' or '-', starting with a letter, at most 32", "alias"
+                )
         return self
 
 
@@ -70,15 +84,15 @@ def parse_json_request(body: bytes) -> JsonRequest:
     for key in data:
         if key not in _JSON_FIELDS:
             raise _bad_body(f"unknown field {key!r} (expected {', '.join(_JSON_FIELDS)})", str(key))
-    model_id, name, version, inputs = (data.get(key) for key in _JSON_FIELDS)
-    for key, value in (("model_id", model_id), ("name", name)):
+    model_id, name, version, inputs, alias = (data.get(key) for key in _JSON_FIELDS)
+    for key, value in (("model_id", model_id), ("name", name), ("alias", alias)):
         if value is not None and not isinstance(value, str):
             raise _bad_body(f"{key} must be a string", key)
     if version is not None and (type(version) is not int or version < 1):
         raise _bad_body("version must be a positive integer", "version")
     if not isinstance(inputs, list):
         raise _bad_body("inputs is required: a list of rows", "inputs")
-    selector = ModelSelector(model_id, name, version).checked()
+    selector = ModelSelector(model_id, name, version, alias).checked()
     # A JSON boolean is the only value numpy takes silently (as 0/1) among numbers; if the
     # raw bytes hold no true/false token at all, no row can hold one.
     may_hold_booleans = b"true" in body or b"false" in body
@@ -128,7 +142,7 @@ def npy_to_matrix(body: bytes, predictor: Predictor, *, max_rows: int) -> np.nda
     with np.errstate(over="ignore"):  # beyond float32 becomes inf, named just below
         # A fresh C-ordered float32 copy: the body's buffer is read-only and may be unaligned.
         matrix = np.ascontiguousarray(matrix, dtype=np.float32) if matrix.dtype != np.float32 else matrix.copy()
-    return check_finite(matrix)
+    return check_finite(matrix, from_file=True)
 
 
 @dataclass(frozen=True)

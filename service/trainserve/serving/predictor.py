@@ -61,6 +61,8 @@ class Predictor:
     # architecture or the machine (no C compiler) cannot have one.
     rowwise: RowwiseForward | None = field(default=None, repr=False)
     _labels: np.ndarray | None = field(default=None, repr=False)
+    # Which model answered, for every answer's headers: built once, not per request.
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
     _steps: list[Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -68,6 +70,9 @@ class Predictor:
             self._labels = np.asarray(self.classes)
         if not self.n_parameters:
             self.n_parameters = sum(p.numel() for p in self.module.parameters())
+        self.headers = {"X-Model-Id": self.model_id}
+        if self.version is not None:
+            self.headers["X-Model-Version"] = str(self.version)
         # The scaler and each layer's own forward, in order: the same computation as
         # module(x) without nn.Module.__call__'s hook machinery, about a quarter of a
         # one-row prediction's time for the guide's MLP. (No hooks are ever registered.)
@@ -235,6 +240,59 @@ class ModelCache:
         return len(self._entries)
 
 
+NameKey = tuple[str, str | None, int | None]  # (name, alias, version) as a request named the model
+
+
+class NameCache:
+    """Which model id a name (+ alias or version) stood for when last looked up, so that a
+    prediction by name for a cached model touches no database, like one by id.
+
+    An alias moved, or a version added, in another API process is noticed once an entry is
+    ``revalidate_s`` old: ``lookup()`` then sends one caller to resolve the name again in
+    the database (and ``remember()`` the answer), while the others keep the id they had;
+    a move in this process ``forget()``s the name at once.
+    """
+
+    def __init__(self, revalidate_s: float = 1.0, capacity: int = 4096) -> None:
+        self.revalidate_s, self.capacity = revalidate_s, capacity
+        self._entries: dict[NameKey, tuple[str, float]] = {}
+        self._checking: set[NameKey] = set()
+        self._lock = threading.Lock()
+        self._generation = 0  # bumped by forget: a lookup that began before must not be kept
+
+    def lookup(self, key: NameKey) -> str | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if time.monotonic() - entry[1] > self.revalidate_s:
+            with self._lock:
+                if key not in self._checking:
+                    self._checking.add(key)
+                    return None
+        return entry[0]
+
+    def generation(self) -> int:
+        return self._generation
+
+    def remember(self, key: NameKey, model_id: str, generation: int) -> None:
+        with self._lock:
+            if generation != self._generation:
+                return
+            if len(self._entries) >= self.capacity and key not in self._entries:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[key] = (model_id, time.monotonic())
+
+    def checked(self, key: NameKey) -> None:
+        with self._lock:
+            self._checking.discard(key)
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._generation += 1
+            for key in [k for k in self._entries if k[0] == name]:
+                del self._entries[key]
+
+
 # -- input validation ------------------------------------------------------------------------
 
 
@@ -250,14 +308,14 @@ def _explain(rows: list[Any], width: int) -> InvalidInput:
     """Find the first value numpy could not take, to name its row and column (slow path)."""
     for i, row in enumerate(rows):
         if not isinstance(row, list):
-            return _bad(f"row {i} must be a list of {width} numbers or an object keyed by feature", [i])
+            return _bad(f"inputs[{i}] must be a list of {width} numbers or an object keyed by feature", [i])
         if len(row) != width:
-            return _bad(f"row {i} has {len(row)} values, the model takes {width}", [i])
+            return _bad(f"inputs[{i}] has {len(row)} values, the model takes {width}", [i])
         for j, value in enumerate(row):
             if not _is_number(value):
-                return _bad(f"row {i}, column {j}: {value!r} is not a number", [i, j])
+                return _bad(f"inputs[{i}][{j}]: {value!r} is not a number", [i, j])
             if not _fits_float(value):
-                return _bad(f"row {i}, column {j}: the number is too large", [i, j])
+                return _bad(f"inputs[{i}][{j}]: the number is too large", [i, j])
     return _bad("inputs must be rows of numbers", [])
 
 
@@ -274,13 +332,13 @@ def _objects_to_rows(rows: list[Any], features: list[str]) -> list[list[Any]]:
     out = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise _bad(f"row {i} must be an object keyed by feature name, like row 0", [i])
+            raise _bad(f"inputs[{i}] must be an object keyed by feature name, like inputs[0]", [i])
         if len(row) != len(features) or not wanted.issuperset(row):
             unknown = sorted(set(row) - wanted)
             if unknown:
-                raise _bad(f"row {i}: unknown feature {unknown[0]!r} (the model takes {features})", [i, unknown[0]])
+                raise _bad(f"inputs[{i}]: unknown feature {unknown[0]!r} (the model takes {features})", [i, unknown[0]])
             missing = [f for f in features if f not in row]
-            raise _bad(f"row {i}: feature {missing[0]!r} is missing", [i, missing[0]])
+            raise _bad(f"inputs[{i}]: feature {missing[0]!r} is missing", [i, missing[0]])
         out.append([row[f] for f in features])
     return out
 
@@ -343,10 +401,17 @@ def _small_matrix(rows: list[Any], width: int) -> np.ndarray | None:
     return np.array(rows, dtype=np.float32)
 
 
-def check_finite(matrix: np.ndarray, original: Any = None) -> np.ndarray:
-    """The matrix, or an error naming its first NaN/infinite cell (``original(i, j)``: the value as sent)."""
+def check_finite(matrix: np.ndarray, original: Any = None, *, from_file: bool = False) -> np.ndarray:
+    """The matrix, or an error naming its first NaN/infinite cell (``original(i, j)``: the value as sent).
+
+    The house convention names the cell: ``inputs[i][j]`` (0-based, as JSON and the error's
+    ``loc`` do) for a JSON body, "row N, column j" (data rows from 1) for a file (``from_file``).
+    """
     if np.isfinite(matrix).all():
         return matrix
     i, j = (int(v) for v in np.argwhere(~np.isfinite(matrix))[0])
     value = original(i, j) if original is not None else matrix[i, j]
-    raise _bad(f"row {i}, column {j}: {value} is not a finite number", [i, j])
+    if from_file:
+        msg = f"row {i + 1}, column {j}: {value} is not a finite number"
+        raise InvalidInput(msg, errors=[{"loc": ["body", i + 1, j], "msg": msg}])
+    raise _bad(f"inputs[{i}][{j}]: {value} is not a finite number", [i, j])

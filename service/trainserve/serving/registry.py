@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+from sqlalchemy import delete as sql_delete
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from trainserve.db import DatasetRecord, ModelRecord, on_commit
+from trainserve.db import DatasetRecord, ModelRecord, PredictionLogRecord, on_commit
 from trainserve.errors import Conflict, NotFound
-from trainserve.serving.predictor import ModelCache, Predictor
+from trainserve.serving import aliases
+from trainserve.serving.predictor import ModelCache, NameCache, Predictor
 from trainserve.storage.base import Store
 
 
@@ -19,18 +21,10 @@ def get(*, session: Session, model_id: str) -> ModelRecord:
     return record
 
 
-def find(*, session: Session, name: str, version: int | None = None) -> ModelRecord:
-    """A model by name: the given version, or the newest."""
-    query = select(ModelRecord).where(ModelRecord.name == name, ModelRecord.version.is_not(None))
-    if version is not None:
-        record = session.scalar(query.where(ModelRecord.version == version))
-        if record is None:
-            raise NotFound(f"model {name!r} has no version {version}")
-        return record
-    record = session.scalar(query.order_by(ModelRecord.version.desc()).limit(1))
-    if record is None:
-        raise NotFound(f"no model is named {name!r}")
-    return record
+def find(*, session: Session, name: str, version: int | None = None, alias: str | None = None) -> ModelRecord:
+    """A model by name: the given version, the alias's version, else the ``production``
+    alias's, else the newest."""
+    return aliases.resolve(session, name, alias=alias, version=version)
 
 
 def load_predictor(
@@ -40,13 +34,19 @@ def load_predictor(
     model_id: str | None = None,
     name: str | None = None,
     version: int | None = None,
+    alias: str | None = None,
+    names: NameCache | None = None,
 ) -> Predictor:
-    """The loaded model, by id or by name (and version): from the cache once the database
-    has confirmed it still exists, else read, checked and cached."""
+    """The loaded model, by id or by name (and version or alias): from the cache once the
+    database has confirmed it still exists, else read, checked and cached. ``names``: where
+    to remember which id the name stood for."""
     generation = cache.generation()
     if model_id is None:
         assert name is not None
-        record = find(session=session, name=name, version=version)
+        names_generation = names.generation() if names is not None else 0
+        record = find(session=session, name=name, version=version, alias=alias)
+        if names is not None:
+            names.remember((name, alias, version), record.id, names_generation)
     else:
         try:
             record = get(session=session, model_id=model_id)
@@ -67,7 +67,15 @@ def list_all(*, session: Session, name: str | None = None, limit: int = 100, off
 
 def delete(*, session: Session, store: Store, cache: ModelCache, model_id: str) -> None:
     record = get(session=session, model_id=model_id)
+    held = aliases.pointing_at(session, record)
+    if held:
+        which = ", ".join(f"{record.name}@{a}" for a in held)
+        raise Conflict(
+            f"{describe(record)} is what alias {which} points to: move or delete the alias first",
+            errors=[{"loc": ["alias"], "msg": a} for a in held],
+        )
     session.delete(record)
+    session.execute(sql_delete(PredictionLogRecord).where(PredictionLogRecord.model_id == model_id))
     session.flush()
 
     def forget() -> None:
@@ -92,3 +100,19 @@ def training_data(*, session: Session, store: Store, record: ModelRecord) -> tup
 def describe(record: ModelRecord) -> str:
     """How a model is named to people: ``name v3``, or its id."""
     return f"{record.name} v{record.version}" if record.name else f"model {record.id[:8]}"
+
+
+def ancestors(*, session: Session, record: ModelRecord, limit: int = 1000) -> list[ModelRecord]:
+    """The warm-start chain above a model: its parent, the parent's parent, ... to the first
+    (or to the first that was deleted)."""
+    chain: list[ModelRecord] = []
+    seen = {record.id}
+    parent_id = record.parent_model_id
+    while parent_id is not None and parent_id not in seen and len(chain) < limit:
+        parent = session.get(ModelRecord, parent_id)
+        if parent is None:
+            break
+        chain.append(parent)
+        seen.add(parent.id)
+        parent_id = parent.parent_model_id
+    return chain

@@ -61,6 +61,12 @@ class Store(abc.ABC):
     def save_dataset(self, dataset_id: str, table: Table) -> str:
         """Write the parsed table; returns the stored file's sha256."""
 
+    def share_dataset(self, source_id: str, dataset_id: str) -> bool:
+        """Make ``dataset_id`` name the stored table of ``source_id`` with no second copy
+        (the same upload read the same way); False where this store cannot, and the caller
+        saves its own. Deleting either name must leave the other's table readable."""
+        return False
+
     @abc.abstractmethod
     def load_dataset(self, dataset_id: str, expected_sha256: str) -> Table: ...
 

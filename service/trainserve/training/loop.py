@@ -496,6 +496,7 @@ def train(
     on_checkpoint: Callable[[Checkpoint], None] | None = None,
     checkpoint_every_s: float | None = None,
     should_preempt: Callable[[], bool] | None = None,
+    init: dict[str, torch.Tensor] | None = None,
 ) -> TrainedModel:
     """Train the spec's network on feature matrix ``x`` and raw labels ``y``.
 
@@ -505,6 +506,11 @@ def train(
     TrainingPreempted. ``on_checkpoint`` also gets one every ``checkpoint_every_s`` seconds
     when that is set. ``resume`` continues from such a checkpoint; on CPU the result is the
     same, bit for bit, as a run that was never interrupted.
+
+    ``init``: a warm start's parent weights (its whole state dict, ``spec.init_from``): the
+    network's are loaded, and every other tensor (the input scaler's statistics, and any
+    preprocessing state saved beside the network) too unless ``spec.refit``. Layers listed
+    in ``spec.freeze`` keep their parameters bit for bit.
     """
     started = time.perf_counter()
     device = resolve_device(spec.device)
@@ -528,10 +534,12 @@ def train(
         model = TabularNet(spec.model, plan.in_features)
         model.scaler.mean.copy_(torch.from_numpy(mean))
         model.scaler.std.copy_(torch.from_numpy(std))
+        if init is not None:
+            mean, std = _warm_start(model, init, spec)
         model.to(device)
         net = model.net
         loss_fn = build_loss(spec.loss)
-        optimizer = build_optimizer(spec.optimizer, net.parameters())
+        optimizer = build_optimizer(spec.optimizer, [p for p in net.parameters() if p.requires_grad])
         scheduler = build_scheduler(spec.scheduler, optimizer)
         run = _Run(spec, net, optimizer, scheduler, device, _fingerprint(spec, len(x), plan.in_features))
         if resume is not None:
@@ -559,6 +567,11 @@ def train(
         notes.append(f"resumed from a checkpoint after epoch {resume.epoch}, step {resume.meta['step']}")
     if spec.autocast is not None:
         notes.append(f"autocast: forward and loss in {spec.autocast}")
+    if init is not None:
+        kept = "refitted on this data" if spec.refit else "kept from the parent"
+        notes.append(f"warm start from model {spec.init_from}; preprocessing statistics {kept}")
+    if spec.freeze:
+        notes.append(f"frozen layers: {', '.join(str(i) for i in spec.freeze)}")
     model.cpu()
     model.eval()
     return TrainedModel(
@@ -576,6 +589,23 @@ def train(
     )
 
 
+def _warm_start(model: TabularNet, init: dict[str, torch.Tensor], spec: S.TrainSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Load the parent's weights into ``model`` (see ``train``); freeze the spec's layers.
+    Returns the input scaler's mean and std as they now are."""
+    model.net.load_state_dict({k[4:]: v for k, v in init.items() if k.startswith("net.")})
+    if not spec.refit:
+        # Every non-network tensor: the scaler today, and whatever preprocessing is saved
+        # beside the network tomorrow, as long as its name and shape are the same.
+        own = model.state_dict()
+        for key, value in init.items():
+            if not key.startswith("net.") and key in own and own[key].shape == value.shape:
+                own[key].copy_(value)
+    for index in spec.freeze or []:
+        for parameter in model.net[index].parameters():
+            parameter.requires_grad_(False)
+    return model.scaler.mean.numpy().copy(), model.scaler.std.numpy().copy()
+
+
 def choose_steps(
     spec: S.TrainSpec,
     plan: S.TrainingPlan,
@@ -586,6 +616,8 @@ def choose_steps(
 ) -> tuple[Steps, list[str]]:
     """The fastest loop this spec can run on, and a note saying which one it is and why."""
     reason = native.unsupported_reason(spec, plan.n_parameters, device)
+    if reason is None and spec.freeze:
+        reason = "freeze keeps layers fixed, which the native loop does not"
     if reason is None:
         try:
             started = time.perf_counter()

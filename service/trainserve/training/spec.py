@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from trainserve.datasets.tables import ColumnInfo, TableSchema
 from trainserve.errors import InvalidInput
@@ -38,10 +39,26 @@ class _Strict(BaseModel):
 # -- layers -------------------------------------------------------------------------------
 
 
+def _inferred_error(name: str, layer: str) -> ValueError:
+    # A layer's input width comes from the data. The field is declared only so that a spec
+    # that sets it hears why, at its own loc, instead of pydantic's bare "Extra inputs are
+    # not permitted"; it is never dumped (exclude) and not in the JSON schema.
+    return ValueError(
+        f"{name} is inferred from the data (the number of feature columns, or the width of the "
+        f"layer before this {layer}): remove it from the spec"
+    )
+
+
 class Linear(_Strict):
     type: Literal["Linear"]
     out_features: int = Field(ge=1)
     bias: bool = True
+    in_features: SkipJsonSchema[None] = Field(default=None, exclude=True)
+
+    @field_validator("in_features", mode="before")
+    @classmethod
+    def _no_in_features(cls, value: Any) -> None:
+        raise _inferred_error("in_features", "Linear")
 
 
 class BatchNorm1d(_Strict):
@@ -49,12 +66,24 @@ class BatchNorm1d(_Strict):
     eps: Positive = 1e-5
     momentum: Annotated[float, Field(gt=0, le=1)] | None = 0.1
     affine: bool = True
+    num_features: SkipJsonSchema[None] = Field(default=None, exclude=True)
+
+    @field_validator("num_features", mode="before")
+    @classmethod
+    def _no_num_features(cls, value: Any) -> None:
+        raise _inferred_error("num_features", "BatchNorm1d")
 
 
 class LayerNorm(_Strict):
     type: Literal["LayerNorm"]
     eps: Positive = 1e-5
     elementwise_affine: bool = True
+    normalized_shape: SkipJsonSchema[None] = Field(default=None, exclude=True)
+
+    @field_validator("normalized_shape", mode="before")
+    @classmethod
+    def _no_normalized_shape(cls, value: Any) -> None:
+        raise _inferred_error("normalized_shape", "LayerNorm")
 
 
 class Dropout(_Strict):
@@ -304,10 +333,11 @@ MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _COLUMN_LIMIT = 10_000
 
 
-# The guide's make_moons experiment, shown on the docs page.
+# The guide's make_moons experiment, shown on the docs page: "Try it out" trains it on the
+# shipped examples/moons.csv (x0, x1, y) once that table's id is put in dataset_id.
 _EXAMPLE: dict[str, Any] = {
     "dataset_id": "3f2c9a0e6b1d4c5e8f7a9b0c1d2e3f40",
-    "target": "label",
+    "target": "y",
     "model": MOONS_MLP_LAYERS,
     "loss": "CrossEntropyLoss",
     "optimizer": {"type": "SGD", "lr": 0.001},
@@ -367,6 +397,25 @@ class TrainSpec(BaseModel):
         default=None,
         gt=0,
         description="Fail the job if it trains longer than this; at most the server's TRAINSERVE_MAX_JOB_SECONDS.",
+    )
+
+    init_from: str | None = Field(
+        default=None,
+        max_length=200,
+        description="Warm start: begin from this trained model's weights (a model id, name, name:3 or "
+        "name@alias). Same features, classes and layer shapes; its preprocessing statistics are kept "
+        "unless refit is true.",
+        examples=["moons@production"],
+    )
+    freeze: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None,
+        max_length=256,
+        description="With init_from: indices (0-based, in model) of layers whose parameters stay fixed.",
+    )
+    refit: bool = Field(
+        default=False,
+        description="With init_from: fit the preprocessing statistics (input scaler) on this data "
+        "instead of keeping the parent's.",
     )
 
     @model_validator(mode="before")

@@ -24,7 +24,30 @@ _UPLOAD_BODY: dict[str, Any] = {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
-                    "properties": {"file": {"type": "string", "format": "binary", "description": "CSV or .npz"}},
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "CSV (any of , ; tab | as delimiter), .tsv, .parquet or .npz",
+                        },
+                        "delimiter": {
+                            "type": "string",
+                            "description": "CSV only: the column separator, one character or comma, semicolon, "
+                            "tab, pipe (default: sniffed)",
+                        },
+                        "decimal": {
+                            "type": "string",
+                            "enum": [".", ","],
+                            "description": "CSV only: the decimal separator (default: sniffed; ',' only "
+                            "with a delimiter other than ',')",
+                        },
+                        "na_values": {
+                            "type": "string",
+                            "pattern": r"^\s*\[",
+                            "description": 'CSV only: cells read as missing, a JSON list of strings like ["NA", "?"] '
+                            "(default: the server's TRAINSERVE_NA_VALUES; the empty cell always is)",
+                        },
+                    },
                 }
             }
         },
@@ -41,12 +64,16 @@ def create_from_upload(session: Session, runtime: Runtime, upload: ReceivedFile)
         size=upload.size,
         sha256=upload.sha256,
         filename=upload.filename,
+        options=upload.options,
     )
 
 
 @router.post("", status_code=201, response_model=Dataset, openapi_extra=_UPLOAD_BODY)
 async def upload_dataset(request: Request, session: SessionDep, runtime: RuntimeDep, response: Response) -> Dataset:
-    """Upload a CSV (header row, numeric features, numeric or text label) or an .npz with X and y."""
+    """Upload a table: CSV/TSV with a header row, Parquet, or an .npz with X and y.
+
+    The answer profiles every column. The same bytes uploaded again make a new dataset
+    that shares the stored table of the first."""
     require_multipart(request)
     async with receive_form(request, runtime.store, max_file_bytes=runtime.settings.max_upload_bytes) as form:
         if form.file is None:

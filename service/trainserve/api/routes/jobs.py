@@ -17,6 +17,7 @@ from trainserve.datasets import catalog as datasets
 from trainserve.errors import InvalidInput, UnsupportedMediaType
 from trainserve.jobs import lifecycle as jobs
 from trainserve.jobs.status import JobStatus
+from trainserve.jobs.workers import stale_after_s
 from trainserve.training.spec import MODEL_NAME_PATTERN, TrainSpec
 
 router = APIRouter(tags=["jobs"])
@@ -60,7 +61,14 @@ def _submit(session: Session, runtime: Runtime, spec: TrainSpec, upload: Receive
         )
     else:
         dataset = datasets.get(session=session, dataset_id=spec.dataset_id)
-    job = jobs.submit(session, runtime.queue, spec, dataset, jobs.limits_of(runtime.settings))
+    job = jobs.submit(
+        session,
+        runtime.queue,
+        spec,
+        dataset,
+        jobs.limits_of(runtime.settings),
+        workers_stale_s=stale_after_s(runtime.settings),
+    )
     return Job.model_validate(job)
 
 

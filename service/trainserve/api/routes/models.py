@@ -8,9 +8,9 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from trainserve.api.deps import RuntimeDep, SessionDep
-from trainserve.api.schemas import Model
+from trainserve.api.schemas import DriftReport, Model, ModelDetail, ModelLink, PredictionLogEntry
 from trainserve.errors import NotFound
-from trainserve.serving import registry
+from trainserve.serving import monitoring, predlog, registry
 from trainserve.training.spec import MODEL_NAME_PATTERN
 
 router = APIRouter(tags=["models"])
@@ -31,9 +31,13 @@ def list_models(
     return [Model.model_validate(m) for m in records]
 
 
-@router.get("/models/{model_id}", response_model=Model)
-def get_model(model_id: str, session: SessionDep) -> Model:
-    return Model.model_validate(registry.get(session=session, model_id=model_id))
+@router.get("/models/{model_id}", response_model=ModelDetail)
+def get_model(model_id: str, session: SessionDep) -> ModelDetail:
+    """The model, and its warm-start ``chain`` back to the first version it descends from."""
+    record = registry.get(session=session, model_id=model_id)
+    detail = ModelDetail.model_validate(record)
+    detail.chain = [ModelLink.model_validate(m) for m in registry.ancestors(session=session, record=record)]
+    return detail
 
 
 @router.get(
@@ -69,3 +73,30 @@ def _chunks(handle: BinaryIO) -> Iterator[bytes]:
 @router.delete("/models/{model_id}", status_code=204)
 def delete_model(model_id: str, session: SessionDep, runtime: RuntimeDep) -> None:
     registry.delete(session=session, store=runtime.store, cache=runtime.models, model_id=model_id)
+
+
+@router.get("/models/{model_id}/predictions", response_model=list[PredictionLogEntry])
+def list_predictions(
+    model_id: str, session: SessionDep, limit: int = Query(100, ge=1, le=10_000)
+) -> list[PredictionLogEntry]:
+    """The model's logged predictions, newest first: a TRAINSERVE_PREDICTION_LOG_SAMPLE share of
+    its /predict requests (at most 100 rows of each), kept for a bounded time and count."""
+    registry.get(session=session, model_id=model_id)
+    return [PredictionLogEntry.model_validate(r) for r in predlog.recent(session, model_id, limit)]
+
+
+@router.get("/models/{model_id}/drift", response_model=DriftReport)
+def model_drift(model_id: str, session: SessionDep, runtime: RuntimeDep) -> DriftReport:
+    """Per feature, how far the logged requests' inputs moved from the training split:
+    population stability index over decile bins, and the share of missing values."""
+    record = registry.get(session=session, model_id=model_id)
+    settings = runtime.settings
+    report = monitoring.model_drift(
+        session,
+        runtime.store,
+        runtime.drift_references,
+        record,
+        window=settings.drift_window,
+        threshold=settings.drift_threshold,
+    )
+    return DriftReport.model_validate(report)

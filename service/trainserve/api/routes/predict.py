@@ -66,6 +66,7 @@ _PREDICT_BODY: dict[str, Any] = {
                         "model_id": {"type": "string"},
                         "name": {"type": "string"},
                         "version": {"type": "integer"},
+                        "alias": {"type": "string"},
                     },
                 }
             },
@@ -78,6 +79,7 @@ _QUERY_PARAMETERS: list[dict[str, Any]] = [
     {"name": "model_id", "in": "query", "schema": {"type": "string"}, "description": "for .npy and CSV bodies"},
     {"name": "name", "in": "query", "schema": {"type": "string"}, "description": "for .npy and CSV: newest version"},
     {"name": "version", "in": "query", "schema": {"type": "integer", "minimum": 1}, "description": "with name"},
+    {"name": "alias", "in": "query", "schema": {"type": "string"}, "description": "with name: e.g. production"},
     {
         "name": "output",
         "in": "query",
@@ -104,7 +106,8 @@ def _query(request: Request) -> tuple[ModelSelector, str]:
     model_id, name = params.get("model_id"), params.get("name")
     if (model_id is not None and len(model_id) > 64) or (name is not None and len(name) > 128):
         raise _bad_query("name" if model_id is None else "model_id", "model_id or name is too long")
-    return ModelSelector(model_id, name, int(version) if version is not None else None), output
+    selector = ModelSelector(model_id, name, int(version) if version is not None else None, params.get("alias"))
+    return selector, output
 
 
 def _bad_query(key: str, msg: str) -> InvalidInput:
@@ -170,8 +173,8 @@ async def predict(request: Request) -> Response:
             if inline
             else await run_in_threadpool(parse, parsed, predictor, max_rows=max_rows)
         )
-        # A JSON answer names its model in the body; headers cost time on the hot path.
-        headers = _model_headers(predictor) if content_type == NPY_MEDIA_TYPE else {}
+        # Every answer says which model and version answered (a JSON one in its body too).
+        headers = dict(predictor.headers)
         wants_npy = NPY_MEDIA_TYPE in request.headers.get("accept", "")
         if batcher.accepts(predictor, len(x)):
             settled = True
@@ -182,6 +185,11 @@ async def predict(request: Request) -> Response:
             # of a 65,536-row request's time.
             infer = partial(predictor.infer, probabilities=not (wants_npy and output == "predictions"))
             outcome = infer(x) if predictor.runs_inline(len(x)) else await run_in_threadpool(infer, x)
+        # Sampled answers are logged off the request's path; one asked for by name is also
+        # answered by the name's shadow version, if it has one (serving/predlog.py).
+        by_name = (parsed.selector if content_type == "application/json" else query).model_id is None
+        log = runtime.predictions
+        log.offer(predictor.model_id, predictor.name, predictor.version, x, outcome.predictions, by_name=by_name)
         if wants_npy:
             return _npy_answer(predictor, outcome, output, headers)
         content = (
@@ -233,7 +241,7 @@ def predict_route(routes: list[Any]) -> APIRoute:
 
 async def _predictor(runtime: Runtime, selector: ModelSelector) -> Predictor:
     if selector.model_id is None:
-        return await run_in_threadpool(_load_predictor, runtime, selector)
+        return await _named_predictor(runtime, selector)
     cached = runtime.models.lookup(selector.model_id)
     if cached is not None:
         return cached
@@ -241,6 +249,26 @@ async def _predictor(runtime: Runtime, selector: ModelSelector) -> Predictor:
         return await run_in_threadpool(_load_predictor, runtime, selector)
     finally:
         runtime.models.checked(selector.model_id)
+
+
+async def _named_predictor(runtime: Runtime, selector: ModelSelector) -> Predictor:
+    """By name (+ version or alias): the id the name stood for, from the name cache, and the
+    model from the model cache; no database query and no thread while both are fresh."""
+    assert selector.name is not None
+    key = (selector.name, selector.alias, selector.version)
+    model_id = runtime.names.lookup(key)
+    if model_id is None:  # not known, or due a re-check that falls to this caller
+        try:
+            return await run_in_threadpool(_load_predictor, runtime, selector)
+        finally:
+            runtime.names.checked(key)
+    cached = runtime.models.lookup(model_id)
+    if cached is not None:
+        return cached
+    try:  # resolving the name again also confirms (or replaces) the model it stands for
+        return await run_in_threadpool(_load_predictor, runtime, selector)
+    finally:
+        runtime.models.checked(model_id)
 
 
 def _load_predictor(runtime: Runtime, selector: ModelSelector) -> Predictor:
@@ -253,14 +281,13 @@ def _load_predictor(runtime: Runtime, selector: ModelSelector) -> Predictor:
             model_id=selector.model_id,
             name=selector.name,
             version=selector.version,
+            alias=selector.alias,
+            names=runtime.names,
         )
 
 
 def _model_headers(predictor: Predictor) -> dict[str, str]:
-    headers = {"X-Model-Id": predictor.model_id}
-    if predictor.version is not None:
-        headers["X-Model-Version"] = str(predictor.version)
-    return headers
+    return dict(predictor.headers)
 
 
 def _npy_answer(predictor: Predictor, outcome: Outcome, output: str, headers: dict[str, str]) -> Response:
@@ -277,13 +304,15 @@ async def _predict_csv(request: Request, runtime: Runtime, query: ModelSelector,
     query string), the same CSV out with prediction columns added."""
     if content_type == CSV_MEDIA_TYPE:
         return await _answer_csv(runtime, query, await request.body())
-    form = await request.form(max_files=1, max_fields=4)
+    form = await request.form(max_files=1, max_fields=5)
     try:
         file = form.get("file")
         if not isinstance(file, UploadFile):
             msg = "the multipart form needs a 'file' field holding a CSV"
             raise InvalidInput(msg, errors=[{"loc": ["file"], "msg": "field required"}])
-        fields = {key: value for key in ("model_id", "name", "version") if isinstance(value := form.get(key), str)}
+        fields = {
+            key: value for key in ("model_id", "name", "version", "alias") if isinstance(value := form.get(key), str)
+        }
         version = fields.get("version")
         if version is not None and not (version.isdigit() and int(version) >= 1):
             raise InvalidInput("version must be a positive integer", errors=[{"loc": ["version"]}])
@@ -293,6 +322,7 @@ async def _predict_csv(request: Request, runtime: Runtime, query: ModelSelector,
                 fields.get("model_id", query.model_id),
                 fields.get("name", query.name),
                 int(version) if version is not None else query.version,
+                fields.get("alias", query.alias),
             )
         return await _answer_csv(runtime, selector, await file.read())
     finally:
@@ -303,5 +333,8 @@ async def _answer_csv(runtime: Runtime, selector: ModelSelector, body: bytes) ->
     predictor = await _predictor(runtime, selector.checked())
     table = await run_in_threadpool(csv_to_matrix, body, predictor, max_rows=runtime.settings.max_predict_rows)
     outcome = await run_in_threadpool(predictor.infer, table.matrix)
+    log = runtime.predictions
+    by_name = selector.model_id is None
+    log.offer(predictor.model_id, predictor.name, predictor.version, table.matrix, outcome.predictions, by_name=by_name)
     content = await run_in_threadpool(encode_csv, table, predictor, outcome)
     return Response(content, media_type=CSV_MEDIA_TYPE, headers=_model_headers(predictor))

@@ -457,7 +457,9 @@
     fact("job", model.job_id);
     const frame = el("div", { className: "frame" }, el("div", { className: "placeholder" }, "loading plot…"));
     plotFor(model, frame);
-    return el("article", { className: "model", "data-model-id": model.id }, el("h3", {}, title), frame, facts);
+    // data-model-name/-version: hooks for aliases.js, which adds the card's aliases.
+    const marks = { "data-model-name": model.name || "", "data-model-version": String(model.version ?? "") };
+    return el("article", { className: "model", "data-model-id": model.id, ...marks }, el("h3", {}, title), frame, facts);
   }
 
   async function refreshModels() {

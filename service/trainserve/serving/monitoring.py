@@ -1,0 +1,97 @@
+"""Drift reports from the database and the store: a model's training split against its
+logged requests (the numbers are computed by serving/drift.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import desc, func, select
+from sqlalchemy.orm import Session
+
+from trainserve.db import ModelRecord, PredictionLogRecord
+from trainserve.serving import drift, registry
+from trainserve.storage.base import Store
+from trainserve.training.loop import split_indices
+from trainserve.training.spec import TrainSpec
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    model_id: str
+    name: str | None
+    version: int | None
+    window_rows: int
+    threshold: float
+    features: list[drift.FeatureDrift]
+
+
+def _references(
+    session: Session, store: Store, cache: drift.ReferenceCache, record: ModelRecord
+) -> list[drift.Reference]:
+    cached = cache.get(record.id)
+    if cached is not None:
+        return cached
+    x, _ = registry.training_data(session=session, store=store, record=record)
+    spec = TrainSpec.model_validate(record.spec)
+    train_rows, _ = split_indices(len(x), spec.validation_split, spec.seed)
+    references = [drift.reference(x[train_rows, j]) for j in range(x.shape[1])]
+    cache.put(record.id, references)
+    return references
+
+
+def logged_rows(session: Session, model_id: str, window: int) -> np.ndarray:
+    """The newest ``window`` input rows logged for the model (a sliding window)."""
+    query = (
+        select(PredictionLogRecord.inputs)
+        .where(PredictionLogRecord.model_id == model_id)
+        .order_by(desc(PredictionLogRecord.id))
+        .limit(window)
+    )
+    rows: list[list[float]] = []
+    for inputs in session.scalars(query):
+        rows.extend(inputs[: window - len(rows)])
+        if len(rows) >= window:
+            break
+    return np.asarray(rows, dtype=np.float64)
+
+
+def model_drift(
+    session: Session, store: Store, cache: drift.ReferenceCache, record: ModelRecord, *, window: int, threshold: float
+) -> DriftReport:
+    references = _references(session, store, cache, record)
+    rows = logged_rows(session, record.id, window)
+    if rows.ndim != 2 or (len(rows) and rows.shape[1] != len(record.features)):
+        rows = np.empty((0, len(record.features)))
+    features = drift.measure(references, list(record.features), rows, threshold)
+    return DriftReport(record.id, record.name, record.version, len(rows), threshold, features)
+
+
+def named_drift(
+    session: Session, store: Store, cache: drift.ReferenceCache, *, window: int, threshold: float, limit: int
+) -> list[DriftReport]:
+    """For each model name with logged requests, the drift of its most recently logged
+    version; at most ``limit`` names (the newest), so that metric labels stay bounded."""
+    newest = func.max(PredictionLogRecord.id)
+    query = (
+        select(PredictionLogRecord.model_id, PredictionLogRecord.name)
+        .where(PredictionLogRecord.name.is_not(None))
+        .group_by(PredictionLogRecord.model_id, PredictionLogRecord.name)
+        .order_by(desc(newest))
+    )
+    reports: list[DriftReport] = []
+    seen: set[str] = set()
+    for model_id, name in session.execute(query):
+        if name is None or name in seen:
+            continue
+        seen.add(name)
+        record = session.get(ModelRecord, model_id)
+        if record is None:
+            continue
+        try:
+            reports.append(model_drift(session, store, cache, record, window=window, threshold=threshold))
+        except Exception:  # its dataset was deleted: no reference to compare with
+            continue
+        if len(reports) >= limit:
+            break
+    return reports

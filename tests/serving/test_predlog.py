@@ -1,0 +1,74 @@
+"""The prediction log on a real SQLite database: sampled, never blocking the caller (a full
+buffer drops and counts), written in the background, pruned by count and by age."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import func, select, text, update
+
+from trainserve.db import PredictionLogRecord, make_engine, make_session_factory, upgrade_to_head, utcnow
+from trainserve.serving.predlog import LogSettings, PredictionLog, recent
+
+
+def _log(tmp_path: Path, **changes: float) -> PredictionLog:
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    upgrade_to_head(url)
+    settings = {"sample": 1.0, "buffer": 100, "max_rows": 1000, "max_age_s": 3600.0, "prune_interval_s": 3600.0}
+    return PredictionLog(make_session_factory(make_engine(url)), LogSettings(**{**settings, **changes}))  # type: ignore[arg-type]
+
+
+def _offer(log: PredictionLog, model_id: str, value: float) -> None:
+    x = np.full((2, 2), value, dtype=np.float32)
+    log.offer(model_id, "m", 1, x, np.array([0, 1]))
+
+
+def test_entries_are_written_in_the_background_and_pruned_by_count_and_age(tmp_path: Path) -> None:
+    log = _log(tmp_path, max_rows=3)
+    for i in range(5):
+        _offer(log, "a" * 32, float(i))
+    _offer(log, "b" * 32, 9.0)
+    log.flush()
+    assert log.written == 6
+    with log.sessions() as session:
+        assert [e.inputs[0][0] for e in recent(session, "a" * 32, 10)] == [4.0, 3.0, 2.0, 1.0, 0.0]
+    assert log.prune() == 2  # model a keeps its newest 3; b is under the limit
+    with log.sessions.begin() as session:
+        assert [e.inputs[0][0] for e in recent(session, "a" * 32, 10)] == [4.0, 3.0, 2.0]
+        session.execute(update(PredictionLogRecord).values(created_at=utcnow() - timedelta(hours=2)))
+    assert log.prune() == 4  # older than max_age_s
+    log.close()
+
+
+def test_a_full_buffer_drops_and_counts_instead_of_waiting(tmp_path: Path) -> None:
+    log = _log(tmp_path, buffer=2)
+    _offer(log, "a" * 32, 0.0)
+    log.flush()
+    blocker = make_engine(f"sqlite:///{tmp_path / 'log.db'}").connect()
+    blocker.execute(text("BEGIN IMMEDIATE"))  # holds the write lock: the log's writer waits
+    try:
+        started = time.perf_counter()
+        for i in range(50):
+            _offer(log, "a" * 32, float(i))
+        offered_for = time.perf_counter() - started
+        assert log.dropped >= 45  # one in the writer's hands, two in the buffer, the rest dropped
+    finally:
+        blocker.execute(text("ROLLBACK"))
+        blocker.close()
+    log.flush()
+    with log.sessions() as session:
+        total = session.scalar(select(func.count()).select_from(PredictionLogRecord))
+    assert total == 1 + 50 - log.dropped
+    assert offered_for < 5  # never waited for the lock (busy_timeout is 10 s)
+    log.close()
+
+
+def test_a_zero_share_logs_nothing(tmp_path: Path) -> None:
+    log = _log(tmp_path, sample=0.0)
+    _offer(log, "a" * 32, 0.0)
+    log.flush()
+    assert log.written == 0
+    assert log._thread is None  # no thread either
