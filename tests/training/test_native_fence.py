@@ -8,13 +8,15 @@ CPU only, tiny networks; one unit is compiled for the whole module (a warm cache
 from __future__ import annotations
 
 import copy
-from typing import Any
+import platform
+from typing import Any, cast
 
 import numpy as np
 import pytest
 import torch
 
 from tests.small_models import fit, linear, moons
+from trainserve.errors import NativeUnavailable
 from trainserve.storage.base import new_id
 from trainserve.training import loop, native, network
 from trainserve.training import spec as S
@@ -73,12 +75,13 @@ def test_a_wrong_tensor_at_the_training_boundary_raises_before_any_pointer_cross
 def test_a_wrong_weight_or_state_tensor_raises():
     steps = steps_for()
     x, y = data()
-    weight = steps.model.net[0].weight
+    first = cast(torch.nn.Linear, steps.model.get_submodule("net.0"))
+    weight = first.weight
     with torch.no_grad():
-        steps.model.net[0].weight = torch.nn.Parameter(weight.double())
+        first.weight = torch.nn.Parameter(weight.double())
     with pytest.raises(native.AbiMismatch, match=r"parameter 0: dtype torch\.float64"):
         steps.run(x, y, None, 0, 1, torch.zeros(()))
-    steps.model.net[0].weight = weight
+    first.weight = weight
     steps.optimizer.state[weight]["exp_avg"] = torch.zeros(3, 2)
     with pytest.raises(native.AbiMismatch, match=r"parameter 0's exp_avg: shape \(3, 2\)"):
         steps.run(x, y, None, 0, 1, torch.zeros(()))
@@ -91,7 +94,7 @@ def test_pointers_are_read_at_each_call_not_captured_once():
     steps = steps_for()
     x, y = data()
     steps.run(x, y, None, 0, 2, torch.zeros(()))
-    first = next(iter(steps.model.net.parameters()))
+    first = next(iter(steps.model.get_submodule("net").parameters()))
     replaced = steps.optimizer.state[first]["step"]
     # A restored checkpoint replaces the optimizer's state tensors with new ones.
     steps.optimizer.load_state_dict(copy.deepcopy(steps.optimizer.state_dict()))
@@ -105,7 +108,7 @@ def test_the_library_carries_its_abi_record_and_a_foreign_one_is_refused():
     steps = steps_for(batch_size=4)
     steps.abi.check_library(steps.library)
     other = steps_for(batch_size=3)
-    with pytest.raises(native.NativeUnavailable, match="ABI record"):
+    with pytest.raises(NativeUnavailable, match="ABI record"):
         other.abi.check_library(steps.library)
 
 
@@ -160,7 +163,7 @@ def test_the_cache_is_private_and_each_library_is_checked_against_its_digest(tmp
     digest.unlink()  # no digest: compiled again
     assert native.ensure_compiled(source) == (library, False)
     cache.chmod(0o777)
-    with pytest.raises(native.NativeUnavailable, match="writable by group or others"):
+    with pytest.raises(NativeUnavailable, match="writable by group or others"):
         native.ensure_compiled(source)
 
 
@@ -172,7 +175,7 @@ def test_the_cache_key_holds_the_compiler_version_the_machine_and_the_flags(monk
     here = native.cached_library(source, compiler)
     monkeypatch.setattr(native, "compiler_identity", lambda path: "cc (a newer one) 99.0")
     upgraded = native.cached_library(source, compiler)
-    monkeypatch.setattr(native.platform, "machine", lambda: "riscv64")
+    monkeypatch.setattr(platform, "machine", lambda: "riscv64")
     elsewhere = native.cached_library(source, compiler)
     assert len({here, upgraded, elsewhere}) == 3
 
@@ -187,7 +190,7 @@ def test_settings_switch_the_native_path_off_and_name_the_compiler(monkeypatch):
         == "training loop: eager PyTorch (the native path is off on this worker (TRAINSERVE_NATIVE=false))"
     )
     spec = S.TrainSpec.model_validate({"model": LAYERS, "loss": "CrossEntropyLoss"})
-    with pytest.raises(native.NativeUnavailable, match="the native path is off"):
+    with pytest.raises(NativeUnavailable, match="the native path is off"):
         native.RowwiseForward(network.TabularNet(spec.model, 2).eval(), spec.model, 2, "classification")
     monkeypatch.setenv("TRAINSERVE_NATIVE", "true")
     monkeypatch.setenv("TRAINSERVE_NATIVE_COMPILER", "/nonexistent/cc")
