@@ -46,14 +46,9 @@ see [scaling out](scaling-out.md); what the reliability settings do is told in
 # Variables some processes read outside Settings (the native path's, the client's).
 ELSEWHERE = [
     (
-        "TRAINSERVE_NATIVE_CACHE_DIR",
-        "where workers keep the compiled native training steps and row-wise passes; default "
-        "`$XDG_CACHE_HOME/trainserve/native` or `~/.cache/trainserve/native`, shared by the workers of one machine",
-    ),
-    (
         "CC",
-        "the C compiler for the native path; default the first of `cc`, `gcc`, `clang` found. Without one, every "
-        "job trains on the eager loop",
+        "the C compiler for the native path where `TRAINSERVE_NATIVE_COMPILER` is unset; else the first of `cc`, "
+        "`gcc`, `clang` found. Without one, every job trains on the eager loop",
     ),
     (
         "TRAINSERVE_URL`, `TRAINSERVE_API_KEY",

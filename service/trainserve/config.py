@@ -307,6 +307,24 @@ class Settings(BaseSettings):
         default=16, ge=1, description="The most trials of one sweep queued or running at once (its `parallel`)."
     )
 
+    # The native path (trainserve.training.native, docs/native.md).
+    native: bool = Field(
+        default=True,
+        description="Generated C for small CPU training steps and the row-wise serving pass; "
+        "false: eager PyTorch everywhere, and no row-wise pass (nor micro-batching) in serving.",
+    )
+    native_cache_dir: Path | None = Field(
+        default=None,
+        description="Where compiled native code is kept (created 0700; a folder that is not the process's "
+        "own, or that group or others can write, is refused). Default: $XDG_CACHE_HOME/trainserve/native "
+        "or ~/.cache/trainserve/native.",
+    )
+    native_compiler: str | None = Field(
+        default=None,
+        description="The C compiler for the native path, a name on PATH or a path. "
+        "Default: $CC, else cc, gcc or clang.",
+    )
+
     @field_validator("api_key")
     @classmethod
     def _refuse_weak_key(cls, value: str | None) -> str | None:

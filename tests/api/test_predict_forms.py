@@ -14,11 +14,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from safetensors.torch import load_file
 
 from tests.conftest import Server, moons_spec, start_server, stop_server
 from trainserve.client import ApiError, TrainserveClient
 from trainserve.training import native
 from trainserve.training import spec as S
+from trainserve.training.network import TabularNet
 
 NPY = "application/x-npy"
 
@@ -343,25 +345,40 @@ def test_predict_needs_the_api_key(tmp_path: Path) -> None:
         stop_server(guarded)
 
 
-def test_the_worker_compiles_the_rowwise_pass_for_the_api(tmp_path: Path, moons: tuple[bytes, int]) -> None:
+def test_the_worker_compiles_the_rowwise_pass_and_the_api_serves_through_it(
+    tmp_path: Path, moons: tuple[bytes, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     cache = tmp_path / "native-cache"  # empty: nothing compiled by other tests
     layers = [{"type": "Linear", "out_features": 7}, {"type": "Softplus"}, {"type": "Linear", "out_features": 2}]
     server = start_server(tmp_path / "node", env={"TRAINSERVE_NATIVE_CACHE_DIR": str(cache)})
+    monkeypatch.setenv("TRAINSERVE_NATIVE_CACHE_DIR", str(cache))  # this process reads the same cache
     try:
         with TrainserveClient(server.url, timeout=60) as ts:
             dataset = ts.upload_dataset(moons[0], "moons.csv")
             job = ts.wait(ts.train(moons_spec(dataset.id, model=layers, epochs=2)).id)
             assert job.status == "succeeded", job.error
+            model_id = job.model_id or ""
             spec = S.TrainSpec.model_validate(moons_spec(dataset.id, model=layers))
             # Its name: what this process would compile for the same model (a hash of the source).
             library = native.cached_library(native.generate_forward(spec.model, 2, "classification"))
+            digest = library.with_name(library.name + ".sha256")
             deadline = time.monotonic() + 60  # compiled beside the save, in the background
-            while not (cache / library.name).exists():
+            while not digest.exists():
                 assert time.monotonic() < deadline, "the worker did not compile the row-wise pass"
                 time.sleep(0.1)
-            compiled_at = (cache / library.name).stat().st_mtime_ns
-            answer = ts.predict(job.model_id or "", [[0.5, -0.2]])
-            assert answer.predictions in ([0], [1])
-            assert (cache / library.name).stat().st_mtime_ns == compiled_at  # loaded, not compiled again
+            compiled_at = library.stat().st_mtime_ns
+            rows = np.array([[0.5, -0.2], [-1.0, 0.5], [2.0, 0.3], [0.0, 1.0]], dtype=np.float32)
+            served = ts.predict_array(rows, model_id=model_id, output="probabilities")
+            # The API process (the serve process itself; workers are its children) has the
+            # worker's library mapped, loaded from the cache and not compiled again...
+            assert str(library) in Path(f"/proc/{server.process.pid}/maps").read_text()
+            assert library.stat().st_mtime_ns == compiled_at
+            # ...and answers with that pass's bits, on the weights the worker stored.
+            module = TabularNet(spec.model, 2)
+            module.load_state_dict(load_file(server.store_dir / "weights" / f"{model_id}.safetensors"))
+            expected = native.RowwiseForward(module.eval(), spec.model, 2, "classification")(rows)
+            assert served.dtype == np.float32
+            assert np.array_equal(served, expected)
+            assert ts.predict(model_id, rows.tolist()).predictions == expected.argmax(axis=1).tolist()
     finally:
         stop_server(server)

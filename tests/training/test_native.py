@@ -45,7 +45,7 @@ NATIVE_OPTIMIZERS = [
 
 def native_and_eager(x: np.ndarray, y: np.ndarray, **fields: Any) -> tuple[loop.TrainedModel, loop.TrainedModel]:
     _, _, fast = fit(x, y, **fields)
-    _, _, slow = fit(x, y, **fields, compile="off")
+    _, _, slow = fit(x, y, **fields, loop="eager")
     assert fast.loop == "native", fast.notes
     assert slow.loop == "eager"
     return fast, slow
@@ -97,7 +97,7 @@ def test_native_loop_matches_eager_torch_for_every_loss(loss):
         spec = S.TrainSpec.model_validate({"optimizer": {"type": "Adam", "lr": 0.05}, "device": "cpu", **fields})
         plan = S.plan_training(spec, table.schema(), LIMITS)
         fast = loop.train(spec, plan, x, y)
-        slow = loop.train(spec.model_copy(update={"compile": "off"}), plan, x, y)
+        slow = loop.train(spec.model_copy(update={"loop": "eager"}), plan, x, y)
         assert (fast.loop, slow.loop) == ("native", "eager")
         assert_close_runs(fast, slow)
     else:
@@ -122,7 +122,7 @@ def test_native_loop_resumes_bit_for_bit_between_calls(tmp_path, monkeypatch):
     _, _, resumed = fit(x, y, **fields, resume=through_files(mid_epoch[1], tmp_path))
     assert_same_run(whole, resumed)
     # The checkpoint is torch's own optimizer state: the eager loop can pick it up too.
-    _, _, eager = fit(x, y, **fields, compile="off", resume=through_files(mid_epoch[1], tmp_path))
+    _, _, eager = fit(x, y, **fields, loop="eager", resume=through_files(mid_epoch[1], tmp_path))
     assert_close_runs(whole, eager)
 
 
@@ -131,8 +131,8 @@ def test_notes_say_which_loop_ran_and_why():
     _, _, fast = fit(x, y, epochs=1)
     assert fast.loop == "native"
     assert fast.notes[0].startswith("training loop: native")
-    _, _, off = fit(x, y, epochs=1, compile="off")
-    assert off.notes == ["training loop: eager PyTorch (compile is off in the spec)"]
+    _, _, off = fit(x, y, epochs=1, loop="eager")
+    assert off.notes == ["training loop: eager PyTorch (the spec's loop is eager)"]
     _, _, dropout = fit(x, y, epochs=1, model=[linear(8), {"type": "Dropout"}, linear(2)])
     assert dropout.notes == ["training loop: eager PyTorch (Dropout runs in eager PyTorch)"]
 

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from trainserve.datasets.tables import Table, TableSchema
 from trainserve.errors import InvalidInput
 from trainserve.training import spec as S
+from trainserve.training.loop import _fingerprint
 from trainserve.training.spec import Limits, TrainSpec, estimate_memory_bytes, plan_training
 
 LIMITS = Limits(max_epochs=1_000, max_parameters=100_000, max_layer_width=512)
@@ -461,6 +462,34 @@ def test_plan_batchnorm_needs_batches_of_two():
 )
 def test_task_of_loss(loss, task):
     assert S.task_of(make_spec(loss=loss).loss) == task
+
+
+# -- loop: which training loop runs (formerly "compile") ------------------------------------------------
+
+
+@pytest.mark.parametrize(("old", "new"), [("auto", "auto"), ("off", "eager")])
+def test_the_old_compile_field_still_means_the_same_loop(old, new):
+    spec = make_spec(compile=old)
+    assert spec.loop == new
+    assert "compile" not in spec.model_dump()
+    # A model or job stored with the old name loads as before, and dumps the new one.
+    assert TrainSpec.model_validate(spec.model_dump(mode="json")).loop == new
+
+
+def test_loop_takes_auto_or_eager_and_not_both_names():
+    assert make_spec().loop == "auto"
+    assert make_spec(loop="eager").loop == "eager"
+    with pytest.raises(ValidationError, match="'auto' or 'eager'"):
+        make_spec(loop="off")
+    with pytest.raises(ValidationError, match=r"loop .* or its old name compile, not both"):
+        make_spec(loop="eager", compile="off")
+
+
+def test_the_checkpoint_fingerprint_ignores_the_loop():
+    default = _fingerprint(make_spec(), 10, 2)
+    assert _fingerprint(make_spec(loop="eager"), 10, 2) == default
+    assert _fingerprint(make_spec(compile="off"), 10, 2) == default
+    assert _fingerprint(make_spec(epochs=3), 10, 2) != default  # what the run computes does count
 
 
 @pytest.mark.parametrize(

@@ -180,7 +180,7 @@ class Predictor:
     def infer_rowwise(self, x: np.ndarray) -> Outcome:
         """The row-wise generated forward pass: each row's answer independent of the others."""
         assert self.rowwise is not None
-        outputs = self.rowwise(self.encode(x))
+        outputs = self.rowwise(np.ascontiguousarray(self.encode(x)))  # the row-wise pass takes C-ordered rows only
         if self.task == "regression":
             return _regressed(outputs)
         return self._classified(outputs, outputs.argmax(axis=1))

@@ -342,7 +342,7 @@ def _standardization(x: np.ndarray, rows: np.ndarray | None) -> tuple[np.ndarray
 
 def _fingerprint(spec: S.TrainSpec, n_rows: int, n_features: int) -> str:
     """What a checkpoint must agree on to be resumed: the spec (device aside) and the data's shape."""
-    fields = spec.model_dump(mode="json", exclude={"device", "compile"})
+    fields = spec.model_dump(mode="json", exclude={"device", "loop"})
     blob = json.dumps([fields, n_rows, n_features], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
 

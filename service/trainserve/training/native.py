@@ -5,10 +5,19 @@ per-operation overhead (dispatch, autograd bookkeeping, optimizer loops), not in
 arithmetic. So for a spec built from supported pieces, this module writes one C function
 that runs a range of steps (forward, loss, backward, optional clipping, optimizer update)
 over the epoch's rows, compiles it with the system C compiler, caches the shared library
-on disk under a hash of its source, and calls it through ctypes on the very tensors the
-module and the torch optimizer own. The weights and optimizer state therefore never leave
-torch's own storage: evaluation, checkpoints and saving see them as usual, and a
-checkpoint taken between two calls resumes bit for bit.
+on disk under a hash of its source, its compiler and its machine, and calls it through
+ctypes on the very tensors the module and the torch optimizer own. The weights and
+optimizer state therefore never leave torch's own storage: evaluation, checkpoints and
+saving see them as usual, and a checkpoint taken between two calls resumes bit for bit.
+Why not ``torch.compile``, the error budget, and when to delete this: docs/native.md.
+
+The kernels (``linear_forward``, ``tanh_backward``, ``adam_update``, ...) are readable C
+checked in beside this file (native_kernels.c); this module writes only the sequence of
+calls and sizes for one spec, and the ABI record those sizes make. The record is compiled
+into the library (``train_abi_*``, ``forward_abi_*``), compared with Python's own copy when
+the library is loaded, and every call checks each tensor it hands over against it (shape,
+dtype, contiguity, device) and re-reads their pointers: a caller's mistake raises
+:class:`AbiMismatch` instead of corrupting memory in the worker or the API process.
 
 The generated code mirrors torch's formulas (including each optimizer's update and state
 layout) in float32, so it is the same algorithm; sums run in another order than torch's
@@ -24,13 +33,18 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
+import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainserve.config import Settings
 from trainserve.errors import NativeUnavailable
 from trainserve.training import spec as S
 
@@ -45,23 +60,55 @@ ACTIVATIONS = frozenset({"Tanh", "ReLU", "Sigmoid", "GELU", "SiLU", "Mish", "ELU
 # Native code wins where torch's per-step overhead dominates: small batches times small models.
 MAX_WORK_PER_STEP = 1 << 17  # batch_size x parameters
 CHUNK_STEPS = 1024  # steps per call; checkpoints and cancel checks fall between calls
-_CFLAGS = ["-O3", "-std=c99", "-shared", "-fPIC", "-fno-math-errno"]
+# -ffp-contract=off: no fused a*b+c, which clang does by default and gcc does not; without it
+# two replicas built by different compilers disagree in the last bits. No -ffast-math ever.
+CFLAGS = ("-O3", "-std=c99", "-fPIC", "-fno-math-errno", "-ffp-contract=off")
+_LINK = ("-shared",)
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL] = {}
+
+# The optimizer state each torch optimizer keeps per parameter, in the order the generated
+# code takes it (tests/training/test_native.py pins this against torch's own state dicts).
+STATE_SLOTS: dict[str, tuple[str, ...]] = {
+    "SGD": (),  # + momentum_buffer with momentum
+    "Adam": ("step", "exp_avg", "exp_avg_sq"),  # + max_exp_avg_sq with amsgrad
+    "AdamW": ("step", "exp_avg", "exp_avg_sq"),
+    "RMSprop": ("step", "square_avg"),  # + momentum_buffer with momentum, + grad_avg when centered
+    "Adagrad": ("step", "sum"),
+}
+
+# Return codes of the generated functions (TS_* in native_kernels.c).
+_TS_ERRORS = {
+    1: "the native code could not allocate its workspace",
+    2: "a row index is outside the data",
+    3: "a class label is outside [0, classes)",
+}
+
+
+class AbiMismatch(ValueError):
+    """A tensor handed to generated code does not match its ABI record: a programming
+    error in the caller, raised before any pointer crosses into C."""
+
+
+def native_settings() -> Settings:
+    """The native path's settings, read afresh: tests and processes set them by environment."""
+    return Settings()
 
 
 def cache_dir() -> Path:
     """Where compiled step functions are kept between runs and processes."""
-    configured = os.environ.get("TRAINSERVE_NATIVE_CACHE_DIR")
-    if configured:
-        return Path(configured)
+    configured = native_settings().native_cache_dir
+    if configured is not None:
+        return configured
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainserve" / "native"
 
 
 def unsupported_reason(spec: S.TrainSpec, n_parameters: int, device: torch.device) -> str | None:
     """Why this spec runs eagerly, or None when generated code can and should run it."""
-    if spec.compile == "off":
-        return "compile is off in the spec"
+    if spec.loop == "eager":
+        return "the spec's loop is eager"
+    if not native_settings().native:
+        return "the native path is off on this worker (TRAINSERVE_NATIVE=false)"
     if device.type != "cpu":
         return f"generated code runs on CPU; this run is on {device.type}"
     if spec.autocast is not None:
@@ -76,7 +123,125 @@ def unsupported_reason(spec: S.TrainSpec, n_parameters: int, device: torch.devic
     return None
 
 
+# -- the ABI record ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Abi:
+    """What a generated function expects of the tensors it is handed, written into its
+    library as C constants (``<kind>_abi_*``) and checked on the Python side at every call."""
+
+    kind: str  # "train" (train_steps) or "forward" (forward_rows)
+    in_features: int
+    widths: tuple[int, ...]  # into the first layer, then out of each layer
+    param_shapes: tuple[tuple[int, ...], ...]  # in net.parameters() order
+    slots: tuple[str, ...] = ()  # optimizer state per parameter, in order ("step" is a scalar)
+    y_dtype: str = ""  # "int64" (class indices) or "float32" (targets); "" for forward_rows
+    y_width: int = 0
+    batch_size: int = 0  # the fixed batch of train_steps; 0 for forward_rows
+    out_width: int = 0  # the width of forward_rows' output rows; the logits' for train_steps
+
+    def slot_shape(self, slot: str, param_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return () if slot == "step" else param_shape
+
+    def c_record(self) -> str:
+        k = self.kind
+        sizes = [int(np.prod(s)) for s in self.param_shapes]
+        scalar = [int(s == "step") for s in self.slots]
+        lines = [
+            "/* ABI record: checked by native.py when loaded and at every call */",
+            f"const long {k}_abi_in_features = {self.in_features};",
+            f"const long {k}_abi_n_widths = {len(self.widths)};",
+            f"const long {k}_abi_widths[] = {{{', '.join(map(str, self.widths))}}};",
+            f"const long {k}_abi_batch_size = {self.batch_size};",
+            f"const long {k}_abi_out_width = {self.out_width};",
+            f"const long {k}_abi_y_width = {self.y_width};",
+            f"const long {k}_abi_y_is_int64 = {int(self.y_dtype == 'int64')};",
+            f"const long {k}_abi_n_params = {len(sizes)};",
+            f"const long {k}_abi_param_sizes[] = {{{', '.join(map(str, sizes)) or '0'}}};",
+            f"const long {k}_abi_n_slots = {len(self.slots)};",
+            f"const long {k}_abi_slot_is_scalar[] = {{{', '.join(map(str, scalar)) or '0'}}};",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def check_library(self, library: ctypes.CDLL) -> None:
+        """The library's compiled record is this one (a stale or foreign library is refused)."""
+        k, long = self.kind, ctypes.c_long
+
+        def number(name: str) -> int:
+            return long.in_dll(library, f"{k}_abi_{name}").value
+
+        try:
+            n_params, n_slots, n_widths = number("n_params"), number("n_slots"), number("n_widths")
+            found = (
+                number("in_features"),
+                list((long * max(n_widths, 1)).in_dll(library, f"{k}_abi_widths"))[:n_widths],
+                number("batch_size"),
+                number("out_width"),
+                number("y_width"),
+                number("y_is_int64"),
+                list((long * max(n_params, 1)).in_dll(library, f"{k}_abi_param_sizes"))[:n_params],
+                list((long * max(n_slots, 1)).in_dll(library, f"{k}_abi_slot_is_scalar"))[:n_slots],
+            )
+        except ValueError as exc:  # a symbol missing
+            raise NativeUnavailable(f"the compiled library has no ABI record: {exc}") from None
+        expected = (
+            self.in_features,
+            list(self.widths),
+            self.batch_size,
+            self.out_width,
+            self.y_width,
+            int(self.y_dtype == "int64"),
+            [int(np.prod(s)) for s in self.param_shapes],
+            [int(s == "step") for s in self.slots],
+        )
+        if found != expected:
+            raise NativeUnavailable(f"the compiled library's ABI record {found} is not the expected {expected}")
+
+
+def _check_tensor(what: str, t: Any, shape: tuple[int, ...] | None, dtype: torch.dtype) -> None:
+    # One cheap test for the usual case (a serving call checks eight or so tensors); the
+    # detailed ones below only name what is wrong.
+    if (
+        isinstance(t, torch.Tensor)
+        and t.dtype == dtype
+        and (shape is None or t.shape == shape)
+        and t.is_cpu
+        and t.is_contiguous()
+    ):
+        return
+    if not isinstance(t, torch.Tensor):
+        raise AbiMismatch(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise AbiMismatch(f"{what}: dtype {t.dtype}, the generated code needs {dtype}")
+    if shape is not None and tuple(t.shape) != shape:
+        raise AbiMismatch(f"{what}: shape {tuple(t.shape)}, the generated code needs {shape}")
+    if t.device.type != "cpu":
+        raise AbiMismatch(f"{what}: on {t.device}, the generated code runs on the CPU")
+    if not t.is_contiguous():
+        raise AbiMismatch(f"{what}: not contiguous")
+
+
+def _check_array(what: str, a: Any, shape: tuple[int, ...] | None) -> None:
+    if isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape == shape and a.flags.c_contiguous:
+        return
+    if not isinstance(a, np.ndarray):
+        raise AbiMismatch(f"{what}: expected a numpy array, got {type(a).__name__}")
+    if a.dtype != np.float32:
+        raise AbiMismatch(f"{what}: dtype {a.dtype}, the generated code needs float32")
+    if shape is not None and a.shape != shape:
+        raise AbiMismatch(f"{what}: shape {a.shape}, the generated code needs {shape}")
+    if not a.flags.c_contiguous:
+        raise AbiMismatch(f"{what}: not C-contiguous")
+
+
 # -- code generation -------------------------------------------------------------------------------
+
+
+@functools.cache
+def kernels_source() -> str:
+    """native_kernels.c, shipped as package data: the top of every generated unit."""
+    return resources.files("trainserve.training").joinpath("native_kernels.c").read_text(encoding="utf-8")
 
 
 def _f(value: float) -> str:
@@ -89,63 +254,20 @@ def _d(value: float) -> str:
     return f"{float(value):.17g}"
 
 
-def _activation(layer: Any, x: str, y: str, dy: str) -> tuple[str, str]:
-    """(forward expression for y, backward expression for dx) in terms of x, y and dy."""
+def _activation_kernel(layer: Any) -> tuple[str, str]:
+    """(kernel name, extra arguments after N) for an activation layer."""
     kind = layer.type
-    if kind == "Tanh":
-        return f"tanhf({x})", f"{dy} * (1.0f - {y} * {y})"
-    if kind == "ReLU":
-        return f"({x} > 0.0f ? {x} : 0.0f)", f"({x} > 0.0f ? {dy} : 0.0f)"
-    if kind == "Sigmoid":
-        return f"sigm({x})", f"{dy} * {y} * (1.0f - {y})"
-    if kind == "SiLU":
-        return f"{x} * sigm({x})", f"{dy} * (sigm({x}) * (1.0f + {x} * (1.0f - sigm({x}))))"
-    if kind == "Mish":
-        return f"{x} * tanhf(softplus1({x}))", f"{dy} * mish_grad({x})"
     if kind == "ELU":
-        a = _f(layer.alpha)
-        return f"({x} > 0.0f ? {x} : {a} * expm1f({x}))", f"({x} > 0.0f ? {dy} : {dy} * {a} * expf({x}))"
+        return "elu", f", {_f(layer.alpha)}"
     if kind == "LeakyReLU":
-        s = _f(layer.negative_slope)
-        return f"({x} > 0.0f ? {x} : {x} * {s})", f"({x} > 0.0f ? {dy} : {dy} * {s})"
+        return "leaky_relu", f", {_f(layer.negative_slope)}"
     if kind == "Softplus":
-        b, t = _f(layer.beta), _f(layer.threshold)
-        return (
-            f"({x} * {b} > {t} ? {x} : log1pf(expf({x} * {b})) / {b})",
-            f"({x} * {b} > {t} ? {dy} : {dy} * sigm({x} * {b}))",
-        )
+        return "softplus", f", {_f(layer.beta)}, {_f(layer.threshold)}"
     if kind == "GELU":
-        if layer.approximate == "tanh":
-            return f"gelu_tanh({x})", f"{dy} * gelu_tanh_grad({x})"
-        return f"0.5f * {x} * (1.0f + erff({x} * 0.70710678118654752f))", f"{dy} * gelu_grad({x})"
-    assert kind == "Identity"
-    return x, dy
-
-
-_PRELUDE = r"""
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-static inline float sigm(float v) { return 1.0f / (1.0f + expf(-v)); }
-static inline float softplus1(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
-static inline float mish_grad(float v) {
-    float t = tanhf(softplus1(v));
-    return t + v * sigm(v) * (1.0f - t * t);
-}
-static inline float gelu_grad(float v) {
-    return 0.5f * (1.0f + erff(v * 0.70710678118654752f)) + v * 0.39894228040143268f * expf(-0.5f * v * v);
-}
-static inline float gelu_tanh(float v) {
-    float inner = 0.79788456080286536f * (v + 0.044715f * v * v * v);
-    return 0.5f * v * (1.0f + tanhf(inner));
-}
-static inline float gelu_tanh_grad(float v) {
-    float inner = 0.79788456080286536f * (v + 0.044715f * v * v * v);
-    float t = tanhf(inner);
-    return 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * 0.79788456080286536f * (1.0f + 3.0f * 0.044715f * v * v);
-}
-"""
+        return ("gelu_tanh" if layer.approximate == "tanh" else "gelu"), ""
+    names = {"Tanh": "tanh", "ReLU": "relu", "Sigmoid": "sigmoid", "SiLU": "silu", "Mish": "mish"}
+    names |= {"Identity": "identity", "Dropout": "identity"}
+    return names[kind], ""
 
 
 def layer_widths(layers: list[Any], in_features: int) -> list[int]:
@@ -156,306 +278,295 @@ def layer_widths(layers: list[Any], in_features: int) -> list[int]:
     return widths
 
 
+def state_slots(optimizer: S.Optimizer) -> tuple[str, ...]:
+    """The optimizer state slots per parameter that the generated update reads and writes."""
+    slots = list(STATE_SLOTS[optimizer.type])
+    if isinstance(optimizer, S.SGD) and optimizer.momentum:
+        slots.append("momentum_buffer")
+    if isinstance(optimizer, S.Adam | S.AdamW) and optimizer.amsgrad:
+        slots.append("max_exp_avg_sq")
+    if isinstance(optimizer, S.RMSprop):
+        if optimizer.momentum:
+            slots.append("momentum_buffer")
+        if optimizer.centered:
+            slots.append("grad_avg")
+    return tuple(slots)
+
+
+def _param_shapes(layers: list[Any], widths: list[int], *, transposed: bool) -> tuple[tuple[int, ...], ...]:
+    shapes: list[tuple[int, ...]] = []
+    for k, layer in enumerate(layers):
+        if isinstance(layer, S.Linear):
+            i_w, o_w = widths[k], widths[k + 1]
+            shapes.append((i_w, o_w) if transposed else (o_w, i_w))
+            if layer.bias:
+                shapes.append((o_w,))
+    return tuple(shapes)
+
+
+def train_abi(spec: S.TrainSpec, in_features: int, task: S.Task) -> Abi:
+    widths = layer_widths(spec.model, in_features)
+    return Abi(
+        kind="train",
+        in_features=in_features,
+        widths=tuple(widths),
+        param_shapes=_param_shapes(spec.model, widths, transposed=False),
+        slots=state_slots(spec.optimizer),
+        y_dtype="int64" if task == "classification" else "float32",
+        y_width=1 if task == "classification" else widths[-1],
+        batch_size=spec.batch_size,
+        out_width=widths[-1],
+    )
+
+
 class _Program:
-    """C source for one spec, and the order of the tensors the function takes."""
+    """C source for one spec's train_steps: the kernels, the ABI record, then the sequence."""
 
     def __init__(self, spec: S.TrainSpec, in_features: int, task: S.Task) -> None:
         self.spec, self.task = spec, task
+        self.abi = train_abi(spec, in_features, task)
+        self.widths = list(self.abi.widths)
         self.lines: list[str] = []
-        self.params: list[tuple[str, int]] = []  # (C name, element count), in net.parameters() order
-        self.state_names: list[str] = []  # optimizer state slots per parameter, in order
-        self._layout(in_features)
-
-    def _layout(self, in_features: int) -> None:
-        self.widths = widths = layer_widths(self.spec.model, in_features)
-        self.linear: dict[int, tuple[str, str | None]] = {}
-        for k, layer in enumerate(self.spec.model):
+        # Each Linear layer's (weight, bias) parameter indices.
+        self.linear: dict[int, tuple[int, int | None]] = {}
+        n = 0
+        for k, layer in enumerate(spec.model):
             if isinstance(layer, S.Linear):
-                w = f"P{len(self.params)}"
-                self.params.append((w, layer.out_features * widths[k]))
-                b = None
-                if layer.bias:
-                    b = f"P{len(self.params)}"
-                    self.params.append((b, layer.out_features))
-                self.linear[k] = (w, b)
-        opt = self.spec.optimizer
-        slots = {
-            "SGD": ["momentum_buffer"] if isinstance(opt, S.SGD) and opt.momentum else [],
-            "Adam": ["step", "exp_avg", "exp_avg_sq"],
-            "AdamW": ["step", "exp_avg", "exp_avg_sq"],
-            "RMSprop": ["step", "square_avg"],
-            "Adagrad": ["step", "sum"],
-        }[opt.type]
-        if isinstance(opt, S.Adam | S.AdamW) and opt.amsgrad:
-            slots.append("max_exp_avg_sq")
-        if isinstance(opt, S.RMSprop):
-            if opt.momentum:
-                slots.append("momentum_buffer")
-            if opt.centered:
-                slots.append("grad_avg")
-        self.state_names = slots
+                self.linear[k] = (n, n + 1 if layer.bias else None)
+                n += 2 if layer.bias else 1
+        self.sizes = [int(np.prod(s)) for s in self.abi.param_shapes]
 
     def emit(self, line: str) -> None:
         self.lines.append(line)
 
     def source(self) -> str:
-        spec, widths = self.spec, self.widths
-        bs, n_layers = spec.batch_size, len(spec.model)
-        self.emit(_PRELUDE)
+        spec, widths, bs = self.spec, self.widths, self.spec.batch_size
+        n_layers = len(spec.model)
+        self.emit(kernels_source())
+        self.emit(self.abi.c_record())
+        self._configs()
         self.emit(
-            "void train_steps(float **P_, float **S_, const float *X, const void *Yv, const int64_t *idx,"
-            " const float *mean, const float *sd, long n, long start, long stop, double lr, float *loss_sum,"
-            " int *fresh) {"
+            "int train_steps(float **P_, float **S_, const float *X, const void *Yv, const int64_t *idx,"
+            " const float *mean, const float *sd, long n_x, long n, long start, long stop, double lr,"
+            " float *loss_sum, int *fresh) {"
         )
-        for i, (name, _) in enumerate(self.params):
-            self.emit(f"  float *{name} = P_[{i}];")
-        ys = "const int64_t *Y = (const int64_t *)Yv;" if self.task == "classification" else "const float *Y = Yv;"
-        self.emit(f"  {ys}")
-        self.emit(f"  float *h0 = malloc(sizeof(float) * {bs * widths[0]}); long *rows = malloc(sizeof(long) * {bs});")
-        for k in range(1, n_layers + 1):
-            self.emit(f"  float *h{k} = malloc(sizeof(float) * {bs * widths[k]});")
-            self.emit(f"  float *d{k} = malloc(sizeof(float) * {bs * widths[k]});")
-        for name, size in self.params:
-            self.emit(f"  float *g{name} = malloc(sizeof(float) * {size});")
+        y_type = "int64_t" if self.task == "classification" else "float"
+        self.emit(f"  const {y_type} *Y = (const {y_type} *)Yv; (void)S_; /* no state: plain SGD */")
+        # One workspace, allocated per call and checked: activations h, their gradients d, weight gradients g.
+        buffers = [(f"h{k}", bs * widths[k]) for k in range(n_layers + 1)]
+        buffers += [(f"d{k}", bs * widths[k]) for k in range(1, n_layers + 1)]
+        buffers += [(f"g{i}", size) for i, size in enumerate(self.sizes)]
+        total = sum(size for _, size in buffers)
+        self.emit(
+            f"  float *arena = (float *)malloc(sizeof(float) * {total});"
+            f" long *rows = (long *)malloc(sizeof(long) * {bs});"
+        )
+        self.emit("  if (!arena || !rows) { free(arena); free(rows); return TS_ERR_NOMEM; }")
+        offset = 0
+        for name, size in buffers:
+            self.emit(f"  float *{name} = arena + {offset};")
+            offset += size
+        self.emit("  int rc = TS_OK;")
         self.emit("  for (long b = start; b < stop; b++) {")
-        self.emit(f"    long r0 = b * {bs}; int m = (int)(n - r0 < {bs} ? n - r0 : {bs});")
-        # Gather the batch's rows and standardise them as the module's scaler would: (x - mean) / std.
-        self.emit("    for (int r = 0; r < m; r++) {")
-        self.emit("      long row = idx ? idx[r0 + r] : r0 + r; rows[r] = row;")
+        self.emit(f"    long r0 = b * {bs}, m = n - r0 < {bs} ? n - r0 : {bs};")
+        self.emit("    if (m <= 0) { rc = TS_ERR_INDEX; break; }")
+        # Gather the batch's rows and standardise them as the module's scaler would.
         f = widths[0]
-        self.emit(f"      for (int i = 0; i < {f}; i++) h0[r * {f} + i] = (X[row * {f} + i] - mean[i]) / sd[i];")
+        self.emit("    for (long r = 0; r < m; r++) {")
+        self.emit("      long row = idx ? idx[r0 + r] : r0 + r;")
+        self.emit("      if (row < 0 || row >= n_x) { rc = TS_ERR_INDEX; break; }")
+        self.emit(f"      rows[r] = row; standardize_row(h0 + r * {f}, X + row * {f}, mean, sd, {f});")
         self.emit("    }")
+        self.emit("    if (rc != TS_OK) break;")
         self._forward()
         self._loss()
         self._backward()
         if spec.clip_grad_norm is not None:
-            self._clip(spec.clip_grad_norm)
+            grads = ", ".join(f"g{i}" for i in range(len(self.sizes)))
+            sizes = ", ".join(map(str, self.sizes))
+            self.emit(f"    {{ float *grads[] = {{{grads}}}; static const long sizes[] = {{{sizes}}};")
+            self.emit(f"      clip_grad_norm(grads, sizes, {len(self.sizes)}, {_f(spec.clip_grad_norm)}); }}")
         self._update()
         self.emit("    *fresh = 0;")
         self.emit("  }")
-        self.emit("  free(h0); free(rows);")
-        for k in range(1, n_layers + 1):
-            self.emit(f"  free(h{k}); free(d{k});")
-        for name, _ in self.params:
-            self.emit(f"  free(g{name});")
+        self.emit("  free(arena); free(rows);")
+        self.emit("  return rc;")
         self.emit("}")
         return "\n".join(self.lines) + "\n"
 
     def _forward(self) -> None:
         for k, layer in enumerate(self.spec.model):
             i_w, o_w = self.widths[k], self.widths[k + 1]
-            src, dst = f"h{k}", f"h{k + 1}"
             if isinstance(layer, S.Linear):
                 w, b = self.linear[k]
-                bias = b + "[o]" if b else "0.0f"
-                self.emit(f"    for (int r = 0; r < m; r++) for (int o = 0; o < {o_w}; o++) {{")
-                self.emit(f"      const float *wr = {w} + o * {i_w}; const float *xr = {src} + r * {i_w};")
-                self.emit(f"      float acc = 0.0f; for (int i = 0; i < {i_w}; i++) acc += wr[i] * xr[i];")
-                self.emit(f"      {dst}[r * {o_w} + o] = acc + {bias};")
-                self.emit("    }")
+                bias = "NULL" if b is None else f"P_[{b}]"
+                self.emit(f"    linear_forward(h{k + 1}, h{k}, P_[{w}], {bias}, m, {i_w}, {o_w});")
             else:
-                forward, _ = _activation(layer, "v", "", "")
-                self.emit(f"    for (int j = 0; j < m * {o_w}; j++) {{ float v = {src}[j]; {dst}[j] = {forward}; }}")
+                name, extra = _activation_kernel(layer)
+                self.emit(f"    {name}_forward(h{k + 1}, h{k}, m * {o_w}{extra});")
 
     def _loss(self) -> None:
         loss, last = self.spec.loss, len(self.spec.model)
         width = self.widths[-1]
         out, dout = f"h{last}", f"d{last}"
-        self.emit("    float total = 0.0f;")
+        self.emit("    float loss;")
         if isinstance(loss, S.CrossEntropyLoss):
-            ls = _f(loss.label_smoothing)
-            self.emit("    for (int r = 0; r < m; r++) {")
-            self.emit(f"      const float *z = {out} + r * {width}; float *dz = {dout} + r * {width};")
-            self.emit(f"      float mx = z[0]; for (int c = 1; c < {width}; c++) if (z[c] > mx) mx = z[c];")
-            self.emit(f"      float se = 0.0f; for (int c = 0; c < {width}; c++) se += expf(z[c] - mx);")
-            self.emit("      float lse = mx + logf(se); long t = Y[rows[r]]; float all = 0.0f;")
-            self.emit(f"      for (int c = 0; c < {width}; c++) {{")
-            self.emit(f"        all += z[c] - lse; dz[c] = (expf(z[c] - lse) - {ls} / {width}.0f) / (float)m;")
-            self.emit("      }")
-            self.emit(f"      dz[t] -= (1.0f - {ls}) / (float)m;")
-            self.emit(f"      total += -(1.0f - {ls}) * (z[t] - lse) - {ls} / {width}.0f * all;")
-            self.emit("    }")
-            self.emit("    float loss = total / (float)m;")
-            return
-        count = f"(float)(m * {width})"
-        self.emit(f"    for (int j = 0; j < m * {width}; j++) {{")
-        self.emit(
-            f"      float p = {out}[j], t = Y[rows[j / {width}] * {width} + j % {width}], e = p - t, a = fabsf(e);"
-        )
-        self.emit("      float s = (e > 0.0f) - (e < 0.0f);")
-        if isinstance(loss, S.MSELoss):
-            self.emit(f"      total += e * e; {dout}[j] = 2.0f * e / {count};")
-        elif isinstance(loss, S.L1Loss):
-            self.emit(f"      total += a; {dout}[j] = s / {count};")
-        elif isinstance(loss, S.HuberLoss):
-            dl = _f(loss.delta)
-            self.emit(f"      total += a < {dl} ? 0.5f * e * e : {dl} * (a - 0.5f * {dl});")
-            self.emit(f"      {dout}[j] = (a < {dl} ? e : {dl} * s) / {count};")
-        elif isinstance(loss, S.SmoothL1Loss):
-            if loss.beta == 0:
-                self.emit(f"      total += a; {dout}[j] = s / {count};")
-            else:
-                bt = _f(loss.beta)
-                self.emit(f"      total += a < {bt} ? 0.5f * e * e / {bt} : a - 0.5f * {bt};")
-                self.emit(f"      {dout}[j] = (a < {bt} ? e / {bt} : s) / {count};")
+            call = f"cross_entropy_backward(&loss, {dout}, {out}, Y, rows, m, {width}, {_f(loss.label_smoothing)})"
         else:
-            assert isinstance(loss, S.BCEWithLogitsLoss)
-            self.emit("      total += (p > 0.0f ? p : 0.0f) - p * t + log1pf(expf(-fabsf(p)));")
-            self.emit(f"      {dout}[j] = (sigm(p) - t) / {count};")
-        self.emit("    }")
-        self.emit(f"    float loss = total / {count};")
+            if isinstance(loss, S.MSELoss):
+                kind, param = "LOSS_MSE", 0.0
+            elif isinstance(loss, S.L1Loss):
+                kind, param = "LOSS_L1", 0.0
+            elif isinstance(loss, S.HuberLoss):
+                kind, param = "LOSS_HUBER", loss.delta
+            elif isinstance(loss, S.SmoothL1Loss):
+                kind, param = "LOSS_SMOOTH_L1", loss.beta
+            else:
+                assert isinstance(loss, S.BCEWithLogitsLoss)
+                kind, param = "LOSS_BCE_WITH_LOGITS", 0.0
+            call = f"pointwise_loss_backward(&loss, {dout}, {out}, Y, rows, m, {width}, {kind}, {_f(param)})"
+        self.emit(f"    rc = {call};")
+        self.emit("    if (rc != TS_OK) break;")
+        self.emit("    *loss_sum += loss;")
 
     def _backward(self) -> None:
-        self.emit("    *loss_sum += loss;")
         for k in range(len(self.spec.model) - 1, -1, -1):
             layer = self.spec.model[k]
             i_w, o_w = self.widths[k], self.widths[k + 1]
-            src, dst_grad, src_grad = f"h{k}", f"d{k + 1}", f"d{k}"
-            needs_input_grad = k > 0
             if isinstance(layer, S.Linear):
                 w, b = self.linear[k]
-                self.emit(f"    memset(g{w}, 0, sizeof(float) * {o_w * i_w});")
-                if b:
-                    self.emit(f"    memset(g{b}, 0, sizeof(float) * {o_w});")
-                self.emit("    for (int r = 0; r < m; r++) {")
-                self.emit(f"      const float *xr = {src} + r * {i_w}; const float *dr = {dst_grad} + r * {o_w};")
-                self.emit(f"      for (int o = 0; o < {o_w}; o++) {{")
-                self.emit(f"        float d = dr[o]; float *gw = g{w} + o * {i_w};")
-                if b:
-                    self.emit(f"        g{b}[o] += d;")
-                self.emit(f"        for (int i = 0; i < {i_w}; i++) gw[i] += d * xr[i];")
-                self.emit("      }")
-                self.emit("    }")
-                if needs_input_grad:
-                    self.emit("    for (int r = 0; r < m; r++) {")
-                    self.emit(f"      float *dx = {src_grad} + r * {i_w}; const float *dr = {dst_grad} + r * {o_w};")
-                    self.emit(f"      for (int i = 0; i < {i_w}; i++) dx[i] = 0.0f;")
-                    self.emit(f"      for (int o = 0; o < {o_w}; o++) {{")
-                    self.emit(f"        float d = dr[o]; const float *wr = {w} + o * {i_w};")
-                    self.emit(f"        for (int i = 0; i < {i_w}; i++) dx[i] += d * wr[i];")
-                    self.emit("      }")
-                    self.emit("    }")
-            elif needs_input_grad:
-                _, backward = _activation(layer, "x", "y", "dy")
-                self.emit(f"    for (int j = 0; j < m * {o_w}; j++) {{")
-                self.emit(f"      float x = {src}[j], y = h{k + 1}[j], dy = {dst_grad}[j]; (void)x; (void)y;")
-                self.emit(f"      {src_grad}[j] = {backward};")
-                self.emit("    }")
+                dinp = f"d{k}" if k > 0 else "NULL"  # the data needs no gradient
+                dbias = "NULL" if b is None else f"g{b}"
+                self.emit(f"    linear_backward({dinp}, g{w}, {dbias}, d{k + 1}, h{k}, P_[{w}], m, {i_w}, {o_w});")
+            elif k > 0:
+                name, extra = _activation_kernel(layer)
+                self.emit(f"    {name}_backward(d{k}, h{k}, h{k + 1}, d{k + 1}, m * {o_w}{extra});")
 
-    def _clip(self, max_norm: float) -> None:
-        # torch.nn.utils.clip_grad_norm_: the norm of the per-tensor norms, then one scale factor.
-        self.emit("    { float sq = 0.0f;")
-        for name, size in self.params:
-            self.emit(f"      {{ float t = 0.0f; for (int j = 0; j < {size}; j++) t += g{name}[j] * g{name}[j];")
-            self.emit("        float nt = sqrtf(t); sq += nt * nt; }")
-        self.emit(f"      float coef = {_f(max_norm)} / (sqrtf(sq) + 1e-6f);")
-        self.emit("      if (coef < 1.0f) {")
-        for name, size in self.params:
-            self.emit(f"        for (int j = 0; j < {size}; j++) g{name}[j] *= coef;")
-        self.emit("      } }")
+    def _configs(self) -> None:
+        opt = self.spec.optimizer
+        if isinstance(opt, S.SGD):
+            self.emit(
+                f"static const SGDConfig OPT = {{.weight_decay = {_f(opt.weight_decay)},"
+                f" .momentum = {_f(opt.momentum)}, .one_minus_dampening = {_f(1 - opt.dampening)},"
+                f" .nesterov = {int(opt.nesterov)}}};"
+            )
+        elif isinstance(opt, S.Adam | S.AdamW):
+            b1, b2 = opt.betas
+            self.emit(
+                f"static const AdamConfig OPT = {{.beta1 = {_d(b1)}, .beta2 = {_d(b2)},"
+                f" .weight_decay = {_d(opt.weight_decay)}, .one_minus_beta1 = {_f(1 - b1)}, .beta2f = {_f(b2)},"
+                f" .one_minus_beta2 = {_f(1 - b2)}, .eps = {_f(opt.eps)}, .weight_decay_f = {_f(opt.weight_decay)},"
+                f" .decoupled = {int(isinstance(opt, S.AdamW))}}};"
+            )
+        elif isinstance(opt, S.RMSprop):
+            self.emit(
+                f"static const RMSpropConfig OPT = {{.alpha = {_f(opt.alpha)}, .one_minus_alpha = {_f(1 - opt.alpha)},"
+                f" .eps = {_f(opt.eps)}, .weight_decay = {_f(opt.weight_decay)}, .momentum = {_f(opt.momentum)}}};"
+            )
+        else:
+            assert isinstance(opt, S.Adagrad)
+            self.emit(
+                f"static const AdagradConfig OPT = {{.lr_decay = {_d(opt.lr_decay)}, .eps = {_f(opt.eps)},"
+                f" .weight_decay = {_f(opt.weight_decay)}}};"
+            )
 
     def _update(self) -> None:
-        opt = self.spec.optimizer
-        n_slots = len(self.state_names)
-        for index, (name, size) in enumerate(self.params):
-            slot = {s: f"S_[{index * n_slots + j}]" for j, s in enumerate(self.state_names)}
-            self.emit("    {")
-            self.emit(f"      float *p = {name}; const float *gr = g{name};")
-            if "step" in slot:
-                self.emit(f"      float *step = {slot['step']}; *step += 1.0f; double st = *step; (void)st;")
-            if isinstance(opt, S.Adam | S.AdamW):
-                b1, b2 = _d(opt.betas[0]), _d(opt.betas[1])
-                self.emit(f"      float *m1 = {slot['exp_avg']}, *m2 = {slot['exp_avg_sq']};")
-                self.emit(f"      double bc1 = 1.0 - pow({b1}, st), bc2s = sqrt(1.0 - pow({b2}, st));")
-                self.emit("      float step_size = (float)(lr / bc1), bc2f = (float)bc2s;")
-                if isinstance(opt, S.AdamW) and opt.weight_decay:
-                    self.emit(f"      float decay = (float)(1.0 - lr * {_d(opt.weight_decay)});")
-                if opt.amsgrad:
-                    self.emit(f"      float *mx = {slot['max_exp_avg_sq']};")
-                self.emit(f"      for (int j = 0; j < {size}; j++) {{")
-                self.emit("        float g = gr[j];")
-                if isinstance(opt, S.AdamW) and opt.weight_decay:
-                    self.emit("        p[j] *= decay;")
-                elif opt.weight_decay:
-                    self.emit(f"        g += {_f(opt.weight_decay)} * p[j];")
-                self.emit(f"        m1[j] += (g - m1[j]) * {_f(1 - opt.betas[0])};")
-                self.emit(f"        m2[j] = m2[j] * {_f(opt.betas[1])} + {_f(1 - opt.betas[1])} * g * g;")
-                second = "m2[j]"
-                if opt.amsgrad:
-                    self.emit("        if (m2[j] > mx[j]) mx[j] = m2[j];")
-                    second = "mx[j]"
-                self.emit(f"        float denom = sqrtf({second}) / bc2f + {_f(opt.eps)};")
-                self.emit("        p[j] -= step_size * (m1[j] / denom);")
-                self.emit("      }")
-            elif isinstance(opt, S.SGD):
-                self.emit(f"      for (int j = 0; j < {size}; j++) {{")
-                self.emit("        float g = gr[j];")
-                if opt.weight_decay:
-                    self.emit(f"        g += {_f(opt.weight_decay)} * p[j];")
-                if opt.momentum:
-                    mom = _f(opt.momentum)
-                    self.emit(f"        float *buf = {slot['momentum_buffer']};")
-                    self.emit(f"        buf[j] = *fresh ? g : buf[j] * {mom} + {_f(1 - opt.dampening)} * g;")
-                    self.emit(f"        g = {'g + ' + mom + ' * buf[j]' if opt.nesterov else 'buf[j]'};")
-                self.emit("        p[j] -= (float)lr * g;")
-                self.emit("      }")
+        opt, slots = self.spec.optimizer, self.abi.slots
+        for i, size in enumerate(self.sizes):
+            s = {name: f"S_[{i * len(slots) + j}]" for j, name in enumerate(slots)}
+            p, g = f"P_[{i}]", f"g{i}"
+            if isinstance(opt, S.SGD):
+                buf = s.get("momentum_buffer", "NULL")
+                self.emit(f"    sgd_update({p}, {g}, {buf}, {size}, lr, OPT, *fresh);")
+            elif isinstance(opt, S.Adam | S.AdamW):
+                mx = s.get("max_exp_avg_sq", "NULL")
+                self.emit(
+                    f"    adam_update({p}, {g}, {s['step']}, {s['exp_avg']}, {s['exp_avg_sq']}, {mx}, {size}, lr, OPT);"
+                )
             elif isinstance(opt, S.RMSprop):
-                self.emit(f"      float *sa = {slot['square_avg']};")
-                self.emit(f"      for (int j = 0; j < {size}; j++) {{")
-                self.emit("        float g = gr[j];")
-                if opt.weight_decay:
-                    self.emit(f"        g += {_f(opt.weight_decay)} * p[j];")
-                self.emit(f"        sa[j] = sa[j] * {_f(opt.alpha)} + {_f(1 - opt.alpha)} * g * g;")
-                if opt.centered:
-                    self.emit(f"        float *ga = {slot['grad_avg']};")
-                    self.emit(f"        ga[j] += (g - ga[j]) * {_f(1 - opt.alpha)};")
-                    self.emit(f"        float avg = sqrtf(sa[j] - ga[j] * ga[j]) + {_f(opt.eps)};")
-                else:
-                    self.emit(f"        float avg = sqrtf(sa[j]) + {_f(opt.eps)};")
-                if opt.momentum:
-                    self.emit(f"        float *buf = {slot['momentum_buffer']};")
-                    self.emit(f"        buf[j] = buf[j] * {_f(opt.momentum)} + g / avg;")
-                    self.emit("        p[j] -= (float)lr * buf[j];")
-                else:
-                    self.emit("        p[j] -= (float)lr * (g / avg);")
-                self.emit("      }")
+                buf, avg = s.get("momentum_buffer", "NULL"), s.get("grad_avg", "NULL")
+                self.emit(
+                    f"    rmsprop_update({p}, {g}, {s['step']}, {s['square_avg']}, {buf}, {avg}, {size}, lr, OPT);"
+                )
             else:
-                assert isinstance(opt, S.Adagrad)
-                self.emit(f"      float *sm = {slot['sum']};")
-                self.emit(f"      float clr = (float)(lr / (1.0 + (st - 1.0) * {_d(opt.lr_decay)}));")
-                self.emit(f"      for (int j = 0; j < {size}; j++) {{")
-                self.emit("        float g = gr[j];")
-                if opt.weight_decay:
-                    self.emit(f"        g += {_f(opt.weight_decay)} * p[j];")
-                self.emit(f"        sm[j] += g * g; p[j] -= clr * (g / (sqrtf(sm[j]) + {_f(opt.eps)}));")
-                self.emit("      }")
-            self.emit("    }")
+                self.emit(f"    adagrad_update({p}, {g}, {s['step']}, {s['sum']}, {size}, lr, OPT);")
 
 
-def generate(spec: S.TrainSpec, in_features: int, task: S.Task) -> tuple[str, list[str]]:
-    """(C source, optimizer state slots per parameter) for the spec's training step."""
+def generate(spec: S.TrainSpec, in_features: int, task: S.Task) -> tuple[str, Abi]:
+    """(C source, ABI record) for the spec's training step."""
     program = _Program(spec, in_features, task)
-    return program.source(), program.state_names
+    return program.source(), program.abi
 
 
 # -- compiling and loading ----------------------------------------------------------------------------
 
 
-def _compiler() -> str:
+def compiler() -> str:
+    """The C compiler: TRAINSERVE_NATIVE_COMPILER, else $CC, cc, gcc or clang on PATH."""
+    configured = native_settings().native_compiler
+    if configured:
+        found = shutil.which(configured)
+        if found is None:
+            raise NativeUnavailable(
+                f"the configured C compiler {configured!r} (TRAINSERVE_NATIVE_COMPILER) is not found"
+            )
+        return found
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    raise NativeUnavailable("no C compiler (cc, gcc or clang) on this worker")
+        if name and (found := shutil.which(name)):
+            return found
+    raise NativeUnavailable("no C compiler (cc, gcc or clang) on this machine")
 
 
-def _compile(compiler: str, source: str, folder: Path, library: Path) -> None:
+@functools.cache
+def compiler_identity(path: str) -> str:
+    """The first line of ``<compiler> --version``: part of the cache key, so that an upgraded
+    compiler never reuses a library another one built."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NativeUnavailable(f"the C compiler {path} does not run: {exc}") from None
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise NativeUnavailable(f"the C compiler {path} does not say its version")
+    return lines[0]
+
+
+def _own_folder(folder: Path) -> None:
+    """Create the cache folder private (0700), and refuse one another user could write to:
+    a library in it is loaded into this process."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = folder.stat()
+    except OSError as exc:
+        raise NativeUnavailable(f"compiling generated code in {folder} failed: {exc}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise NativeUnavailable(f"the native cache {folder} is not a folder")
+    if info.st_uid != os.geteuid():
+        raise NativeUnavailable(
+            f"the native cache {folder} belongs to another user (uid {info.st_uid}); set TRAINSERVE_NATIVE_CACHE_DIR"
+        )
+    if info.st_mode & 0o022:
+        raise NativeUnavailable(
+            f"the native cache {folder} is writable by group or others (mode {stat.S_IMODE(info.st_mode):o}); "
+            "make it 0700 or set TRAINSERVE_NATIVE_CACHE_DIR"
+        )
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _digest_file(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _compile(compiler_path: str, source: str, folder: Path, library: Path) -> None:
+    try:
         with tempfile.TemporaryDirectory(dir=folder) as work:
-            c_file, so_file = Path(work) / "step.c", Path(work) / "step.so"
+            c_file, so_file, digest = Path(work) / "step.c", Path(work) / "step.so", Path(work) / "step.sha256"
             c_file.write_text(source)
             done = subprocess.run(
-                [compiler, *_CFLAGS, "-o", str(so_file), str(c_file), "-lm"],
+                [compiler_path, *CFLAGS, *_LINK, "-o", str(so_file), str(c_file), "-lm"],
                 capture_output=True,
                 text=True,
                 timeout=120,
@@ -463,28 +574,46 @@ def _compile(compiler: str, source: str, folder: Path, library: Path) -> None:
             )
             if done.returncode != 0:
                 raise NativeUnavailable(f"compiling generated code failed: {done.stderr.strip()[:500]}")
-            os.replace(so_file, library)  # atomic: a concurrent worker sees all of it or none
+            digest.write_text(_sha256(so_file) + "\n")
+            # Each atomic: a concurrent process sees a whole file or none; a library it finds
+            # beside another one's digest fails the check and is compiled again.
+            os.replace(so_file, library)
+            os.replace(digest, _digest_file(library))
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise NativeUnavailable(f"compiling generated code in {folder} failed: {exc}") from None
 
 
-def cached_library(source: str, compiler: str | None = None) -> Path:
-    """Where the compiled library for ``source`` is (or will be) kept on disk."""
-    parts = [source, compiler or _compiler(), *_CFLAGS, sys.platform]
+def cached_library(source: str, compiler_path: str | None = None) -> Path:
+    """Where the compiled library for ``source`` is (or will be) kept on disk: named by a hash
+    of the source, the compiler and its version, the flags and the machine."""
+    path = compiler_path or compiler()
+    parts = [source, path, compiler_identity(path), *CFLAGS, *_LINK, sys.platform, platform.machine()]
     return cache_dir() / f"step-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:32]}.so"
+
+
+def ensure_compiled(source: str) -> tuple[Path, bool]:
+    """The library for ``source`` on disk, compiled unless a copy whose sha256 matches the
+    digest recorded beside it is there; and whether it was."""
+    path = compiler()
+    library = cached_library(source, path)
+    _own_folder(library.parent)
+    digest = _digest_file(library)
+    with contextlib.suppress(OSError):
+        if library.exists() and digest.read_text().strip() == _sha256(library):
+            return library, True
+    _compile(path, source, library.parent, library)
+    return library, False
 
 
 def load(source: str) -> tuple[ctypes.CDLL, bool]:
     """The compiled library for ``source`` (from the disk cache when there), and whether it was cached."""
-    compiler = _compiler()
-    library = cached_library(source, compiler)
-    key, folder = library.stem, library.parent
+    if not native_settings().native:
+        raise NativeUnavailable("the native path is off (TRAINSERVE_NATIVE=false)")
     with _lock:
+        key = hashlib.sha256(source.encode()).hexdigest()
         if key in _loaded:
             return _loaded[key], True
-        cached = library.exists()
-        if not cached:
-            _compile(compiler, source, folder, library)
+        library, cached = ensure_compiled(source)
         try:
             lib = ctypes.CDLL(str(library))
         except OSError as exc:
@@ -493,27 +622,34 @@ def load(source: str) -> tuple[ctypes.CDLL, bool]:
         return lib, cached
 
 
+def _raise_for(rc: int) -> None:
+    if rc == 1:
+        raise MemoryError(_TS_ERRORS[1])
+    raise AbiMismatch(_TS_ERRORS.get(rc, f"the native code returned {rc}"))
+
+
 _TRAIN_STEPS_ARGS: list[Any] = [
-    ctypes.POINTER(ctypes.c_void_p),
-    ctypes.POINTER(ctypes.c_void_p),
-    ctypes.c_void_p,
-    ctypes.c_void_p,
-    ctypes.c_void_p,
-    ctypes.c_void_p,
-    ctypes.c_void_p,
-    ctypes.c_long,
-    ctypes.c_long,
-    ctypes.c_long,
-    ctypes.c_double,
-    ctypes.c_void_p,
-    ctypes.POINTER(ctypes.c_int),
+    ctypes.POINTER(ctypes.c_void_p),  # P_: parameters
+    ctypes.POINTER(ctypes.c_void_p),  # S_: optimizer state
+    ctypes.c_void_p,  # X
+    ctypes.c_void_p,  # Y
+    ctypes.c_void_p,  # idx (NULL: rows in order)
+    ctypes.c_void_p,  # mean
+    ctypes.c_void_p,  # sd
+    ctypes.c_long,  # n_x: rows in X and Y
+    ctypes.c_long,  # n: rows this epoch trains on
+    ctypes.c_long,  # start
+    ctypes.c_long,  # stop
+    ctypes.c_double,  # lr
+    ctypes.c_void_p,  # loss_sum
+    ctypes.POINTER(ctypes.c_int),  # fresh
 ]
 
 
 # -- the steps object the engine's loop drives --------------------------------------------------------
 
 
-def _init_state(optimizer: torch.optim.Optimizer, slots: list[str]) -> int:
+def _init_state(optimizer: torch.optim.Optimizer, slots: tuple[str, ...]) -> int:
     """Create torch's own optimizer state where its lazy first step would; 1 if SGD's momentum is fresh."""
     fresh = 0
     for group in optimizer.param_groups:
@@ -530,29 +666,50 @@ def _init_state(optimizer: torch.optim.Optimizer, slots: list[str]) -> int:
     return fresh
 
 
+def _pointers(tensors: list[torch.Tensor]) -> Any:
+    return (ctypes.c_void_p * max(len(tensors), 1))(*[t.data_ptr() for t in tensors])
+
+
 class NativeSteps:
-    """Runs ranges of steps through the generated function, in place on torch's tensors."""
+    """Runs ranges of steps through the generated function, in place on torch's tensors.
+
+    Nothing is captured but the module and the optimizer: each call re-reads their current
+    parameter and state tensors (a restored checkpoint may have replaced them), checks each
+    against the ABI record and only then hands its pointer to C."""
 
     name = "native"
     chunk_steps = CHUNK_STEPS
 
     def __init__(self, spec: S.TrainSpec, in_features: int, task: S.Task, model: nn.Module, optimizer: Any) -> None:
-        source, slots = generate(spec, in_features, task)
+        source, self.abi = generate(spec, in_features, task)
         self.library, self.cached = load(source)
-        self.library.train_steps.restype = None
-        self.library.train_steps.argtypes = _TRAIN_STEPS_ARGS
-        self.optimizer = optimizer
-        scaler = model.get_submodule("scaler")
-        self.mean, self.std = scaler.get_buffer("mean"), scaler.get_buffer("std")
-        params = list(model.get_submodule("net").parameters())
-        if any(p.dtype != torch.float32 or not p.is_contiguous() for p in params):
+        self.abi.check_library(self.library)
+        self.function = self.library.train_steps
+        self.function.restype = ctypes.c_int
+        self.function.argtypes = _TRAIN_STEPS_ARGS
+        self.model, self.optimizer = model, optimizer
+        if any(p.dtype != torch.float32 or not p.is_contiguous() for p in model.parameters()):
             raise NativeUnavailable("generated code needs contiguous float32 weights")
-        self.fresh = ctypes.c_int(_init_state(optimizer, slots))
-        states = [optimizer.state[p][slot] for p in params for slot in slots]
-        # Keep the pointer arrays alive as long as the tensors they point into.
-        self.param_ptrs = (ctypes.c_void_p * max(len(params), 1))(*[p.data_ptr() for p in params])
-        self.state_ptrs = (ctypes.c_void_p * max(len(states), 1))(*[t.data_ptr() for t in states])
-        self._keep = (params, states)
+        self.fresh = ctypes.c_int(_init_state(optimizer, self.abi.slots))
+
+    def _parameters_and_state(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        abi = self.abi
+        params: list[torch.Tensor] = list(self.model.get_submodule("net").parameters())
+        if len(params) != len(abi.param_shapes):
+            raise AbiMismatch(
+                f"the network has {len(params)} parameter tensors, the generated code {len(abi.param_shapes)}"
+            )
+        states: list[torch.Tensor] = []
+        for i, (p, shape) in enumerate(zip(params, abi.param_shapes, strict=True)):
+            _check_tensor(f"parameter {i}", p, shape, torch.float32)
+            state = self.optimizer.state.get(p, {})
+            for slot in abi.slots:
+                t = state.get(slot)
+                if t is None:
+                    raise AbiMismatch(f"parameter {i} has no optimizer state {slot!r}")
+                _check_tensor(f"parameter {i}'s {slot}", t, abi.slot_shape(slot, shape), torch.float32)
+                states.append(t)
+        return params, states
 
     def run(
         self,
@@ -563,25 +720,45 @@ class NativeSteps:
         stop: int,
         loss_sum: torch.Tensor,
     ) -> None:
+        abi = self.abi
+        params, states = self._parameters_and_state()
+        scaler = self.model.get_submodule("scaler")
+        mean, std = scaler.get_buffer("mean"), scaler.get_buffer("std")
+        _check_tensor("the scaler's mean", mean, (abi.in_features,), torch.float32)
+        _check_tensor("the scaler's std", std, (abi.in_features,), torch.float32)
+        _check_tensor("x", x, (len(x), abi.in_features) if x.dim() == 2 else (-1, abi.in_features), torch.float32)
+        if abi.y_dtype == "int64":
+            _check_tensor("y", y, (len(x),), torch.int64)
+        else:
+            shape = (len(x), abi.y_width) if y.dim() == 2 or abi.y_width != 1 else (len(x),)
+            _check_tensor("y", y, shape, torch.float32)
+        if order is not None:
+            _check_tensor("order", order, (len(order),) if order.dim() == 1 else (-1,), torch.int64)
+        n = len(x) if order is None else len(order)
+        n_batches = -(-n // abi.batch_size)
+        if not 0 <= start <= stop <= n_batches:
+            raise AbiMismatch(f"steps {start} to {stop} are outside the epoch's {n_batches} batches")
+        _check_tensor("loss_sum", loss_sum, (), torch.float32)
         lr = float(self.optimizer.param_groups[0]["lr"])
-        if not (x.is_contiguous() and y.is_contiguous() and (order is None or order.is_contiguous())):
-            raise ValueError("the native loop needs contiguous data")  # the engine's loop never hands it other
         with torch.no_grad():
-            self.library.train_steps(
-                self.param_ptrs,
-                self.state_ptrs,
+            rc = self.function(
+                _pointers(params),
+                _pointers(states),
                 x.data_ptr(),
                 y.data_ptr(),
                 None if order is None else order.data_ptr(),
-                self.mean.data_ptr(),
-                self.std.data_ptr(),
-                len(x) if order is None else len(order),
+                mean.data_ptr(),
+                std.data_ptr(),
+                len(x),
+                n,
                 start,
                 stop,
                 lr,
                 loss_sum.data_ptr(),
                 ctypes.byref(self.fresh),
             )
+        if rc != 0:
+            _raise_for(rc)
         # torch's schedulers warn unless optimizer.step() ran; the generated code did its work.
         self.optimizer._opt_called = True
 
@@ -599,45 +776,53 @@ def rowwise_unsupported_reason(layers: list[Any]) -> str | None:
     return None
 
 
+def forward_abi(layers: list[Any], in_features: int, task: str) -> Abi:
+    widths = layer_widths(layers, in_features)
+    return Abi(
+        kind="forward",
+        in_features=in_features,
+        widths=tuple(widths),
+        param_shapes=_param_shapes(layers, widths, transposed=True),
+        out_width=2 if task == "binary" else widths[-1],
+    )
+
+
 def generate_forward(layers: list[Any], in_features: int, task: str) -> str:
     """C for ``forward_rows``: standardise each row, run the layers, write probabilities
     (classifiers) or outputs (regression). Linear weights come transposed, so that a
     layer's outputs accumulate side by side (vectorised) while each output still sums its
     inputs in one fixed order."""
-    widths, lines = layer_widths(layers, in_features), [_PRELUDE]
+    abi = forward_abi(layers, in_features, task)
+    widths, most = abi.widths, max(abi.widths)
+    lines = [kernels_source(), abi.c_record()]
     emit = lines.append
-    emit("void forward_rows(float **P_, const float *X, const float *mean, const float *sd, long n, float *out) {")
-    emit(f"  float bufs[2][{max(widths)}];")
+    emit("int forward_rows(float **P_, const float *X, const float *mean, const float *sd, long n, float *out) {")
+    emit(f"  float *buf = (float *)malloc(sizeof(float) * {2 * most});")
+    emit("  if (!buf) return TS_ERR_NOMEM;")
     emit("  for (long r = 0; r < n; r++) {")
-    emit("    float *h = bufs[0], *g = bufs[1], *t;")
-    emit(f"    const float *x = X + r * {in_features};")
-    emit(f"    for (int i = 0; i < {in_features}; i++) h[i] = (x[i] - mean[i]) / sd[i];")
+    emit(f"    float *h = buf, *g = buf + {most}, *t; (void)g; (void)t;")
+    emit(f"    standardize_row(h, X + r * {in_features}, mean, sd, {in_features});")
     n_params = 0
     for k, layer in enumerate(layers):
         i_w, o_w = widths[k], widths[k + 1]
         if isinstance(layer, S.Linear):
-            w = f"P_[{n_params}]"
-            bias = f"P_[{n_params + 1}][o]" if layer.bias else "0.0f"
-            n_params += 2 if layer.bias else 1
-            emit(f"    for (int o = 0; o < {o_w}; o++) g[o] = {bias};")
-            emit(f"    for (int i = 0; i < {i_w}; i++) {{")
-            emit(f"      const float v = h[i], *wr = {w} + i * {o_w};")
-            emit(f"      for (int o = 0; o < {o_w}; o++) g[o] += wr[o] * v;")
-            emit("    }")
+            bias = f"P_[{n_params + 1}]" if layer.bias else "NULL"
+            emit(f"    linear_forward_row_t(g, h, P_[{n_params}], {bias}, {i_w}, {o_w});")
             emit("    t = h; h = g; g = t;")
+            n_params += 2 if layer.bias else 1
         elif layer.type not in ("Identity", "Dropout"):
-            forward, _ = _activation(layer, "v", "", "")
-            emit(f"    for (int j = 0; j < {o_w}; j++) {{ float v = h[j]; h[j] = {forward}; }}")
+            name, extra = _activation_kernel(layer)
+            emit(f"    {name}_forward(h, h, {o_w}{extra});")
     width = widths[-1]
     if task == "binary":  # as outputs_to_probabilities: sigmoid of the one logit, [1 - p, p]
-        emit("    { float p = 1.0f / (1.0f + expf(-h[0])); out[r * 2] = 1.0f - p; out[r * 2 + 1] = p; }")
+        emit("    sigmoid_pair_row(out + r * 2, h);")
     elif task == "classification":  # softmax over the logits
-        emit(f"    float top = h[0]; for (int j = 1; j < {width}; j++) if (h[j] > top) top = h[j];")
-        emit(f"    float total = 0.0f; for (int j = 0; j < {width}; j++) {{ h[j] = expf(h[j] - top); total += h[j]; }}")
-        emit(f"    for (int j = 0; j < {width}; j++) out[r * {width} + j] = h[j] / total;")
+        emit(f"    softmax_row(out + r * {width}, h, {width});")
     else:
-        emit(f"    for (int j = 0; j < {width}; j++) out[r * {width} + j] = h[j];")
+        emit(f"    identity_forward(out + r * {width}, h, {width});")
     emit("  }")
+    emit("  free(buf);")
+    emit("  return TS_OK;")
     emit("}")
     return "\n".join(lines) + "\n"
 
@@ -646,9 +831,9 @@ def warm_rowwise(layers: list[Any], in_features: int, task: str) -> None:
     """Compile a trained model's row-wise forward pass into the disk cache ahead of its first
     prediction (about 0.2 s), so that an API process on this machine only loads it. Quiet
     where there is none to make: serving then compiles or falls back as usual."""
-    if rowwise_unsupported_reason(layers) is None:
+    if rowwise_unsupported_reason(layers) is None and native_settings().native:
         with contextlib.suppress(NativeUnavailable):
-            load(generate_forward(layers, in_features, task))
+            ensure_compiled(generate_forward(layers, in_features, task))
 
 
 class RowwiseForward:
@@ -659,27 +844,45 @@ class RowwiseForward:
         reason = rowwise_unsupported_reason(layers)
         if reason is not None:
             raise NativeUnavailable(reason)
+        self.abi = forward_abi(layers, in_features, task)
         self.library, _ = load(generate_forward(layers, in_features, task))
-        self.library.forward_rows.restype = None
+        self.abi.check_library(self.library)
+        self.function = self.library.forward_rows
+        self.function.restype = ctypes.c_int
         pointer, count = ctypes.c_void_p, ctypes.c_long
-        self.library.forward_rows.argtypes = [ctypes.POINTER(pointer), pointer, pointer, pointer, count, pointer]
+        self.function.argtypes = [ctypes.POINTER(pointer), pointer, pointer, pointer, count, pointer]
+        # A private copy of the weights (each Linear's transposed) and the scaler's mean and
+        # std, packed in one float32 tensor: each call checks that one tensor against the
+        # ABI record and reads its address afresh, then points at its parts by offset.
         scaler = module.get_submodule("scaler")
-        self._scale = [scaler.get_buffer(name).detach().float().contiguous().numpy() for name in ("mean", "std")]
-        arrays = []
+        parts: list[torch.Tensor] = []
         for layer in module.get_submodule("net").modules():
             if isinstance(layer, nn.Linear):
-                arrays.append(np.ascontiguousarray(layer.weight.detach().float().numpy().T))
+                parts.append(layer.weight.detach().float().t())
                 if layer.bias is not None:
-                    arrays.append(layer.bias.detach().float().contiguous().numpy())
-        self._arrays = arrays  # the pointers below point into these
-        self._pointers = (ctypes.c_void_p * max(len(arrays), 1))(*[a.ctypes.data for a in arrays])
-        self.width = 2 if task == "binary" else layer_widths(layers, in_features)[-1]
+                    parts.append(layer.bias.detach().float())
+        shapes = [tuple(part.shape) for part in parts]
+        if shapes != list(self.abi.param_shapes):
+            raise AbiMismatch(f"the module's weights have shapes {shapes}, the generated code {self.abi.param_shapes}")
+        parts += [scaler.get_buffer("mean").detach().float(), scaler.get_buffer("std").detach().float()]
+        for name, part in zip(("mean", "std"), parts[-2:], strict=True):
+            _check_tensor(f"the scaler's {name}", part, (in_features,), torch.float32)
+        self._flat = torch.cat([part.reshape(-1) for part in parts]).contiguous()
+        starts = np.cumsum([0, *(part.numel() for part in parts)])[:-1] * self._flat.element_size()
+        self._offsets = [int(s) for s in starts]  # bytes: the weights', then mean's and std's
+        self._pointer_array = ctypes.c_void_p * max(len(self._offsets) - 2, 1)
+        self.width = self.abi.out_width
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float32 rows (n, in_features), C-contiguous -> probabilities or outputs (n, width)."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        width = self.abi.in_features
+        _check_array("x", x, (len(x), width) if getattr(x, "ndim", 0) == 2 else (-1, width))
+        flat = self._flat
+        _check_tensor("the weights", flat, (self._offsets[-1] // 4 + width,), torch.float32)
+        base = flat.data_ptr()
+        *weights, mean, sd = (base + offset for offset in self._offsets)
         out = np.empty((len(x), self.width), dtype=np.float32)
-        mean, sd = self._scale
-        call = self.library.forward_rows
-        call(self._pointers, x.ctypes.data, mean.ctypes.data, sd.ctypes.data, len(x), out.ctypes.data)
+        rc = self.function(self._pointer_array(*weights), x.ctypes.data, mean, sd, len(x), out.ctypes.data)
+        if rc != 0:
+            _raise_for(rc)
         return out

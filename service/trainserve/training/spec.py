@@ -462,10 +462,11 @@ class TrainSpec(BaseModel):
     clip_grad_norm: Positive | None = Field(
         default=None, description="max_norm for torch.nn.utils.clip_grad_norm_, applied every step."
     )
-    compile: Literal["auto", "off"] = Field(
+    loop: Literal["auto", "eager"] = Field(
         default="auto",
         description="auto: run the whole training step as generated native code where the spec allows "
-        "and it pays off; off: always the eager PyTorch loop.",
+        "and it pays off; eager: always the eager PyTorch loop. (The old name, compile: auto | off, "
+        "is still accepted.)",
     )
     autocast: Literal["bf16"] | None = Field(
         default=None, description="Mixed precision on CUDA: forward and loss under torch.autocast(bfloat16)."
@@ -494,6 +495,19 @@ class TrainSpec(BaseModel):
         description="With init_from: fit the preprocessing statistics (input scaler) on this data "
         "instead of keeping the parent's.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_the_old_loop_name(cls, data: Any) -> Any:
+        # Specs (and stored models and jobs) from before the field was renamed said
+        # compile: "auto" | "off"; "off" meant the eager loop.
+        if isinstance(data, dict) and "compile" in data:
+            data = dict(data)
+            old = data.pop("compile")
+            if "loop" in data:
+                raise ValueError("give loop (auto or eager) or its old name compile, not both")
+            data["loop"] = {"off": "eager"}.get(old, old) if isinstance(old, str) else old
+        return data
 
     @field_validator("loss", "optimizer", "scheduler", mode="before")
     @classmethod
