@@ -52,7 +52,7 @@ def setup(epochs: int) -> tuple[TrainSpec, TrainingPlan, np.ndarray, np.ndarray]
             "batch_size": 1,
             "seed": 0,
             "device": "cpu",
-            "compile": "off",
+            "loop": "eager",
         }
     )
     schema = TableSchema(

@@ -10,7 +10,7 @@ weights and should end at (nearly) the guide's loss; only the time differs.
     engine   ``trainserve.training.loop.train`` with the equivalent spec (standardize false, seed 0): the
              native loop (generated C for the whole step), its library found in the on-disk cache
     cold     the same with an empty cache, so the time includes generating and compiling the C
-    eager    the same spec with ``"compile": "off"``: the eager PyTorch loop
+    eager    the same spec with ``"loop": "eager"``: the eager PyTorch loop
     service  with ``--url``: upload + POST /train + wait; timed from POST /train until the job
              has succeeded, next to the model's own ``train_seconds``, so that the service's
              overhead (end to end minus engine time) shows
@@ -68,7 +68,7 @@ class Run:
     loop: str | None = None
 
 
-def moons_spec(epochs: int, device: str, dataset_id: str | None = None, compile: str = "auto") -> dict[str, Any]:
+def moons_spec(epochs: int, device: str, dataset_id: str | None = None, loop: str = "auto") -> dict[str, Any]:
     """The guide's experiment as a trainserve spec: same layers, loss, optimizer, order, seed."""
     return {
         "dataset_id": dataset_id,
@@ -82,7 +82,7 @@ def moons_spec(epochs: int, device: str, dataset_id: str | None = None, compile:
         "seed": SEED,
         "standardize": False,
         "device": device,
-        "compile": compile,
+        "loop": loop,
     }
 
 
@@ -94,9 +94,9 @@ def run_guide(x: np.ndarray, y: np.ndarray, epochs: int) -> Run:
 
 
 def run_engine(
-    x: np.ndarray, y: np.ndarray, epochs: int, device: str, name: str = "engine", compile: str = "auto"
+    x: np.ndarray, y: np.ndarray, epochs: int, device: str, name: str = "engine", loop: str = "auto"
 ) -> Run:
-    spec = TrainSpec.model_validate(moons_spec(epochs, device, compile=compile))
+    spec = TrainSpec.model_validate(moons_spec(epochs, device, loop=loop))
     schema = TableSchema(
         len(x),
         [
@@ -209,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         native._loaded.clear()  # found on disk, as a fresh worker process would
         engines.append(run_engine(x, y, args.epochs, args.device))
         if not args.skip_eager:
-            eagers.append(run_engine(x, y, args.epochs, args.device, name="engine, eager loop", compile="off"))
+            eagers.append(run_engine(x, y, args.epochs, args.device, name="engine, eager loop", loop="eager"))
         if args.url and service_error is None:
             try:
                 services.append(run_service(args.url, args.api_key, x, y, args.epochs, args.device))

@@ -44,7 +44,7 @@ def slow_spec(dataset_id: str, epochs: int = 100, **overrides: object) -> dict[s
     The eager loop keeps that duration alike on every machine; the generated native loop,
     20x faster where it applies, would end the job before the kill (its resume is tested
     in tests/training/test_native.py)."""
-    return moons_spec(dataset_id, epochs=epochs, batch_size=1, optimizer="SGD", seed=3, compile="off", **overrides)
+    return moons_spec(dataset_id, epochs=epochs, batch_size=1, optimizer="SGD", seed=3, loop="eager", **overrides)
 
 
 def wait_for(check: Callable[[], JobDetail | None], *, timeout: float = 60, what: str = "") -> JobDetail:

@@ -115,7 +115,7 @@ def test_workers_finishing_together_never_share_a_version(two_workers: Server, m
         with ThreadPoolExecutor(4) as pool:
             # Each job long enough (eager, ~1 s) that an idle worker's next poll comes before
             # the other has run them all: the native loop ends a quick job in milliseconds.
-            race = moons_spec(dataset.id, name="race", epochs=40, batch_size=1, compile="off")
+            race = moons_spec(dataset.id, name="race", epochs=40, batch_size=1, loop="eager")
             submitted = list(pool.map(lambda _: ts.train(race).id, range(4)))
         finished = [ts.wait(job_id) for job_id in submitted]
         assert all(job.status == "succeeded" for job in finished), [job.error for job in finished]

@@ -128,7 +128,7 @@ def test_a_worker_killed_mid_job_has_its_job_finished_by_the_other(
         dataset = ts.upload_dataset(moons[0], "moons.csv")
         # A few seconds of per-sample SGD in the eager loop (the native loop would end the
         # job before the kill): long enough to be killed mid-way.
-        job = ts.train(moons_spec(dataset.id, epochs=40, batch_size=1, optimizer="SGD", seed=3, compile="off"))
+        job = ts.train(moons_spec(dataset.id, epochs=40, batch_size=1, optimizer="SGD", seed=3, loop="eager"))
         deadline = time.monotonic() + 120
         while not ((running := ts.get_job(job.id)).status == "running" and (running.checkpoint_epoch or 0) >= 2):
             assert running.status in ("queued", "running"), running.error
