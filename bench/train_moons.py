@@ -68,7 +68,7 @@ class Run:
     loop: str | None = None
 
 
-def moons_spec(epochs: int, device: str, dataset_id: str | None = None, loop: str = "auto") -> dict[str, Any]:
+def moons_spec(epochs: int, device: str, dataset_id: str | None = None, training_loop: str = "auto") -> dict[str, Any]:
     """The guide's experiment as a trainserve spec: same layers, loss, optimizer, order, seed."""
     return {
         "dataset_id": dataset_id,
@@ -82,7 +82,7 @@ def moons_spec(epochs: int, device: str, dataset_id: str | None = None, loop: st
         "seed": SEED,
         "standardize": False,
         "device": device,
-        "loop": loop,
+        "loop": training_loop,
     }
 
 
@@ -94,9 +94,9 @@ def run_guide(x: np.ndarray, y: np.ndarray, epochs: int) -> Run:
 
 
 def run_engine(
-    x: np.ndarray, y: np.ndarray, epochs: int, device: str, name: str = "engine", loop: str = "auto"
+    x: np.ndarray, y: np.ndarray, epochs: int, device: str, name: str = "engine", training_loop: str = "auto"
 ) -> Run:
-    spec = TrainSpec.model_validate(moons_spec(epochs, device, loop=loop))
+    spec = TrainSpec.model_validate(moons_spec(epochs, device, training_loop=training_loop))
     schema = TableSchema(
         len(x),
         [
@@ -209,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         native._loaded.clear()  # found on disk, as a fresh worker process would
         engines.append(run_engine(x, y, args.epochs, args.device))
         if not args.skip_eager:
-            eagers.append(run_engine(x, y, args.epochs, args.device, name="engine, eager loop", loop="eager"))
+            eagers.append(run_engine(x, y, args.epochs, args.device, name="engine, eager loop", training_loop="eager"))
         if args.url and service_error is None:
             try:
                 services.append(run_service(args.url, args.api_key, x, y, args.epochs, args.device))
