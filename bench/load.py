@@ -81,9 +81,15 @@ def prepare_model(url: str, *, api_key: str | None = None) -> tuple[str, str]:
 
 
 def reference_answers(url: str, model_id: str, batches: list[Any], *, api_key: str | None = None) -> list[Any]:
-    """One call at a time, nothing else running: the answers the load must reproduce."""
+    """One call at a time, nothing else running: the answers the load must reproduce, as
+    sent (the JSON body; the client's parsed model would add the fields a body leaves out)."""
     with TrainserveClient(url, api_key=api_key, timeout=60) as ts:
-        return [ts.predict(model_id, batch).model_dump() for batch in batches]
+        answers = []
+        for batch in batches:
+            response = ts.http.post("/predict", json={"model_id": model_id, "inputs": batch})
+            response.raise_for_status()
+            answers.append(response.json())
+        return answers
 
 
 def start_busy_job(url: str, dataset_id: str, *, api_key: str | None = None) -> str:

@@ -8,7 +8,7 @@ ImportError) into a ``StartError`` whose message the CLI prints as its only line
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import logging
 import os
 import re
@@ -93,13 +93,16 @@ def check_extras(settings: Settings) -> None:
         if needed is None:
             continue
         module, extra = needed
+        # Looked up, not imported: the driver is imported where it is used.
         try:
-            importlib.import_module(module)
-        except ImportError:
+            found = importlib.util.find_spec(module)
+        except ImportError:  # a broken or blocked installation counts as missing
+            found = None
+        if found is None:
             raise StartError(
                 f"{variable}={mask(url)} needs the {module} package, which is not installed: "
                 f"pip install 'trainserve[{extra}]'"
-            ) from None
+            )
 
 
 def sqlite_path(url: str) -> Path | None:

@@ -27,7 +27,9 @@ from trainserve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaTyp
 from trainserve.storage.base import Store
 
 MAX_TEXT_FIELD_BYTES = 1024 * 1024
-_FLUSH_BYTES = 1024 * 1024
+# Received file bytes are written out once this many are pending: bounds what an upload
+# holds in memory, while a thread hop per 64 KiB network chunk cost more than the write.
+FLUSH_BYTES = 128 * 1024
 # How to read an uploaded table, beside its file on every upload form (POST /datasets and
 # the file + spec form of POST /train): each overrides what the parser would guess.
 TABLE_OPTION_FIELDS = frozenset({"delimiter", "decimal", "na_values"})
@@ -189,8 +191,7 @@ async def receive_form(
         try:
             async for chunk in request.stream():
                 parser.write(chunk)
-                # Written a MiB at a time: a thread hop per 64 KiB network chunk cost more than the write.
-                if reader.pending_bytes >= _FLUSH_BYTES:
+                if reader.pending_bytes >= FLUSH_BYTES:
                     await run_in_threadpool(reader.flush)
             parser.finalize()
             await run_in_threadpool(reader.flush)
