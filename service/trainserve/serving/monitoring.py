@@ -4,11 +4,13 @@ logged requests (the numbers are computed by serving/drift.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 from sqlalchemy import desc, func, select
 from sqlalchemy.orm import Session
 
+from trainserve.datasets.tables import Table
 from trainserve.db import ModelRecord, PredictionLogRecord
 from trainserve.serving import drift, registry
 from trainserve.storage.base import Store
@@ -54,27 +56,35 @@ def _references(
 def training_rows(
     session: Session, store: Store, record: ModelRecord, spec: TrainSpec, plan: FeaturePlan
 ) -> np.ndarray:
-    """The rows the model trained on, in its raw layout: the split ``features.prepare`` drew,
-    redrawn from the stored spec, the saved plan and classes (nothing is refitted): rows that
-    could not train dropped (a blank target, a blank in a ``drop_row`` column), then
-    ``loop.split_rows`` (stratified by the stored classes, test share held out) over the rest."""
+    """The rows the model trained on, in its raw layout."""
     dataset = registry.training_dataset(session=session, record=record)
     table = store.load_dataset(dataset.id, dataset.file_sha256)
-    dropped = np.zeros(table.n_rows, dtype=bool)
-    for mask in features.rows_to_drop(table, list(record.features), list(record.targets), spec).values():
-        dropped |= mask
-    keep = np.flatnonzero(~dropped)
-    labels = None
-    if record.task != "regression" and spec.split is not None and spec.split.stratify:
-        task: Task = "binary" if record.task == "binary" else "classification"
-        encoded = encode_targets(table.column(record.targets[0])[keep], task, record.classes)
-        labels = encoded.numpy().reshape(-1).astype(np.int64)
-    rows = keep[split_rows(spec, len(keep), labels).train]
+    task = cast(Task, record.task)  # stored from the training plan's task
+    rows = trained_rows(table, spec, list(record.features), list(record.targets), task, record.classes)
     if plan.is_identity:
         x: np.ndarray = table.matrix(list(record.features))[rows]
         return x
     x, _ = features.raw_matrix(plan, [table.column(name)[rows] for name in plan.features])
     return x
+
+
+def trained_rows(
+    table: Table, spec: TrainSpec, feature_names: list[str], targets: list[str], task: Task, classes: list[Any] | None
+) -> np.ndarray:
+    """The table rows ``features.prepare`` trained on, redrawn from the stored spec and classes
+    (nothing is refitted): the rows that could not train dropped (a blank target, a blank in a
+    ``drop_row`` column), then ``loop.split_rows`` (stratified by the stored classes, the test
+    share held out) over the rest."""
+    dropped = np.zeros(table.n_rows, dtype=bool)
+    for mask in features.rows_to_drop(table, feature_names, targets, spec).values():
+        dropped |= mask
+    keep = np.flatnonzero(~dropped)
+    labels = None
+    if task != "regression" and spec.split is not None and spec.split.stratify:
+        encoded = encode_targets(table.column(targets[0])[keep], task, classes)
+        labels = encoded.numpy().reshape(-1).astype(np.int64)
+    rows: np.ndarray = keep[split_rows(spec, len(keep), labels).train]
+    return rows
 
 
 def logged_rows(session: Session, model_id: str, window: int) -> np.ndarray:
