@@ -288,6 +288,54 @@ def test_drift_rises_when_the_inputs_shift(pair: Pair) -> None:
         assert model_id not in text  # names as labels, never ids
 
 
+def _colours(n: int, seed: int, levels: list[str], shares: list[float]) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, n)
+    colour = rng.choice(np.array(levels), n, p=shares)
+    return [{"x": float(x[i]), "colour": str(colour[i])} for i in range(n)]
+
+
+def test_category_drift_counts_unseen_levels(pair: Pair) -> None:
+    """A text category: PSI over its levels and the share of levels never seen in training,
+    through GET /models/{id}/drift and /metrics."""
+    rows = _colours(200, 3, ["red", "green", "blue", ""], [0.55, 0.3, 0.1, 0.05])  # "" a blank
+    for row in rows:
+        row["label"] = "warm" if row["colour"] == "red" or row["x"] > 1 else "cold"
+    body = "x,colour,label\n" + "".join(f"{r['x']!r},{r['colour']},{r['label']}\n" for r in rows)
+    with TrainserveClient(pair.a.url, timeout=60) as client:
+        dataset = client.upload_dataset(body.encode(), "colours.csv")
+        model_id = _train(client, dataset.id, name="colours", target="label", epochs=2)
+        # Blue took over, and a quarter of the rows are colours the model never saw.
+        moved = _colours(DRIFT_WINDOW, 4, ["red", "blue", "purple", "teal", ""], [0.15, 0.5, 0.15, 0.1, 0.1])
+        for row in moved:
+            row["colour"] = row["colour"] or None  # a blank, as JSON sends one
+        for start in range(0, DRIFT_WINDOW, 100):
+            client.predict(None, moved[start : start + 100], name="colours")
+        deadline = time.monotonic() + 10
+        while (report := client.model_drift(model_id)).window_rows < DRIFT_WINDOW:
+            assert time.monotonic() < deadline, "the log never caught up"
+            time.sleep(0.05)
+        features = {f.feature: f for f in report.features}
+        colour, x = features["colour"], features["x"]
+        assert colour.kind == "category"
+        assert colour.drifted
+        assert colour.psi > 1.0
+        unseen = sum(r["colour"] in ("purple", "teal") for r in moved) / DRIFT_WINDOW
+        assert colour.unseen_share == pytest.approx(unseen)
+        assert 0.15 < unseen < 0.35
+        assert colour.missing_share == pytest.approx(sum(r["colour"] is None for r in moved) / DRIFT_WINDOW)
+        assert colour.missing_share > 0
+        assert (x.kind, x.unseen_share, x.drifted) == ("number", None, False)
+
+        # The second API process has scraped nothing yet: its /metrics measures now.
+        line = f'trainserve_feature_unseen_share{{feature="colour",model="colours"}} {colour.unseen_share}'
+        deadline = time.monotonic() + 15  # /metrics reuses its figures for 10 s if scraped just before
+        while line not in (text := httpx.get(f"{pair.b.url}/metrics").text):
+            assert time.monotonic() < deadline, text[-2000:]
+            time.sleep(0.5)
+        assert 'trainserve_feature_unseen_share{feature="x"' not in text  # numbers have no unseen share
+
+
 def _drift_after(
     client: TrainserveClient, model_id: str, rows: int, newest: Sequence[float] | None = None
 ) -> DriftReport:

@@ -72,3 +72,25 @@ def test_a_zero_share_logs_nothing(tmp_path: Path) -> None:
     log.flush()
     assert log.written == 0
     assert log._thread is None  # no thread either
+
+
+def test_blank_inputs_are_logged_as_null_on_postgresql_and_read_back_as_missing() -> None:
+    # A preprocessed model's raw layout holds NaN for a blank; PostgreSQL's json type
+    # refuses the NaN token, so the log writes null (and drift reads it back as NaN).
+    from tests.backends import postgres_database
+    from trainserve.serving.monitoring import logged_rows
+
+    with postgres_database() as url:
+        upgrade_to_head(url)
+        engine = make_engine(url)
+        settings = LogSettings(sample=1.0, buffer=10, max_rows=100, max_age_s=3600.0, prune_interval_s=3600.0)
+        log = PredictionLog(make_session_factory(engine), settings)
+        log.offer("c" * 32, "m", 1, np.array([[1.0, np.nan], [np.nan, 2.0]], dtype=np.float32), np.array([0, 1]))
+        log.flush()
+        assert (log.written, log.dropped) == (1, 0)
+        with log.sessions() as session:
+            assert recent(session, "c" * 32, 1)[0].inputs == [[1.0, None], [None, 2.0]]
+            rows = logged_rows(session, "c" * 32, 10)
+        np.testing.assert_array_equal(rows, [[1.0, np.nan], [np.nan, 2.0]])
+        log.close()
+        engine.dispose()

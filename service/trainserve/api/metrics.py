@@ -122,6 +122,11 @@ class ServiceCollector(Collector):
         missing = GaugeMetricFamily(
             "trainserve_feature_missing_share", "Share of logged rows with the feature missing", labels=labels
         )
+        unseen = GaugeMetricFamily(
+            "trainserve_feature_unseen_share",
+            "Share of logged rows with a category never seen in training (category features only)",
+            labels=labels,
+        )
         drifted = GaugeMetricFamily(
             "trainserve_feature_drifted", "1 when the feature's PSI is over TRAINSERVE_DRIFT_THRESHOLD", labels=labels
         )
@@ -134,7 +139,9 @@ class ServiceCollector(Collector):
                 psi.add_metric([report.name, feature.feature], feature.psi)
                 missing.add_metric([report.name, feature.feature], feature.missing_share)
                 drifted.add_metric([report.name, feature.feature], float(feature.drifted))
-        yield from (psi, missing, drifted, rows)
+                if feature.unseen_share is not None:
+                    unseen.add_metric([report.name, feature.feature], feature.unseen_share)
+        yield from (psi, missing, unseen, drifted, rows)
 
 
 # Per model: a table of thousands of features must not make thousands of series.

@@ -308,9 +308,18 @@ class PredictionLogEntry(_Out):
 
 class FeatureDrift(_Out):
     feature: str
-    psi: float = Field(description="Population stability index over the training split's decile bins")
+    psi: float = Field(
+        description="Population stability index against the training split: over its decile bins for a number, "
+        "over the levels (blank and unseen each a bin) for a category"
+    )
     missing_share: float = Field(description="Share of logged rows where the value was missing")
     drifted: bool = Field(description="psi above the threshold")
+    kind: Literal["number", "category"] = Field(
+        "number", description="number: PSI over decile bins; category: PSI over the levels, blank and unseen"
+    )
+    unseen_share: float | None = Field(
+        None, description="Categories: share of logged rows holding a level never seen in training; null for numbers"
+    )
 
 
 class DriftReport(_Out):

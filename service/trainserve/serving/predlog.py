@@ -160,7 +160,7 @@ class PredictionLog:
                     name=e.name,
                     version=e.version,
                     created_at=at,
-                    inputs=e.x.tolist(),
+                    inputs=_json_rows(e.x),
                     outputs=e.predictions.tolist(),
                     request_id=request_id,
                     role="primary" if shadow is not None else None,
@@ -173,7 +173,7 @@ class PredictionLog:
                         name=shadow[0].name,
                         version=shadow[0].version,
                         created_at=at,
-                        inputs=e.x.tolist(),
+                        inputs=_json_rows(e.x),
                         outputs=shadow[1].tolist(),
                         request_id=request_id,
                         role="shadow",
@@ -230,3 +230,15 @@ def recent(session: Session, model_id: str, limit: int) -> list[PredictionLogRec
         .limit(limit)
     )
     return list(session.scalars(query))
+
+
+def _json_rows(x: np.ndarray) -> list[Any]:
+    """Rows as JSON can hold them: a blank (NaN in a preprocessed model's raw layout) as
+    null, since PostgreSQL's json type refuses the NaN token (numpy reads null back as NaN)."""
+    blank = np.isnan(x) if x.dtype.kind == "f" else None
+    if blank is None or not blank.any():
+        rows: list[Any] = x.tolist()
+        return rows
+    cells = x.astype(object)
+    cells[blank] = None
+    return list(cells.tolist())

@@ -108,7 +108,8 @@ def list_predictions(
 @router.get("/models/{model_id}/drift", response_model=DriftReport)
 def model_drift(model_id: str, session: SessionDep, runtime: RuntimeDep) -> DriftReport:
     """Per feature, how far the logged requests' inputs moved from the training split:
-    population stability index over decile bins, and the share of missing values."""
+    population stability index over decile bins (a category: over its levels, blank and
+    unseen), the share of missing values, and a category's share of unseen levels."""
     record = registry.get(session=session, model_id=model_id)
     settings = runtime.settings
     report = monitoring.model_drift(

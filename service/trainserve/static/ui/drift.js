@@ -1,6 +1,7 @@
 // trainserve dashboard: a drift panel on each model card (GET /models/{id}/drift): per feature,
 // the population stability index of the logged requests against the training data, features
-// over the server's threshold marked. Loaded after app.js; values go in through textContent.
+// over the server's threshold marked; for a category, also the share of levels never seen in
+// training. Loaded after app.js; values go in through textContent.
 "use strict";
 
 (() => {
@@ -38,6 +39,7 @@
         el("td", {}, f.feature),
         el("td", {}, Number(f.psi).toFixed(3)),
         el("td", {}, `${(100 * f.missing_share).toFixed(1)}%`),
+        el("td", { className: "unseen" }, f.unseen_share == null ? "–" : `${(100 * f.unseen_share).toFixed(1)}%`),
         el("td", {}, f.drifted ? "drifted" : "ok"),
       ),
     );
@@ -48,7 +50,7 @@
       el(
         "table",
         { className: "drift-table" },
-        el("thead", {}, el("tr", {}, el("th", {}, "feature"), el("th", {}, "PSI"), el("th", {}, "missing"), el("th", {}, ""))),
+        el("thead", {}, el("tr", {}, el("th", {}, "feature"), el("th", {}, "PSI"), el("th", {}, "missing"), el("th", {}, "unseen"), el("th", {}, ""))),
         el("tbody", {}, ...rows),
       ),
     );
