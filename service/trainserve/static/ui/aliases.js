@@ -4,33 +4,15 @@
 "use strict";
 
 (() => {
-  const root = document.querySelector("script[data-root]").dataset.root || "";
-  const KEY_STORE = "trainserve.apiKey";
   const POLL_MS = 3000;
   const ALIAS = /^[a-z][a-z0-9_-]{0,31}$/;
   const names = new Map(); // model name -> GET /models/by-name/{name}, as last read
 
-  async function call(path, options = {}) {
-    const headers = new Headers(options.headers || {});
-    const key = localStorage.getItem(KEY_STORE) || "";
-    if (key) headers.set("Authorization", `Bearer ${key}`);
-    const response = await fetch(root + path, { ...options, headers });
-    const body = response.status === 204 ? null : await response.json().catch(() => null);
-    if (!response.ok) throw new Error((body && body.detail) || `HTTP ${response.status}`);
-    return body;
-  }
+  const { call } = window.trainserveUi;
 
   const byName = (name) => `/models/by-name/${encodeURIComponent(name)}`;
 
-  function el(tag, attrs = {}, ...children) {
-    const node = document.createElement(tag);
-    for (const [name, value] of Object.entries(attrs)) {
-      if (name === "className") node.className = value;
-      else node.setAttribute(name, value);
-    }
-    for (const child of children) node.append(child);
-    return node;
-  }
+  const { el } = window.trainserveUi;
 
   function render(card) {
     const name = card.dataset.modelName;
@@ -111,11 +93,7 @@
     const holder = document.getElementById("model-cards");
     // app.js replaces the cards when the model list changes: decorate the new ones at once.
     new MutationObserver(() => cards().forEach(render)).observe(holder, { childList: true });
-    const tick = async () => {
-      await refresh().catch(() => {});
-      setTimeout(tick, POLL_MS);
-    };
-    tick();
+    window.trainserveUi.every(refresh, POLL_MS);
   }
 
   start();

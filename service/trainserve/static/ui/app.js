@@ -3,7 +3,8 @@
 "use strict";
 
 (() => {
-  const root = document.querySelector("script[data-root]").dataset.root || "";
+  const { el } = window.trainserveUi;
+  const root = window.trainserveUi.root;
   const KEY_STORE = "trainserve.apiKey";
   const ACTIVE = new Set(["queued", "running"]);
   const JOB_POLL_MS = 1000;
@@ -97,15 +98,6 @@
   const fmtTime = (iso) => (iso ? new Date(iso).toLocaleTimeString() : "–");
   const shortId = (id) => id.slice(0, 8);
 
-  function el(tag, attrs = {}, ...children) {
-    const node = document.createElement(tag);
-    for (const [name, value] of Object.entries(attrs)) {
-      if (name === "className") node.className = value;
-      else node.setAttribute(name, value);
-    }
-    for (const child of children) node.append(child);
-    return node;
-  }
 
   // -- jobs --------------------------------------------------------------------------------
 
@@ -519,17 +511,7 @@
 
   // -- start -------------------------------------------------------------------------------
 
-  function loop(task, everyMs) {
-    const tick = async () => {
-      try {
-        await task();
-      } catch (_err) {
-        // shown by the connection pill and the banner; try again on the next tick
-      }
-      setTimeout(tick, everyMs);
-    };
-    tick();
-  }
+  const loop = window.trainserveUi.every;
 
   function start() {
     $("train-spec").value = defaultSpec();

@@ -3,30 +3,12 @@
 "use strict";
 
 (() => {
-  const script = document.currentScript;
-  const root = (script && script.dataset.root) || "";
-  const KEY_STORE = "trainserve.apiKey"; // the key app.js saves
   const POLL_MS = 3000;
   const state = { listKey: "", selected: null, shown: "" };
 
-  function el(tag, attrs = {}, ...children) {
-    const node = document.createElement(tag);
-    for (const [name, value] of Object.entries(attrs)) {
-      if (name === "className") node.className = value;
-      else node.setAttribute(name, value);
-    }
-    for (const child of children) node.append(child);
-    return node;
-  }
+  const { el } = window.trainserveUi;
 
-  async function getJson(path) {
-    const headers = new Headers();
-    const key = localStorage.getItem(KEY_STORE) || "";
-    if (key) headers.set("Authorization", `Bearer ${key}`);
-    const response = await fetch(root + path, { headers });
-    if (!response.ok) throw new Error(`HTTP ${response.status}`);
-    return response.json();
-  }
+  const getJson = (path) => window.trainserveUi.call(path);
 
   const fmtNumber = (v) => (v === null || v === undefined ? "–" : Number(v).toPrecision(4).replace(/\.?0+$/, ""));
   const fmtShare = (share) => `${(100 * share).toFixed(share && share < 0.001 ? 2 : 1)}%`;
@@ -101,15 +83,7 @@
 
   function start() {
     (document.querySelector("main") || document.body).append($section);
-    const tick = async () => {
-      try {
-        await refresh();
-      } catch (_err) {
-        // app.js shows the connection state and the key banner; try again on the next tick
-      }
-      setTimeout(tick, POLL_MS);
-    };
-    tick();
+    window.trainserveUi.every(refresh, POLL_MS);
   }
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);

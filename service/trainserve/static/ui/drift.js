@@ -5,30 +5,12 @@
 "use strict";
 
 (() => {
-  const root = document.querySelector("script[data-root]").dataset.root || "";
-  const KEY_STORE = "trainserve.apiKey";
   const POLL_MS = 5000;
   const open = new Set(); // model ids whose panel is open: refreshed while open
 
-  async function getJson(path) {
-    const headers = new Headers();
-    const key = localStorage.getItem(KEY_STORE) || "";
-    if (key) headers.set("Authorization", `Bearer ${key}`);
-    const response = await fetch(root + path, { headers });
-    const body = await response.json().catch(() => null);
-    if (!response.ok) throw new Error((body && body.detail) || `HTTP ${response.status}`);
-    return body;
-  }
+  const getJson = (path) => window.trainserveUi.call(path);
 
-  function el(tag, attrs = {}, ...children) {
-    const node = document.createElement(tag);
-    for (const [name, value] of Object.entries(attrs)) {
-      if (name === "className") node.className = value;
-      else node.setAttribute(name, value);
-    }
-    for (const child of children) node.append(child);
-    return node;
-  }
+  const { el } = window.trainserveUi;
 
   function table(report) {
     if (!report.window_rows) return el("p", { className: "empty" }, "no logged requests yet");

@@ -5,33 +5,15 @@
 "use strict";
 
 (() => {
-  const root = document.querySelector("script[data-root]").dataset.root || "";
-  const KEY_STORE = "trainserve.apiKey"; // the key app.js saves
   const POLL_MS = 1500;
   const ENDED = new Set(["complete", "pruned", "failed", "cancelled"]);
   const state = { selected: null, sweep: null, histories: new Map(), listKey: "" };
 
   const $ = (id) => document.getElementById(id);
 
-  function el(tag, attrs = {}, ...children) {
-    const node = document.createElement(tag);
-    for (const [name, value] of Object.entries(attrs)) {
-      if (name === "className") node.className = value;
-      else node.setAttribute(name, value);
-    }
-    for (const child of children) node.append(child);
-    return node;
-  }
+  const { el } = window.trainserveUi;
 
-  async function apiJson(path, options = {}) {
-    const headers = new Headers(options.headers || {});
-    const key = localStorage.getItem(KEY_STORE) || "";
-    if (key) headers.set("Authorization", `Bearer ${key}`);
-    const response = await fetch(root + path, { ...options, headers });
-    const body = await response.json().catch(() => null);
-    if (!response.ok) throw new Error((body && body.detail) || `HTTP ${response.status}`);
-    return body;
-  }
+  const apiJson = window.trainserveUi.call;
 
   const fmt = (v) => (v === null || v === undefined ? "–" : Number(v).toPrecision(4));
   const fmtParam = (v) => (typeof v === "number" && !Number.isInteger(v) ? Number(v).toPrecision(3) : String(v));
@@ -290,17 +272,7 @@
     }
   }
 
-  function loop(task) {
-    const tick = async () => {
-      try {
-        await task();
-      } catch (_err) {
-        // app.js shows the connection state; try again on the next tick
-      }
-      setTimeout(tick, POLL_MS);
-    };
-    tick();
-  }
+  const loop = (task) => window.trainserveUi.every(task, POLL_MS);
 
   build();
   loop(refreshList);
