@@ -118,12 +118,27 @@ def _ended_as(trial: TrialRecord, job: JobRecord | None, model: ModelRecord | No
             return {**values, "state": "failed", "reason": f"its model reports no finite {metric}"}
         values["value"] = float(value)
     elif job.status == JobStatus.PRUNED:
-        values["value"] = float(trial.intermediate[-1][1]) if trial.intermediate else None
+        # The worker stores the pruner's values (trial_ended) just after the job's end; a
+        # look in between reads the same value from the job's row, written with its end.
+        values["value"] = float(trial.intermediate[-1][1]) if trial.intermediate else _last_value(job, metric)
         values["pruned_at"] = trial.pruned_at or job.epoch
         values["reason"] = trial.reason or job.error
     else:
         values["reason"] = job.error
     return values
+
+
+def _last_value(job: JobRecord, metric: str) -> float | None:
+    """The objective at the job's last recorded epoch, as its row holds it."""
+    split, _, name = metric.partition("_")
+    value: Any = None
+    if metric == "train_loss":
+        value = job.train_loss
+    elif metric == "val_loss":
+        value = job.val_loss
+    elif split == "val":
+        value = (job.val_metrics or {}).get(name)
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
 def _sync(session: Session, metric: str, trials: Sequence[TrialRecord]) -> None:
