@@ -24,9 +24,11 @@ IN_FLIGHT = 25
 # core, measured 2026-11-30 on the 2-core shared machine (load average 13-17 from other
 # test runs, so idle p99 itself was 1.8-7.7 s): 1.27, 1.64, 0.74, 1.02. The bound is about twice
 # the worst ratio measured, as the noise of this machine allows: the API at nice 0 must
-# keep its p99 while a nice-10 worker keeps every core busy. Re-measure on an idle machine
-# (bench/load.py) before tightening it further.
-MAX_P99_RATIO = 3.0
+# keep its p99 while the worker keeps every core busy. The worker's default niceness then
+# went from 10 to 5 (docs/performance-16.md), and a clean-clone CI run on a quiet machine
+# measured 3.77 (idle p99 0.32 s, busy 1.19 s): the bound is 6, still well under the old
+# 10. Re-measure on an idle machine (bench/load.py) before tightening it further.
+MAX_P99_RATIO = 6.0
 
 
 @pytest.fixture
