@@ -383,6 +383,16 @@ def _objects_to_rows(rows: list[Any], features: list[str]) -> list[list[Any]]:
     return out
 
 
+def _request_rows(inputs: list[Any], features: list[str], *, max_rows: int) -> list[Any]:
+    """The request's rows, objects keyed by feature turned into lists in feature order;
+    an empty or oversized request refused."""
+    if not inputs:
+        raise _bad("inputs is empty: send at least one row", [])
+    if len(inputs) > max_rows:
+        raise PayloadTooLarge(f"{len(inputs)} rows in one request, the limit is {max_rows}")
+    return _objects_to_rows(inputs, features) if isinstance(inputs[0], dict) else inputs
+
+
 def inputs_to_matrix(
     inputs: list[Any], features: list[str], *, max_rows: int, may_hold_booleans: bool = True
 ) -> np.ndarray:
@@ -391,11 +401,7 @@ def inputs_to_matrix(
     ``may_hold_booleans=False``: the caller saw no ``true``/``false`` in the raw JSON, so
     the one check numpy cannot do (a boolean beside numbers reads as 0 or 1) is skipped.
     """
-    if not inputs:
-        raise _bad("inputs is empty: send at least one row", [])
-    if len(inputs) > max_rows:
-        raise PayloadTooLarge(f"{len(inputs)} rows in one request, the limit is {max_rows}")
-    rows = _objects_to_rows(inputs, features) if isinstance(inputs[0], dict) else inputs
+    rows = _request_rows(inputs, features, max_rows=max_rows)
     width = len(features)
     if len(rows) <= _SMALL_ROWS:
         matrix = _small_matrix(rows, width)
@@ -520,11 +526,7 @@ def inputs_to_raw(inputs: list[Any], plan: FeaturePlan, *, max_rows: int) -> Raw
     """JSON rows (lists in feature order, or objects keyed by feature) with strings for
     categories and null for blanks -> the raw layout, category levels looked up with numpy."""
     features = plan.features
-    if not inputs:
-        raise _bad("inputs is empty: send at least one row", [])
-    if len(inputs) > max_rows:
-        raise PayloadTooLarge(f"{len(inputs)} rows in one request, the limit is {max_rows}")
-    rows = _objects_to_rows(inputs, features) if isinstance(inputs[0], dict) else inputs
+    rows = _request_rows(inputs, features, max_rows=max_rows)
     width = len(features)
     for i, row in enumerate(rows):
         if not isinstance(row, list) or len(row) != width:
