@@ -81,7 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(predict.PredictFastPath, route=predict.predict_route(predict.router.routes))
     app.add_middleware(
         RequestGuard,
-        settings=GuardSettings(settings.api_key, settings.max_body_bytes, settings.max_upload_bytes),
+        settings=GuardSettings(settings.keys_by_name(), settings.max_body_bytes, settings.max_upload_bytes),
     )
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     dashboard.install(app)
@@ -142,7 +142,8 @@ def _complete_openapi(app: FastAPI, settings: Settings) -> None:
             models["Error"] = Error.model_json_schema()
             for unused in ("HTTPValidationError", "ValidationError"):
                 models.pop(unused, None)
-            if settings.api_key:
+            keyed = bool(settings.keys_by_name())
+            if keyed:
                 components["securitySchemes"] = {
                     "bearerAuth": {"type": "http", "scheme": "bearer", "description": "TRAINSERVE_API_KEY"}
                 }
@@ -159,7 +160,7 @@ def _complete_openapi(app: FastAPI, settings: Settings) -> None:
                     if "requestBody" in operation:
                         responses["413"] = _error("The body is larger than the configured limit")
                         responses["415"] = _error("The body is not in a content type this endpoint takes")
-                    if settings.api_key and path not in OPEN_PATHS:
+                    if keyed and path not in OPEN_PATHS:
                         operation["security"] = [{"bearerAuth": []}]
                         responses["401"] = _error("The API key is missing or wrong")
             app.openapi_schema = schema
