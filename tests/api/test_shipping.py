@@ -413,8 +413,10 @@ def _drift_after(
     """The drift report once the log holds ``rows`` rows, the newest of them ``newest``."""
     deadline = time.monotonic() + 10
     while True:
-        report = client.model_drift(model_id)
+        # The log first: a report computed after the newest row was seen includes it (the
+        # other order let a write land between the two and pass a stale report).
         logged = client.list_predictions(model_id, limit=1)
+        report = client.model_drift(model_id)
         last = logged[0].inputs[-1] if logged else None
         if report.window_rows == rows and (newest is None or last == pytest.approx(list(newest))):
             return report
