@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)
 MAX_ROWS_PER_ENTRY = 100
 _BATCH = 256
 # After the first entry of a batch, the writer waits this long for more: one transaction per
-# batch instead of per entry took the log's CPU per entry (with a shadow) from 0.30 ms to
-# 0.05 ms at 64 entries a batch (docs/shipping.md), and a busy API process pays for that CPU
-# in requests. Entries reach the database up to this much later.
+# batch instead of per entry took the log's CPU per entry (with a shadow) from 0.32 ms to
+# 0.06 ms at 64 entries a batch (bench/predlog_writer.py), CPU that a busy API process
+# takes from requests. Entries reach the database up to this much later.
 _LINGER_S = 0.5
 # Inserted through Core, one executemany per batch: the ORM's bulk insert ran one statement
 # per row here (2.6x the CPU per entry with a shadow, measured).
