@@ -33,6 +33,8 @@ from trainserve.training.spec import TrainSpec
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+# The bearer scheme in /openapi.json: which keys it takes.
+DESCRIBE_KEYS = "TRAINSERVE_API_KEY, or one of the named TRAINSERVE_API_KEYS"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -145,7 +147,7 @@ def _complete_openapi(app: FastAPI, settings: Settings) -> None:
             keyed = bool(settings.keys_by_name())
             if keyed:
                 components["securitySchemes"] = {
-                    "bearerAuth": {"type": "http", "scheme": "bearer", "description": "TRAINSERVE_API_KEY"}
+                    "bearerAuth": {"type": "http", "scheme": "bearer", "description": DESCRIBE_KEYS}
                 }
             for path, operations in schema["paths"].items():
                 for operation in operations.values():
