@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import annotated_types
+from pydantic import SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
@@ -80,6 +81,8 @@ def _type_name(annotation: Any) -> str:
         return "JSON object"
     if annotation is Path:
         return "path"
+    if annotation is SecretStr:  # read as a str; "secret" says no message will show it
+        return "str (secret)"
     return getattr(annotation, "__name__", str(annotation))
 
 

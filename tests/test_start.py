@@ -68,6 +68,23 @@ def test_a_bad_setting_names_the_variable_the_value_and_what_is_allowed(tmp_path
     assert not list(tmp_path.glob("*/trainserve*.db"))  # nothing left behind
 
 
+def test_a_bad_api_key_is_named_but_never_shown(tmp_path: Path) -> None:
+    weak, bad_pair, same_twice = "short-key", "alice:also-short", "same-key-0123456789"
+    short, pair, shared = start_all(
+        tmp_path,
+        [
+            {"TRAINSERVE_API_KEY": weak},
+            {"TRAINSERVE_API_KEYS": f"ci:ci-key-0123456789abcdef,{bad_pair}"},
+            {"TRAINSERVE_API_KEY": same_twice, "TRAINSERVE_API_KEYS": f"bob:{same_twice}"},
+        ],
+    )
+    assert "TRAINSERVE_API_KEY=<hidden> is not allowed: TRAINSERVE_API_KEY must be at least 16" in short
+    assert "TRAINSERVE_API_KEYS pair 2 ('alice'): the key must be at least 16 characters" in pair
+    assert "two API keys are the same" in shared
+    for line, secret in ((short, weak), (pair, "also-short"), (pair, "ci-key"), (shared, same_twice)):
+        assert secret not in line
+
+
 def test_an_unusable_database_queue_or_store_is_named(tmp_path: Path) -> None:
     # The tests run as root, which may write anywhere: a path through a plain file is one
     # nobody can create.

@@ -7,10 +7,35 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda|cuda:[0-9]+|mps)$")
+# The name TRAINSERVE_API_KEY goes by in the alias history, beside TRAINSERVE_API_KEYS's.
+DEFAULT_KEY_NAME = "default"
+MIN_KEY_LENGTH = 16
+KEY_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+# The settings whose values no error message repeats (startup.describe_settings_error).
+SECRET_SETTINGS = frozenset({"api_key", "api_keys"})
+
+
+def parse_api_keys(text: str) -> dict[str, str]:
+    """``name:key`` pairs, separated by commas or whitespace, as {name: key}; a ValueError that
+    names the bad pair by its position and name, never by its key."""
+    keys: dict[str, str] = {}
+    for position, pair in enumerate(re.split(r"[,\s]+", text.strip()), start=1):
+        name, colon, key = pair.partition(":")
+        where = f"TRAINSERVE_API_KEYS pair {position}"
+        if not colon:
+            raise ValueError(f"{where} is not name:key")
+        if not KEY_NAME_PATTERN.fullmatch(name):
+            raise ValueError(f"{where}: a key's name is 1-64 letters, digits, '_', '.', '@' or '-'")
+        if name in keys:
+            raise ValueError(f"{where}: the name {name!r} is given twice")
+        if len(key) < MIN_KEY_LENGTH:
+            raise ValueError(f"{where} ({name!r}): the key must be at least {MIN_KEY_LENGTH} characters")
+        keys[name] = key
+    return keys
 
 
 class Settings(BaseSettings):
@@ -75,11 +100,21 @@ class Settings(BaseSettings):
         " `trainserve worker --device` sets. Unset: CUDA when present, else the CPU.",
     )
 
-    api_key: str | None = Field(
+    # Secrets are SecretStr so that no repr, log line or error message shows them.
+    api_key: SecretStr | None = Field(
         default=None,
         description="When set (16 characters at least), every endpoint but `/healthz`, `/readyz`, the docs and the "
         "`/ui` page needs `Authorization: Bearer <key>`. The client and the CLI send `TRAINSERVE_API_KEY`"
-        " too. Unset: no key.",
+        f" too. It is the key named `{DEFAULT_KEY_NAME}` (see `api_keys`). Unset, with `api_keys` unset too: no key,"
+        " and alias moves record no one (`who` null).",
+    )
+    api_keys: SecretStr | None = Field(
+        default=None,
+        description="Named API keys, so that the alias history says who moved what: `name:key` pairs separated by "
+        "commas or whitespace, e.g. `alice:<key>,deploy-bot:<key>`. A name is 1-64 letters, digits, `_`, `.`, `@` "
+        "or `-`; a key 16 characters at least without commas or spaces (`openssl rand -hex 24`); names and keys "
+        "unique. Any of them (and `api_key`) opens the API; the name of the one a request used is recorded as "
+        "`who` in the alias history.",
     )
 
     # Limits that keep one request or one job from taking the machine down.
@@ -327,10 +362,39 @@ class Settings(BaseSettings):
 
     @field_validator("api_key")
     @classmethod
-    def _refuse_weak_key(cls, value: str | None) -> str | None:
-        if value is not None and value != "" and len(value) < 16:
-            raise ValueError("TRAINSERVE_API_KEY must be at least 16 characters")
-        return value or None
+    def _refuse_weak_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if len(value.get_secret_value()) < MIN_KEY_LENGTH:
+            raise ValueError(f"TRAINSERVE_API_KEY must be at least {MIN_KEY_LENGTH} characters")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _named_keys_parse(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        parse_api_keys(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _keys_distinct(self) -> Settings:
+        self.keys_by_name()
+        return self
+
+    def keys_by_name(self) -> dict[str, str]:
+        """Every API key by its name: ``api_keys``, and ``api_key`` as ``default``. Empty: no key."""
+        named = parse_api_keys(self.api_keys.get_secret_value()) if self.api_keys else {}
+        if self.api_key is not None:
+            if DEFAULT_KEY_NAME in named:
+                raise ValueError(
+                    f"TRAINSERVE_API_KEYS names a key {DEFAULT_KEY_NAME!r}, the name TRAINSERVE_API_KEY has: "
+                    "rename one, or move TRAINSERVE_API_KEY into TRAINSERVE_API_KEYS"
+                )
+            named = {DEFAULT_KEY_NAME: self.api_key.get_secret_value(), **named}
+        if len(set(named.values())) < len(named):
+            raise ValueError("two API keys are the same: each name needs its own key (TRAINSERVE_API_KEY(S))")
+        return named
 
     @property
     def resolved_database_url(self) -> str:

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from trainserve.config import Settings
+from trainserve.config import SECRET_SETTINGS, Settings
 
 log = logging.getLogger("trainserve")
 
@@ -70,11 +70,15 @@ def load_settings() -> Settings:
 def describe_settings_error(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
-        field = str(error["loc"][0]) if error["loc"] else "?"
-        variable = f"TRAINSERVE_{field.upper()}"
-        value = error.get("input")
         allowed = error["msg"].removeprefix("Value error, ")
-        problems.append(f"{variable}={value!r} is not allowed: {allowed}")
+        if not error["loc"]:  # a check across settings: its message names them
+            problems.append(allowed)
+            continue
+        field = str(error["loc"][0])
+        variable = f"TRAINSERVE_{field.upper()}"
+        # A key is never repeated, not even a refused one: start errors end up in logs.
+        value = "<hidden>" if field in SECRET_SETTINGS else repr(error.get("input"))
+        problems.append(f"{variable}={value} is not allowed: {allowed}")
     return "bad setting: " + "; ".join(problems)
 
 

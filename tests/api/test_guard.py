@@ -142,7 +142,7 @@ def test_openapi_declares_the_bearer_scheme_for_swaggers_authorize_button(guarde
     assert schema["components"]["securitySchemes"]["bearerAuth"] == {
         "type": "http",
         "scheme": "bearer",
-        "description": "TRAINSERVE_API_KEY",
+        "description": "TRAINSERVE_API_KEY, or one of the named TRAINSERVE_API_KEYS",
     }
     assert schema["paths"]["/datasets"]["post"]["security"] == [{"bearerAuth": []}]
     assert "401" in schema["paths"]["/predict"]["post"]["responses"]

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
+from sqlalchemy import event
 
 import trainserve
 from tests.conftest import Server, moons_spec, start_server, stop_server
+from trainserve.api.app import create_app
 from trainserve.client import TrainserveClient
+from trainserve.config import Settings
 from trainserve.examples import make_wave, to_csv
 
 
@@ -123,3 +128,39 @@ def test_workers_finishing_together_never_share_a_version(two_workers: Server, m
         versions = ts.list_models(name="race")
         assert sorted(m.version or 0 for m in versions) == [1, 2, 3, 4]
         assert {m.id for m in versions} == {job.model_id for job in finished}
+
+
+def test_a_cached_prediction_by_name_or_alias_runs_no_sql(
+    server: Server, client: TrainserveClient, dataset_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Structural, not timed: an API process over the server's own database and store, in
+    this process so that every statement its engine runs is counted."""
+    job = client.wait(client.train(moons_spec(dataset_id, name="nosql", epochs=1)).id)
+    assert job.status == "succeeded", job.error
+    client.set_alias("nosql", "production", 1)
+    for variable, value in {"TRAINSERVE_DATA_DIR": str(server.data_dir), **server.env}.items():
+        monkeypatch.setenv(variable, value)
+    # The log off: its thread writes SQL of its own, off the request's path.
+    monkeypatch.setenv("TRAINSERVE_PREDICTION_LOG_SAMPLE", "0")
+    monkeypatch.setenv("TRAINSERVE_MODEL_CACHE_REVALIDATE_S", "3600")
+    app = create_app(Settings())
+    statements: list[str] = []
+    event.listen(app.state.runtime.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    selectors = [{"name": "nosql"}, {"name": "nosql", "alias": "production"}, {"name": "nosql", "version": 1}]
+
+    # No lifespan: the server ran the migrations, and the process-wide settings it makes
+    # (gc.freeze, malloc thresholds) would outlive this test here.
+    async def predict_all() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://api") as http:
+            for selector in selectors:  # the first of each resolves the name and loads the model
+                assert (await http.post("/predict", json={**selector, "inputs": [[0.1, 0.2]]})).status_code == 200
+            statements.clear()
+            for selector in selectors * 3:
+                answer = await http.post("/predict", json={**selector, "inputs": [[0.1, 0.2]]})
+                assert answer.headers["X-Model-Version"] == "1"
+
+    try:
+        asyncio.run(predict_all())
+    finally:
+        app.state.runtime.engine.dispose()
+    assert statements == []

@@ -8,6 +8,7 @@ SQLite database, queue and store, as two replicas behind a load balancer.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -129,6 +130,7 @@ def test_promote_predict_by_alias_roll_back_and_history(pair: Pair) -> None:
         assert [(a.alias, a.version) for a in named.aliases] == [("production", 1)]
         moves = [(e.from_version, e.to_version, e.note) for e in named.history]
         assert moves == [(2, 1, "roll back"), (1, 2, "try v2"), (None, 1, "v1 is better")]
+        assert {e.who for e in named.history} == {None}  # a server without keys knows nobody
         listed = _cli(pair.a, "aliases", "moons")
         assert listed.returncode == 0, listed.stderr
         assert "production" in listed.stdout
@@ -140,6 +142,75 @@ def test_promote_predict_by_alias_roll_back_and_history(pair: Pair) -> None:
         client.delete_alias("moons", "production", note="done")
         assert _predict(pair.a, name="moons").json()["version"] == 2
         assert client.get_model_name("moons").history[0].to_version is None
+
+
+ALICE_KEY = "alice-key-0123456789abcdef"
+BOB_KEY = "bob-key-0123456789abcdef"
+DEFAULT_KEY = "default-key-0123456789abcdef"
+
+
+def test_the_alias_history_records_which_named_key_moved_it(pair: Pair, tmp_path: Path) -> None:
+    # A third API process on the pair's database, with two named keys and the single key.
+    env = {
+        **pair.a.env,
+        "TRAINSERVE_API_KEYS": f"alice:{ALICE_KEY}, bob:{BOB_KEY}",
+        "TRAINSERVE_API_KEY": DEFAULT_KEY,
+    }
+    keyed = start_server(tmp_path / "keyed", workers=0, env=env)
+    try:
+        with TrainserveClient(pair.a.url, timeout=60) as open_client:
+            dataset = open_client.upload_dataset(pair.moons_csv, "moons.csv")
+            _train(open_client, dataset.id, name="audited", epochs=1)
+            _train(open_client, dataset.id, name="audited", epochs=1)
+        url = f"{keyed.url}/models/by-name/audited/aliases"
+
+        def as_(key: str) -> dict[str, str]:
+            return {"Authorization": f"Bearer {key}"}
+
+        moved = httpx.put(f"{url}/production", json={"version": 1, "note": "first"}, headers=as_(ALICE_KEY))
+        assert moved.status_code == 200, moved.text
+        with TrainserveClient(keyed.url, api_key=BOB_KEY, timeout=60) as bob:
+            bob.set_alias("audited", "production", 2, note="bob's turn")
+        refused = httpx.put(f"{url}/canary", json={"version": 1}, headers=as_(ALICE_KEY + "x"))
+        assert refused.status_code == 401
+        deleted = httpx.delete(f"{url}/production", params={"note": "gone"}, headers=as_(DEFAULT_KEY))
+        assert deleted.status_code == 204, deleted.text
+
+        named = httpx.get(f"{keyed.url}/models/by-name/audited", headers=as_(BOB_KEY)).json()
+        moves = [(e["from_version"], e["to_version"], e["who"]) for e in named["history"]]
+        assert moves == [(2, None, "default"), (1, 2, "bob"), (None, 1, "alice")]  # the 401 left nothing
+        listed = subprocess.run(
+            [sys.executable, "-m", "trainserve", "aliases", "audited", "--url", keyed.url],
+            env={**os.environ, "TRAINSERVE_API_KEY": ALICE_KEY},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert listed.returncode == 0, listed.stderr
+        (row,) = [line.split() for line in listed.stdout.splitlines() if "bob's turn" in line]
+        assert "bob" in row, listed.stdout  # the WHO column
+        assert "WHO" in listed.stdout
+
+        # /ui: the pill of an alias says who moved it there (the page uses the key typed in)
+        with TrainserveClient(keyed.url, api_key=BOB_KEY, timeout=60) as bob:
+            bob.set_alias("audited", "canary", 2, note="canary run")
+        with sync_playwright() as driver:
+            browser = driver.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(TIMEOUT_MS)
+                page.goto(f"{keyed.url}/ui")
+                page.fill("#api-key", ALICE_KEY)
+                page.click("#key-form button[type=submit]")
+                pill = page.locator('article.model[data-model-name="audited"] [data-alias="canary"]')
+                pill.wait_for()
+                assert pill.get_attribute("title") == "canary run — moved here by bob"
+            finally:
+                browser.close()
+    finally:
+        stop_server(keyed)
+    assert not any(key in keyed.log() for key in (ALICE_KEY, BOB_KEY, DEFAULT_KEY))
 
 
 def test_the_prediction_log_records_requests_off_the_request_path(pair: Pair) -> None:
@@ -342,8 +413,10 @@ def _drift_after(
     """The drift report once the log holds ``rows`` rows, the newest of them ``newest``."""
     deadline = time.monotonic() + 10
     while True:
-        report = client.model_drift(model_id)
+        # The log first: a report computed after the newest row was seen includes it (the
+        # other order let a write land between the two and pass a stale report).
         logged = client.list_predictions(model_id, limit=1)
+        report = client.model_drift(model_id)
         last = logged[0].inputs[-1] if logged else None
         if report.window_rows == rows and (newest is None or last == pytest.approx(list(newest))):
             return report

@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import func, select, text, update
+from sqlalchemy import event, func, select, text, update
 
 from trainserve.db import PredictionLogRecord, make_engine, make_session_factory, upgrade_to_head, utcnow
 from trainserve.serving.predlog import LogSettings, PredictionLog, recent
@@ -94,3 +94,23 @@ def test_blank_inputs_are_logged_as_null_on_postgresql_and_read_back_as_missing(
         np.testing.assert_array_equal(rows, [[1.0, np.nan], [np.nan, 2.0]])
         log.close()
         engine.dispose()
+
+
+def test_entries_offered_together_are_written_by_one_insert(tmp_path: Path) -> None:
+    # What keeps the log cheap for the API process that runs it: one executemany INSERT in
+    # one transaction per batch, not one per entry (bench/predlog_writer.py).
+    log = _log(tmp_path)
+    inserts: list[str] = []
+    event.listen(
+        log.sessions.kw["bind"],
+        "before_cursor_execute",
+        lambda *args: inserts.append(args[2]) if args[2].lstrip().upper().startswith("INSERT") else None,
+    )
+    for i in range(20):  # well within the writer's wait for more
+        _offer(log, "a" * 32, float(i))
+    log.flush()
+    assert log.written == 20
+    assert len(inserts) == 1
+    with log.sessions() as session:
+        assert [e.inputs[0][0] for e in recent(session, "a" * 32, 3)] == [19.0, 18.0, 17.0]  # order kept
+    log.close()

@@ -33,6 +33,8 @@ from trainserve.training.spec import TrainSpec
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+# The bearer scheme in /openapi.json: which keys it takes.
+DESCRIBE_KEYS = "TRAINSERVE_API_KEY, or one of the named TRAINSERVE_API_KEYS"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -81,7 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(predict.PredictFastPath, route=predict.predict_route(predict.router.routes))
     app.add_middleware(
         RequestGuard,
-        settings=GuardSettings(settings.api_key, settings.max_body_bytes, settings.max_upload_bytes),
+        settings=GuardSettings(settings.keys_by_name(), settings.max_body_bytes, settings.max_upload_bytes),
     )
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     dashboard.install(app)
@@ -142,9 +144,10 @@ def _complete_openapi(app: FastAPI, settings: Settings) -> None:
             models["Error"] = Error.model_json_schema()
             for unused in ("HTTPValidationError", "ValidationError"):
                 models.pop(unused, None)
-            if settings.api_key:
+            keyed = bool(settings.keys_by_name())
+            if keyed:
                 components["securitySchemes"] = {
-                    "bearerAuth": {"type": "http", "scheme": "bearer", "description": "TRAINSERVE_API_KEY"}
+                    "bearerAuth": {"type": "http", "scheme": "bearer", "description": DESCRIBE_KEYS}
                 }
             for path, operations in schema["paths"].items():
                 for operation in operations.values():
@@ -159,7 +162,7 @@ def _complete_openapi(app: FastAPI, settings: Settings) -> None:
                     if "requestBody" in operation:
                         responses["413"] = _error("The body is larger than the configured limit")
                         responses["415"] = _error("The body is not in a content type this endpoint takes")
-                    if settings.api_key and path not in OPEN_PATHS:
+                    if keyed and path not in OPEN_PATHS:
                         operation["security"] = [{"bearerAuth": []}]
                         responses["401"] = _error("The API key is missing or wrong")
             app.openapi_schema = schema

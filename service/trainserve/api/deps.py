@@ -37,3 +37,14 @@ def get_session(runtime: RuntimeDep) -> Iterator[Session]:
 # scope="function": commit before the response is sent, so a client that reads right
 # after a 201/202 always finds what it created.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+async def get_who(request: Request) -> str | None:
+    """The name of the API key the request came with (api/guard.py put it in the scope);
+    None when the server has no key, so nobody is known."""
+    user = request.scope.get("user")
+    return user.display_name if user is not None and user.is_authenticated else None
+
+
+# Who did it, for the records that keep that (the alias history).
+WhoDep = Annotated[str | None, Depends(get_who)]

@@ -5,8 +5,11 @@ A pure ASGI middleware rather than a FastAPI dependency, because a dependency ru
 FastAPI has already read (and, for multipart, spooled) the whole body: an unauthenticated
 client could make the server swallow gigabytes before hearing 401.
 
-- API key: when one is configured, every path but health and the docs page (with its
-  assets and openapi.json) needs ``Authorization: Bearer <key>``, compared in constant time.
+- API key: when any is configured, every path but health and the docs page (with its
+  assets and openapi.json) needs ``Authorization: Bearer <key>``, compared in constant time
+  with every configured key. The name of the key that matched goes into the scope the
+  Starlette way (``scope["user"]``, a ``SimpleUser``; ``request.user`` reads it), so that a
+  route can record who did something; without a key it is an ``UnauthenticatedUser``.
 - Body size: a ``Content-Length`` over the limit is refused with 413 at once; a body
   without one (chunked) is counted as it streams in and cut with 413 as soon as it
   crosses the limit. Multipart uploads get the upload limit, every other body the
@@ -18,6 +21,7 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 
+from starlette.authentication import AuthCredentials, BaseUser, SimpleUser, UnauthenticatedUser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from trainserve.api.errors import error_response
@@ -48,7 +52,7 @@ class _Limit:
 
 @dataclass(frozen=True)
 class GuardSettings:
-    api_key: str | None
+    api_keys: dict[str, str]  # name -> key; empty: the API is open
     max_body_bytes: int
     max_upload_bytes: int
 
@@ -57,7 +61,7 @@ class RequestGuard:
     def __init__(self, app: ASGIApp, settings: GuardSettings) -> None:
         self.app = app
         self.settings = settings
-        self._expected = b"bearer " + settings.api_key.encode() if settings.api_key else None
+        self._expected = [(name, b"bearer " + key.encode()) for name, key in settings.api_keys.items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -78,13 +82,22 @@ class RequestGuard:
         await self._counted(scope, receive, send, limit, body_expected=chunked or bool(declared))
 
     def _authorize(self, scope: Scope, headers: dict[bytes, bytes]) -> None:
-        if self._expected is None or _is_open(scope):
+        _identify(scope, None)
+        if not self._expected or _is_open(scope):
             return
         given = headers.get(b"authorization", b"")
         scheme, _, token = given.partition(b" ")
-        # The scheme is case-insensitive (RFC 7235); the token is compared in constant time.
-        if not hmac.compare_digest(scheme.lower() + b" " + token.strip(), self._expected):
-            raise Unauthorized("this endpoint needs the API key: send 'Authorization: Bearer <key>'")
+        # The scheme is case-insensitive (RFC 7235); the token is compared in constant time,
+        # with every key and no early exit, so the time taken tells neither whether nor
+        # which key matched.
+        presented = scheme.lower() + b" " + token.strip()
+        matched = None
+        for name, expected in self._expected:
+            if hmac.compare_digest(presented, expected):
+                matched = name
+        if matched is None:
+            raise Unauthorized("this endpoint needs an API key: send 'Authorization: Bearer <key>'")
+        _identify(scope, matched)
 
     def _limit(self, headers: dict[bytes, bytes]) -> _Limit:
         if headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data"):
@@ -132,6 +145,17 @@ class RequestGuard:
                 raise
         if crossed and not started:
             await _refuse(limit.exceeded(), scope, receive, send)
+
+
+_NOBODY: BaseUser = UnauthenticatedUser()
+
+
+def _identify(scope: Scope, key_name: str | None) -> None:
+    """``request.user`` and ``request.auth``, as Starlette's AuthenticationMiddleware sets them."""
+    if key_name is None:
+        scope["user"], scope["auth"] = _NOBODY, AuthCredentials()
+    else:
+        scope["user"], scope["auth"] = SimpleUser(key_name), AuthCredentials(["authenticated"])
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:

@@ -282,7 +282,9 @@ class AliasEvent(_Out):
     from_version: int | None = Field(description="null: the alias was created")
     to_version: int | None = Field(description="null: the alias was deleted")
     note: str | None = None
-    who: str | None = Field(default=None, description="Who moved it, where the API knows an identity")
+    who: str | None = Field(
+        default=None, description="The name of the API key that moved it; null on a server without API keys"
+    )
     created_at: UTCDateTime
 
 

@@ -526,8 +526,8 @@ def _aliases(client: TrainserveClient, args: argparse.Namespace) -> int:
         for event in named.history:
             moved = f"{event.from_version or '-'} -> {event.to_version or '-'}"
             when = event.created_at.strftime("%Y-%m-%d %H:%M:%S")
-            history.append([when, event.alias, moved, event.note or ""])
-        _table(history, ["WHEN", "ALIAS", "VERSION", "NOTE"])
+            history.append([when, event.alias, moved, event.who or "-", event.note or ""])
+        _table(history, ["WHEN", "ALIAS", "VERSION", "WHO", "NOTE"])
     return 0
 
 

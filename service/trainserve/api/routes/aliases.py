@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query, Response
 
-from trainserve.api.deps import RuntimeDep, SessionDep
+from trainserve.api.deps import RuntimeDep, SessionDep, WhoDep
 from trainserve.api.schemas import Alias, AliasEvent, AliasRequest, Model, ModelName, ShadowAgreement
 from trainserve.db import on_commit
 from trainserve.errors import NotFound
@@ -30,11 +30,14 @@ def get_name(name: str, session: SessionDep) -> ModelName:
 
 
 @router.put("/models/by-name/{name}/aliases/{alias}", response_model=Alias)
-def put_alias(name: str, alias: str, body: AliasRequest, session: SessionDep, runtime: RuntimeDep) -> Alias:
+def put_alias(
+    name: str, alias: str, body: AliasRequest, session: SessionDep, runtime: RuntimeDep, who: WhoDep
+) -> Alias:
     """Point ``name@alias`` at a version (creating the alias), atomically, with a note kept in
     the history. ``production`` is the alias that requests naming only the model follow.
-    Other API processes follow the move within TRAINSERVE_MODEL_CACHE_REVALIDATE_S."""
-    record = aliases.set_alias(session, name, alias, body.version, note=body.note)
+    Other API processes follow the move within TRAINSERVE_MODEL_CACHE_REVALIDATE_S. The
+    history records the name of the API key used (``who``; null on a server without keys)."""
+    record = aliases.set_alias(session, name, alias, body.version, note=body.note, who=who)
     on_commit(session, lambda: runtime.names.forget(name))
     return Alias.model_validate(record)
 
@@ -45,9 +48,10 @@ def delete_alias(
     alias: str,
     session: SessionDep,
     runtime: RuntimeDep,
+    who: WhoDep,
     note: str | None = Query(None, max_length=1000, description="Why: kept in the alias history"),
 ) -> Response:
-    aliases.delete_alias(session, name, alias, note=note)
+    aliases.delete_alias(session, name, alias, note=note, who=who)
     on_commit(session, lambda: runtime.names.forget(name))
     return Response(status_code=204)
 

@@ -26,7 +26,7 @@
     }
     const here = info.aliases.filter((a) => a.version === version);
     const pills = here.map((a) =>
-      el("span", { className: "pill alias", title: a.note || "", "data-alias": a.alias }, `@${a.alias}`),
+      el("span", { className: "pill alias", title: tooltip(info, a), "data-alias": a.alias }, `@${a.alias}`),
     );
     if (info.serving_version === version) {
       pills.push(el("span", { className: "pill serving", title: "answers requests naming only the model" }, "serving"));
@@ -39,11 +39,19 @@
       event.preventDefault();
       move(name, input.value.trim(), version, status, button);
     });
-    const shown = pills.map((p) => p.textContent).join(" ");
+    const shown = pills.map((p) => `${p.textContent} ${p.title}`).join(" ");
     // Keep the form (and what is typed in it) while the aliases are unchanged.
     if (box.dataset.shown === shown && box.querySelector("form")) return;
     box.dataset.shown = shown;
     box.replaceChildren(el("span", { className: "alias-pills" }, ...pills), form);
+  }
+
+  // The alias's note, and who moved it here: the name of the API key of its newest move
+  // (history is newest first; who is null on a server without keys).
+  function tooltip(info, alias) {
+    const last = info.history.find((e) => e.alias === alias.alias);
+    const who = last && last.who ? `moved here by ${last.who}` : "";
+    return [alias.note || "", who].filter(Boolean).join(" — ");
   }
 
   async function move(name, alias, version, status, button) {
