@@ -300,6 +300,12 @@ SPECS = {
         spec(columns={"x0": {"missing": "constant", "fill_value": "zero"}}),
     ),
     "split leaving one training row": Case(422, "leaves 1 training row(s) of 200", spec(validation_split=0.999)),
+    "a batch larger than the training rows": Case(
+        422,
+        "validation_split leaves 100 training row(s) of 200, fewer than one batch (batch_size 150): "
+        "set batch_size to at most 100",
+        spec(validation_split=0.5, batch_size=150),
+    ),
     "split and validation_split": Case(
         422, "either validation_split or split", spec(validation_split=0.2, split={"validation": 0.2})
     ),
