@@ -84,6 +84,17 @@ def upload(payload: bytes, filename: str = "bad.csv", **form: str) -> Callable[[
     return lambda _w: {"method": "POST", "url": "/datasets", "files": {"file": (filename, payload)}, "data": form}
 
 
+def raw_upload(payload: bytes, **query: str) -> Callable[[World], dict[str, Any]]:
+    """The file as the body itself (as the Python client sends it), options in the query."""
+    return lambda _w: {
+        "method": "POST",
+        "url": "/datasets",
+        "content": payload,
+        "params": {"filename": "bad.csv", **query},
+        "headers": {"content-type": "text/csv"},
+    }
+
+
 def npz(**arrays: Any) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
@@ -166,6 +177,19 @@ UPLOADS = {
     ),
     "file over the size limit": Case(413, f"limit of {UPLOAD_LIMIT} bytes", upload(b"a,b\n" + b"1,2\n" * UPLOAD_LIMIT)),
     "not multipart": Case(415, "multipart/form-data", lambda _w: {"method": "POST", "url": "/datasets", "data": {}}),
+    "a JSON body": Case(
+        415, "or the table itself as text/csv", lambda _w: {"method": "POST", "url": "/datasets", "json": {}}
+    ),
+    "raw body over the size limit": Case(
+        413, f"limit of {UPLOAD_LIMIT} bytes", raw_upload(b"a,b\n" + b"1,2\n" * UPLOAD_LIMIT)
+    ),
+    "raw body with an unknown query parameter": Case(
+        422, "unexpected query parameter 'delimeter'", raw_upload(b"a;b\n1;2\n", delimeter=";")
+    ),
+    "raw body with a bad delimiter": Case(
+        422, "query parameter 'delimiter': 'ab' is not a delimiter", raw_upload(b"a,b\n1,2\n", delimiter="ab")
+    ),
+    "raw body with a ragged row": Case(422, "row 2 has 3 fields, the header has 2", raw_upload(b"a,b\n1,2\n1,2,3\n")),
     "no file field": Case(
         422,
         "needs a 'file' field",
@@ -276,6 +300,12 @@ SPECS = {
         spec(columns={"x0": {"missing": "constant", "fill_value": "zero"}}),
     ),
     "split leaving one training row": Case(422, "leaves 1 training row(s) of 200", spec(validation_split=0.999)),
+    "a batch larger than the training rows": Case(
+        422,
+        "validation_split leaves 100 training row(s) of 200, fewer than one batch (batch_size 150): "
+        "set batch_size to at most 100",
+        spec(validation_split=0.5, batch_size=150),
+    ),
     "split and validation_split": Case(
         422, "either validation_split or split", spec(validation_split=0.2, split={"validation": 0.2})
     ),

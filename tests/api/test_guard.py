@@ -176,6 +176,7 @@ def test_unauthenticated_streamed_upload_is_refused_without_reading_it(guarded: 
     ("path", "content_type", "limit"),
     [
         ("/datasets", "multipart/form-data; boundary=x", UPLOAD_LIMIT),
+        ("/datasets", "text/csv", UPLOAD_LIMIT),  # the table as the body itself
         ("/train", "multipart/form-data; boundary=x", UPLOAD_LIMIT),
         ("/predict", "application/json", BODY_LIMIT),
         ("/train", "application/json", BODY_LIMIT),
@@ -230,6 +231,7 @@ def _stream_until_answered(server: Server, path: str, content_type: str) -> tupl
     ("path", "content_type", "limit"),
     [
         ("/datasets", "multipart/form-data; boundary=x", UPLOAD_LIMIT),
+        ("/datasets", "application/octet-stream", UPLOAD_LIMIT),
         ("/predict", "application/json", BODY_LIMIT),
     ],
 )
@@ -260,6 +262,11 @@ def test_file_under_the_upload_limit_is_taken(guarded: Server, tmp_path: Path) -
     assert response.status_code == 201, response.text
     assert response.json()["n_rows"] == rows
     assert httpx.delete(f"{guarded.url}/datasets/{response.json()['id']}", headers=AUTH).status_code == 204
+    # as the body itself: the same limit, no multipart framing around it
+    raw = httpx.post(guarded.url + "/datasets", content=payload, headers={**AUTH, "content-type": "text/csv"})
+    assert raw.status_code == 201, raw.text
+    assert raw.json()["n_rows"] == rows
+    assert httpx.delete(f"{guarded.url}/datasets/{raw.json()['id']}", headers=AUTH).status_code == 204
 
 
 def test_json_body_over_the_limit_is_413_even_with_a_valid_request(guarded: Server) -> None:

@@ -78,8 +78,11 @@ def holdout_split(rows: list[list[Any]]) -> tuple[list[int], list[int]]:
     return [i for i in range(len(rows)) if i not in held], sorted(test)
 
 
-def sklearn_accuracy(rows: list[list[Any]], train: list[int], test: list[int]) -> float:
-    """SimpleImputer + OneHotEncoder + StandardScaler + MLPClassifier on the same split."""
+def sklearn_accuracy(
+    rows: list[list[Any]], train: list[int], test: list[int], numbers: int = 3, texts: int = 2
+) -> float:
+    """SimpleImputer + OneHotEncoder + StandardScaler + MLPClassifier on the same split; the
+    first ``numbers`` columns are numbers, the ``texts`` after them categories, the last the label."""
     from sklearn.compose import ColumnTransformer
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.impute import SimpleImputer
@@ -87,18 +90,21 @@ def sklearn_accuracy(rows: list[list[Any]], train: list[int], test: list[int]) -
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-    numbers = np.array([[np.nan if v is None else float(v) for v in row[:3]] for row in rows])
-    texts = np.array([["" if v is None else v for v in row[3:5]] for row in rows], dtype=object)
-    x = np.concatenate([numbers.astype(object), texts], axis=1)
+    number_values = np.array([[np.nan if v is None else float(v) for v in row[:numbers]] for row in rows])
+    text_values = np.array(
+        [["" if v is None else v for v in row[numbers : numbers + texts]] for row in rows], dtype=object
+    ).reshape(len(rows), texts)
+    x = np.concatenate([number_values.astype(object), text_values], axis=1)
     y = np.array([row[-1] for row in rows])
     prepare = ColumnTransformer(
         [
             (
                 "numbers",
                 make_pipeline(SimpleImputer(strategy="median", add_indicator=True), StandardScaler()),
-                [0, 1, 2],
+                list(range(numbers)),
             ),
-            ("categories", OneHotEncoder(handle_unknown="ignore"), [3, 4]),  # a blank ("") is a level of its own
+            # a blank ("") is a level of its own
+            ("categories", OneHotEncoder(handle_unknown="ignore"), list(range(numbers, numbers + texts))),
         ]
     )
     model = make_pipeline(prepare, MLPClassifier(hidden_layer_sizes=(32,), max_iter=300, random_state=0))
@@ -234,3 +240,49 @@ def test_class_weights_a_stratified_test_split_and_the_confusion_plot(
     assert "validation" in detail["evaluation"]
     assert client.confusion_plot(job.model_id or "", part="validation").startswith(b"\x89PNG")
     assert client.http.get(f"/models/{trained['model_id']}/confusion.png").status_code == 409
+
+
+def breast_cancer() -> tuple[list[str], list[list[Any]]]:
+    """scikit-learn's bundled Wisconsin breast cancer table (569 rows, 30 measurements; no
+    network), its label as the class names, and a blank knocked into 3% of three columns."""
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    rng = np.random.default_rng(3)
+    rows: list[list[Any]] = []
+    for features, target in zip(data.data.tolist(), data.target.tolist(), strict=True):
+        row: list[Any] = [*features, str(data.target_names[target])]
+        for j in (0, 7, 21):
+            if rng.random() < 0.03:
+                row[j] = None
+        rows.append(row)
+    return [*data.feature_names.tolist(), "diagnosis"], rows
+
+
+# Training and scoring check the engine and the preprocessing, not the database: the embedded
+# backend suffices (CI time), as in tests/test_guide_parity.py.
+@pytest.mark.parametrize("server", ["sqlite"], indirect=True)
+def test_a_table_a_package_ships_trains_as_pandas_writes_it_and_matches_scikit_learn(
+    client: TrainserveClient, server: Server
+) -> None:
+    header, rows = breast_cancer()
+    train, test = holdout_split(rows)
+    dataset = client.upload_dataset(pandas_csv([rows[i] for i in train], header), "breast_cancer.csv")
+    by_name = {c.name: c for c in dataset.columns}
+    assert (by_name["mean radius"].kind, by_name["diagnosis"].classes) == ("number", ["benign", "malignant"])
+    assert by_name["mean radius"].missing > 0
+    job = client.wait(client.train({**SPEC, "dataset_id": dataset.id}).id, timeout=300)
+    assert job.status == "succeeded", job.error
+    holdout = [rows[i] for i in test]
+    answer = client.http.post(
+        "/predict",
+        params={"model_id": job.model_id},
+        content=pandas_csv(holdout, header),
+        headers={"content-type": "text/csv"},
+    )
+    assert answer.status_code == 200, answer.text
+    predicted = [line["predicted_diagnosis"] for line in csv.DictReader(io.StringIO(answer.text))]
+    accuracy = float(np.mean([p == row[-1] for p, row in zip(predicted, holdout, strict=True)]))
+    reference = sklearn_accuracy(rows, train, test, numbers=len(header) - 1, texts=0)
+    assert accuracy >= reference - 0.02, (accuracy, reference)
+    assert accuracy > 0.9, accuracy

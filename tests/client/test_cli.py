@@ -244,6 +244,30 @@ def test_bad_specs_and_bad_servers_are_reported_in_one_line(server: Server, tmp_
     assert "cannot reach the server at http://127.0.0.1:9" in result.stderr
 
 
+def test_upload_reads_as_told_and_prints_the_profile(server: Server, tmp_path: Path) -> None:
+    table = tmp_path / "eu.csv"
+    table.write_text("x;label\n1,5;a\nn/d;b\n2,25;a\n")
+    result = cli(
+        "upload", table, "--delimiter", "semicolon", "--decimal", ",", "--na-values", '["n/d"]', url=server.url
+    )
+    assert result.returncode == 0, result.stderr
+    first, header, x_line, _ = result.stdout.splitlines()
+    assert first.startswith("dataset ")
+    assert first.endswith(": 3 rows, 2 columns")
+    assert header.split() == ["COLUMN", "KIND", "MISSING", "DISTINCT", "WARNINGS"]
+    assert x_line.split()[:4] == ["x", "number", "1", "2"]
+    as_json = cli("upload", table, "--delimiter", ";", "--json", url=server.url)  # n/d now a word: text
+    assert as_json.returncode == 0, as_json.stderr
+    assert [c["kind"] for c in json.loads(as_json.stdout)["columns"]] == ["category", "category"]
+
+    not_a_list = cli("upload", table, "--na-values", "n/d", url=server.url)
+    assert not_a_list.returncode == 2
+    assert "is not a JSON list of strings" in not_a_list.stderr
+    by_id = cli("train", "0" * 32, "--spec", EXAMPLES / "moons-mlp.json", "--delimiter", ";", url=server.url)
+    assert by_id.returncode == 2
+    assert "--delimiter say how to read a file" in by_id.stderr
+
+
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     running = start_server(tmp_path_factory.mktemp("keyed"), workers=0, env={"TRAINSERVE_API_KEY": "k" * 24})

@@ -148,6 +148,13 @@ async def _every_endpoint(ts: Driver, moons: bytes) -> None:
     assert dataset.n_rows == 200
     assert dataset.id in [d.id for d in await ts("list_datasets")]
     assert (await ts("get_dataset", dataset.id)).sha256 == dataset.sha256
+    # how to read it: the server would sniff ';' and the decimal comma, but not '?' as missing
+    european = b"x;label\n1,5;a\n?;b\n2,25;a\n"
+    read = await ts("upload_dataset", european, "eu.csv", delimiter=";", decimal=",", na_values=["?"])
+    assert [(c.name, c.kind, c.missing) for c in read.columns] == [("x", "number", 1), ("label", "category", 0)]
+    assert read.columns[0].profile is not None
+    assert read.columns[0].profile.max == 2.25
+    await ts("delete_dataset", read.id)
 
     job = await ts("train", moons_spec(dataset.id, epochs=3, name="endpoints"))
     assert isinstance(job, Job)
@@ -161,7 +168,9 @@ async def _every_endpoint(ts: Driver, moons: bytes) -> None:
     assert events[-1].data["model_id"] == done.model_id
 
     # the spec beside its file (the form), then cancelled before it can end on its own
-    long_job = await ts("train", moons_spec(epochs=5000), file=moons, filename="moons.csv")
+    # (as a pipe-separated file, read as the form field says)
+    piped = moons.replace(b",", b"|")
+    long_job = await ts("train", moons_spec(epochs=5000), file=piped, filename="moons.txt", delimiter="|")
     cancelled = await ts("cancel_job", long_job.id)
     assert cancelled.status in (JobStatus.CANCELLED, JobStatus.RUNNING)
     assert (await ts("wait", long_job.id, timeout=60)).status == JobStatus.CANCELLED

@@ -180,7 +180,7 @@ def test_parquet_types_follow_the_contract(tmp_path):
 def test_columns_with_blanks_survive_the_stored_round_trip(tmp_path):
     table = parse_csv(write(tmp_path, "a,b\n1,x\n,\n3,y\n"))
     buffer = io.BytesIO()
-    write_table(table, buffer)  # type: ignore[arg-type]
+    write_table(table, buffer)
     (tmp_path / "t.npz").write_bytes(buffer.getvalue())
     back = read_table(tmp_path / "t.npz")
     assert np.array_equal(back.column("a"), [1.0, np.nan, 3.0], equal_nan=True)

@@ -441,6 +441,24 @@ def test_plan_validation_split_leaving_no_validation_rows():
     assert plan_training(make_spec(validation_split=0.2), five_rows, LIMITS).task == "classification"
 
 
+def test_a_batch_larger_than_the_training_rows_is_refused_naming_batch_size_and_the_split():
+    plan = plan_training(make_spec(batch_size=5), MOONS, LIMITS)
+    with pytest.raises(InvalidInput) as no_split:
+        S.check_batch(make_spec(batch_size=5), MOONS, plan)
+    assert no_split.value.detail == (
+        "the dataset has 4 row(s), fewer than one batch (batch_size 5): set batch_size to at most 4"
+    )
+    assert first_loc(no_split.value) == ["batch_size"]
+    five_rows = schema_of(x0=[0.0, 1, 2, 3, 4], x1=[1.0, 0, 1, 0, 1], label=[0, 1, 0, 1, 0])
+    held_out = make_spec(batch_size=5, validation_split=0.2)
+    with pytest.raises(InvalidInput) as split:
+        S.check_batch(held_out, five_rows, plan_training(held_out, five_rows, LIMITS))
+    assert "validation_split leaves 4 training row(s) of 5" in split.value.detail
+    assert "or hold out a smaller share in validation_split" in split.value.detail
+    assert [e["loc"] for e in split.value.errors] == [["batch_size"], ["validation_split"]]
+    S.check_batch(make_spec(batch_size=4), MOONS, plan)  # one batch exactly: fine
+
+
 def test_plan_batchnorm_needs_batches_of_two():
     model = [linear(8), {"type": "BatchNorm1d"}, "ReLU", linear(2)]
     error = plan_error(make_spec(model=model, batch_size=1), MOONS)

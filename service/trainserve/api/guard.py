@@ -12,8 +12,8 @@ client could make the server swallow gigabytes before hearing 401.
   route can record who did something; without a key it is an ``UnauthenticatedUser``.
 - Body size: a ``Content-Length`` over the limit is refused with 413 at once; a body
   without one (chunked) is counted as it streams in and cut with 413 as soon as it
-  crosses the limit. Multipart uploads get the upload limit, every other body the
-  (smaller) JSON body limit.
+  crosses the limit. Uploads (multipart, or a table as the body of ``POST /datasets``) get
+  the upload limit, every other body the (smaller) JSON body limit.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ OPEN_PATHS = frozenset(
 OPEN_PREFIXES = ("/static/",)
 # Room for the multipart boundaries, part headers and the spec field beside the file.
 MULTIPART_OVERHEAD = 1024 * 1024
+# Where a POST body that is not multipart is a table itself, under the upload limit.
+RAW_UPLOAD_PATHS = frozenset({"/datasets"})
 
 
 class _BodyTooLarge(Exception):
@@ -70,7 +72,7 @@ class RequestGuard:
         headers = _headers(scope)
         try:
             self._authorize(scope, headers)
-            limit = self._limit(headers)
+            limit = self._limit(scope, headers)
             declared = _content_length(headers)
         except TrainserveError as refused:
             await _refuse(refused, scope, receive, send)
@@ -99,10 +101,12 @@ class RequestGuard:
             raise Unauthorized("this endpoint needs an API key: send 'Authorization: Bearer <key>'")
         _identify(scope, matched)
 
-    def _limit(self, headers: dict[bytes, bytes]) -> _Limit:
+    def _limit(self, scope: Scope, headers: dict[bytes, bytes]) -> _Limit:
+        upload = self.settings.max_upload_bytes
         if headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data"):
-            upload = self.settings.max_upload_bytes
             return _Limit(upload + MULTIPART_OVERHEAD, f"the upload is larger than the limit of {upload} bytes")
+        if scope["method"] == "POST" and _path(scope) in RAW_UPLOAD_PATHS:  # the body is the table itself
+            return _Limit(upload, f"the upload is larger than the limit of {upload} bytes")
         body = self.settings.max_body_bytes
         return _Limit(body, f"the request body is larger than the limit of {body} bytes")
 
@@ -166,11 +170,14 @@ def _headers(scope: Scope) -> dict[bytes, bytes]:
     return headers
 
 
-def _is_open(scope: Scope) -> bool:
+def _path(scope: Scope) -> str:
     path: str = scope["path"]
     root: str = scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root) :]
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+def _is_open(scope: Scope) -> bool:
+    path = _path(scope)
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 

@@ -58,11 +58,50 @@ def _connection_flags() -> argparse.ArgumentParser:
     return flags
 
 
+def _reading_flags() -> argparse.ArgumentParser:
+    """How the server is to read a CSV given as a file (default: it sniffs)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--delimiter", help="CSV column separator: one character, or comma, semicolon, tab, pipe")
+    flags.add_argument("--decimal", choices=[".", ","], help="CSV decimal separator")
+    flags.add_argument(
+        "--na-values",
+        type=_na_values,
+        help='cells read as missing, a JSON list such as \'["NA", "?"]\' (replaces the server\'s list)',
+    )
+    return flags
+
+
+def _na_values(raw: str) -> list[str]:
+    try:
+        values = json.loads(raw)
+    except ValueError:
+        values = None
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise argparse.ArgumentTypeError(f'{raw!r} is not a JSON list of strings, such as \'["NA", "?"]\'')
+    return values
+
+
+def _reading(args: argparse.Namespace) -> dict[str, Any]:
+    return {"delimiter": args.delimiter, "decimal": args.decimal, "na_values": args.na_values}
+
+
+def _refuse_reading_without_file(args: argparse.Namespace) -> None:
+    given = [f"--{k.replace('_', '-')}" for k, v in _reading(args).items() if v is not None]
+    if given:
+        raise CommandError(f"{', '.join(given)} say how to read a file: {args.data} is a dataset id, already read")
+
+
 def add_client_commands(commands: Any) -> None:
     """Register the client commands on ``trainserve``'s subparsers."""
     common = [_connection_flags()]
+    reading = [_reading_flags()]
 
-    train = commands.add_parser("train", parents=common, help="upload a table and train a model on it")
+    upload = commands.add_parser("upload", parents=common + reading, help="upload a table; print its id and profile")
+    upload.add_argument("data", type=Path, help="a CSV, TSV, Parquet or .npz file")
+    upload.add_argument("--json", action="store_true", help="print the dataset (with every column's profile) as JSON")
+    upload.set_defaults(run=_with_client(_upload))
+
+    train = commands.add_parser("train", parents=common + reading, help="upload a table and train a model on it")
     train.add_argument("data", help="a CSV or .npz file, or the id of an uploaded dataset")
     train.add_argument("--spec", required=True, type=Path, help="the training spec, a JSON file")
     train.add_argument("--name", help="model name: the model becomes that name's next version")
@@ -134,7 +173,9 @@ def add_client_commands(commands: Any) -> None:
     predictions.add_argument("--json", action="store_true")
     predictions.set_defaults(run=_with_client(_predictions))
 
-    retrain = commands.add_parser("retrain", parents=common, help="train a named model's spec again on a new table")
+    retrain = commands.add_parser(
+        "retrain", parents=common + reading, help="train a named model's spec again on a new table"
+    )
     retrain.add_argument("model", help="NAME (or NAME:VERSION, NAME@ALIAS): whose spec, features and target")
     retrain.add_argument("data", help="a CSV or .npz file holding the model's columns")
     retrain.add_argument(
@@ -211,8 +252,9 @@ def _train(client: TrainserveClient, args: argparse.Namespace) -> int:
     data = Path(args.data)
     if data.is_file():
         spec.pop("dataset_id", None)  # the file given here is the data
-        job = client.train(spec, file=data)
+        job = client.train(spec, file=data, **_reading(args))
     elif _ID.match(args.data):
+        _refuse_reading_without_file(args)
         job = client.train({**spec, "dataset_id": args.data})
     else:
         raise CommandError(f"{args.data} is neither a file nor a dataset id")
@@ -224,6 +266,24 @@ def _train(client: TrainserveClient, args: argparse.Namespace) -> int:
         return 0
     print(f"job {job.id} {job.status}", file=sys.stderr)
     return _follow_job(client, job.id, as_json=args.json)
+
+
+def _upload(client: TrainserveClient, args: argparse.Namespace) -> int:
+    if not args.data.is_file():
+        raise CommandError(f"{args.data} is not a file")
+    dataset = client.upload_dataset(args.data, **_reading(args))
+    if args.json:
+        _print_json(dataset.model_dump(mode="json"))
+        return 0
+    print(f"dataset {dataset.id}: {dataset.n_rows} rows, {len(dataset.columns)} columns")
+    rows = []
+    for column in dataset.columns:
+        profile = column.profile
+        distinct = str(profile.distinct) if profile is not None else "-"
+        warnings = "; ".join(profile.warnings) if profile is not None else ""
+        rows.append([column.name, column.kind, str(column.missing), distinct, warnings])
+    _table(rows, ["COLUMN", "KIND", "MISSING", "DISTINCT", "WARNINGS"])
+    return 0
 
 
 def _follow(client: TrainserveClient, args: argparse.Namespace) -> int:
@@ -564,7 +624,7 @@ def _retrain(client: TrainserveClient, args: argparse.Namespace) -> int:
         spec["init_from"] = f"{model.name}:{source}" if source.isdigit() else f"{model.name}@{source}"
     if args.epochs is not None:
         spec["epochs"] = args.epochs
-    job = client.train(spec, file=data)
+    job = client.train(spec, file=data, **_reading(args))
     if not args.follow:
         print(f"job {job.id} {job.status}; follow it with: trainserve follow {job.id}")
         return 0
@@ -595,7 +655,9 @@ def _paged(fetch: Callable[[int, int], list[Item]], args: argparse.Namespace) ->
 
 
 def _add_sweep_commands(commands: Any, common: list[argparse.ArgumentParser]) -> None:
-    sweep = commands.add_parser("sweep", parents=common, help="search hyperparameters: many trials of a base spec")
+    sweep = commands.add_parser(
+        "sweep", parents=[*common, _reading_flags()], help="search hyperparameters: many trials of a base spec"
+    )
     sweep.add_argument("data", help="a CSV or .npz file, or the id of an uploaded dataset")
     sweep.add_argument("--spec", required=True, type=Path, help="the base training spec, a JSON file")
     sweep.add_argument(
@@ -640,8 +702,9 @@ def _sweep(client: TrainserveClient, args: argparse.Namespace) -> int:
     data = Path(args.data)
     if data.is_file():
         base.pop("dataset_id", None)
-        sweep = client.create_sweep(request, file=data)
+        sweep = client.create_sweep(request, file=data, **_reading(args))
     elif _ID.match(args.data):
+        _refuse_reading_without_file(args)
         sweep = client.create_sweep({**request, "base": {**base, "dataset_id": args.data}})
     else:
         raise CommandError(f"{args.data} is neither a file nor a dataset id")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import httpx
@@ -88,8 +88,18 @@ class TrainserveClient:
     def _send(self, call: Call[T]) -> T:
         return call.read(self.http.send(call.build(self.http)))
 
-    def upload_dataset(self, file: FileArg, filename: str | None = None) -> Dataset:
-        return self._send(endpoints.upload_dataset(file, filename))
+    def upload_dataset(
+        self,
+        file: FileArg,
+        filename: str | None = None,
+        *,
+        delimiter: str | None = None,
+        decimal: str | None = None,
+        na_values: Sequence[str] | None = None,
+    ) -> Dataset:
+        return self._send(
+            endpoints.upload_dataset(file, filename, delimiter=delimiter, decimal=decimal, na_values=na_values)
+        )
 
     def list_datasets(self) -> list[Dataset]:
         return self._send(endpoints.list_datasets())
@@ -100,8 +110,21 @@ class TrainserveClient:
     def delete_dataset(self, dataset_id: str) -> None:
         self._send(endpoints.delete_dataset(dataset_id))
 
-    def train(self, spec: Mapping[str, Any], *, file: FileArg | None = None, filename: str | None = None) -> Job:
-        return self._send(endpoints.train(spec, file=file, filename=filename))
+    def train(
+        self,
+        spec: Mapping[str, Any],
+        *,
+        file: FileArg | None = None,
+        filename: str | None = None,
+        delimiter: str | None = None,
+        decimal: str | None = None,
+        na_values: Sequence[str] | None = None,
+    ) -> Job:
+        return self._send(
+            endpoints.train(
+                spec, file=file, filename=filename, delimiter=delimiter, decimal=decimal, na_values=na_values
+            )
+        )
 
     def get_job(self, job_id: str) -> JobDetail:
         return self._send(endpoints.get_job(job_id))
@@ -245,9 +268,20 @@ class TrainserveClient:
     # -- sweeps and comparison
 
     def create_sweep(
-        self, sweep: Mapping[str, Any], *, file: FileArg | None = None, filename: str | None = None
+        self,
+        sweep: Mapping[str, Any],
+        *,
+        file: FileArg | None = None,
+        filename: str | None = None,
+        delimiter: str | None = None,
+        decimal: str | None = None,
+        na_values: Sequence[str] | None = None,
     ) -> SweepDetail:
-        return self._send(endpoints.create_sweep(sweep, file=file, filename=filename))
+        return self._send(
+            endpoints.create_sweep(
+                sweep, file=file, filename=filename, delimiter=delimiter, decimal=decimal, na_values=na_values
+            )
+        )
 
     def list_sweeps(self, *, limit: int = 100) -> list[Sweep]:
         return self._send(endpoints.list_sweeps(limit=limit))
@@ -309,8 +343,18 @@ class AsyncTrainserveClient:
     async def _send(self, call: Call[T]) -> T:
         return call.read(await self.http.send(call.build(self.http)))
 
-    async def upload_dataset(self, file: FileArg, filename: str | None = None) -> Dataset:
-        return await self._send(endpoints.upload_dataset(file, filename))
+    async def upload_dataset(
+        self,
+        file: FileArg,
+        filename: str | None = None,
+        *,
+        delimiter: str | None = None,
+        decimal: str | None = None,
+        na_values: Sequence[str] | None = None,
+    ) -> Dataset:
+        return await self._send(
+            endpoints.upload_dataset(file, filename, delimiter=delimiter, decimal=decimal, na_values=na_values)
+        )
 
     async def list_datasets(self) -> list[Dataset]:
         return await self._send(endpoints.list_datasets())
@@ -321,8 +365,21 @@ class AsyncTrainserveClient:
     async def delete_dataset(self, dataset_id: str) -> None:
         await self._send(endpoints.delete_dataset(dataset_id))
 
-    async def train(self, spec: Mapping[str, Any], *, file: FileArg | None = None, filename: str | None = None) -> Job:
-        return await self._send(endpoints.train(spec, file=file, filename=filename))
+    async def train(
+        self,
+        spec: Mapping[str, Any],
+        *,
+        file: FileArg | None = None,
+        filename: str | None = None,
+        delimiter: str | None = None,
+        decimal: str | None = None,
+        na_values: Sequence[str] | None = None,
+    ) -> Job:
+        return await self._send(
+            endpoints.train(
+                spec, file=file, filename=filename, delimiter=delimiter, decimal=decimal, na_values=na_values
+            )
+        )
 
     async def get_job(self, job_id: str) -> JobDetail:
         return await self._send(endpoints.get_job(job_id))
@@ -446,9 +503,20 @@ class AsyncTrainserveClient:
     # -- sweeps and comparison
 
     async def create_sweep(
-        self, sweep: Mapping[str, Any], *, file: FileArg | None = None, filename: str | None = None
+        self,
+        sweep: Mapping[str, Any],
+        *,
+        file: FileArg | None = None,
+        filename: str | None = None,
+        delimiter: str | None = None,
+        decimal: str | None = None,
+        na_values: Sequence[str] | None = None,
     ) -> SweepDetail:
-        return await self._send(endpoints.create_sweep(sweep, file=file, filename=filename))
+        return await self._send(
+            endpoints.create_sweep(
+                sweep, file=file, filename=filename, delimiter=delimiter, decimal=decimal, na_values=na_values
+            )
+        )
 
     async def list_sweeps(self, *, limit: int = 100) -> list[Sweep]:
         return await self._send(endpoints.list_sweeps(limit=limit))

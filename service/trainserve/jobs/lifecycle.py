@@ -22,7 +22,7 @@ from trainserve.jobs.workers import check_device
 from trainserve.serving import aliases
 from trainserve.storage.base import Store, new_id
 from trainserve.training import features, warmstart
-from trainserve.training.spec import Limits, TrainingPlan, TrainSpec, plan_training
+from trainserve.training.spec import Limits, TrainingPlan, TrainSpec, check_batch, plan_training
 
 
 def limits_of(settings: Settings) -> Limits:
@@ -63,13 +63,16 @@ def submit(
     *,
     workers_stale_s: float | None = None,
     store: Store | None = None,
+    batch_set: bool | None = None,
 ) -> JobRecord:
     """Validate the spec against the dataset, record a queued job, enqueue it on commit.
 
     With ``workers_stale_s``, a spec asking for a device no live worker has is refused
     (Conflict); if no worker is live at all, the job waits, with a note saying so. With
     ``store``, a spec that asks 'number' of a text column is checked against the data
-    itself, so that the refusal names the rows holding words."""
+    itself, so that the refusal names the rows holding words. A batch_size set in the spec
+    (``batch_set``, by default whether the spec named one) must fit the training rows.
+    """
     schema = TableSchema.from_dicts(dataset.n_rows, dataset.columns)
     plan = plan_training(spec, schema, limits)
     numbers_of_text = [
@@ -79,6 +82,8 @@ def submit(
     ]
     if numbers_of_text and store is not None:
         features.check_numbers(store.load_dataset(dataset.id, dataset.file_sha256), spec)
+    if batch_set if batch_set is not None else "batch_size" in spec.model_fields_set:
+        check_batch(spec, schema, plan)  # after the columns: a table that cannot train at all says so first
     updates: dict[str, Any] = {"dataset_id": dataset.id}
     if spec.init_from is not None:
         # Pinned to the model's id: an alias moved while the job waits must not change its parent.

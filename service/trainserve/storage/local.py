@@ -101,8 +101,7 @@ class LocalStore(Store):
         """Write the parsed table; returns the stored file's sha256."""
         with self.temp_path(".npz") as tmp:
             with open(tmp, "wb") as handle:
-                write_table(table, handle)
-            file_sha256 = sha256_file(tmp)
+                file_sha256 = write_table(table, handle)
             self._publish(tmp, self.dataset_path(dataset_id))
         return file_sha256
 

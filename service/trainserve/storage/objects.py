@@ -31,7 +31,7 @@ from safetensors.torch import save as save_safetensors
 from trainserve.datasets.tables import Table, read_table, write_table
 from trainserve.errors import ChecksumMismatch
 from trainserve.storage.base import Kind, Store, named_by_id
-from trainserve.storage.local import LocalStore, open_checked, sha256_file
+from trainserve.storage.local import LocalStore, open_checked
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,7 @@ class ObjectStore(Store):
         path = self.cache.dataset_path(dataset_id)
         with self.cache.temp_path(".npz") as tmp:
             with open(tmp, "wb") as handle:
-                write_table(table, handle)
-            file_sha256 = sha256_file(tmp)
+                file_sha256 = write_table(table, handle)
             self.fs.put_file(str(tmp), self._remote(path))
             os.replace(tmp, path)  # the uploading node keeps its copy: its workers may be local
         return file_sha256

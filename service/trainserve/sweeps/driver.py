@@ -34,7 +34,7 @@ from trainserve.jobs.status import ENDED, JobStatus
 from trainserve.storage.base import Store, new_id
 from trainserve.sweeps.space import Space, SweepRequest, check_request, space_of, trial_spec
 from trainserve.sweeps.study import Pruning, TrialPruned, TrialView, ask
-from trainserve.training.spec import TrainSpec, plan_training
+from trainserve.training.spec import TrainSpec, check_batch, plan_training
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,9 @@ def submit(
     schema = TableSchema.from_dicts(dataset.n_rows, dataset.columns)
     limits = jobs.limits_of(settings)
     base = base.model_copy(update={"dataset_id": dataset.id})
-    plan_training(base, schema, limits)
+    plan = plan_training(base, schema, limits)
+    if "batch_size" in base.model_fields_set:
+        check_batch(base, schema, plan)
     check_request(
         request,
         base,
@@ -208,7 +210,8 @@ def _start_trial(
         # Checked at submit at the space's extremes; a combination inside it may still fail
         # (e.g. memory at the widest layer and the largest batch): that trial fails, saying why.
         spec = TrainSpec.model_validate(trial_spec(request.base, params))
-        job = jobs.submit(session, queue, spec, dataset, jobs.limits_of(settings))
+        # The base's batch_size was checked when the sweep was made; a sampled one is checked here.
+        job = jobs.submit(session, queue, spec, dataset, jobs.limits_of(settings), batch_set="batch_size" in params)
     except (ValidationError, InvalidInput) as exc:
         trial.state, trial.finished_at = "failed", utcnow()
         trial.reason = f"its spec is invalid: {exc.detail if isinstance(exc, InvalidInput) else exc}"

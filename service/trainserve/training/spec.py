@@ -933,3 +933,27 @@ def _check_split(spec: TrainSpec, schema: TableSchema, targets: list[str], class
         )
     if spec.split is not None and spec.split.stratify and classes is None:
         raise _fail("split.stratify is for classifiers (CrossEntropyLoss, BCEWithLogitsLoss)", ["split", "stratify"])
+
+
+def check_batch(spec: TrainSpec, schema: TableSchema, plan: TrainingPlan) -> None:
+    """A batch_size the user asked for must fit in the rows the split leaves to train on: a
+    batch larger than the training set would silently train full-batch, not as asked.
+
+    Checked where a spec is submitted with its batch_size set (``spec.model_fields_set``); the
+    default (32) on a smaller table trains on every row at once, as it always has."""
+    field = "split" if spec.split is not None else "validation_split"
+    blank_targets = max(_missing_of(_column(schema, name, "target")) for name in plan.targets)
+    n_rows = schema.n_rows - blank_targets
+    n_train, _, _ = split_sizes(n_rows, spec.validation_share, spec.test_share)
+    if n_train >= spec.batch_size:
+        return
+    held_out = spec.validation_share or spec.test_share
+    where = f"{field} leaves {n_train} training row(s) of {n_rows}" if held_out else f"the dataset has {n_rows} row(s)"
+    fix = f"set batch_size to at most {n_train}" + (f" or hold out a smaller share in {field}" if held_out else "")
+    raise InvalidInput(
+        f"{where}, fewer than one batch (batch_size {spec.batch_size}): {fix}",
+        errors=[
+            {"loc": ["batch_size"], "msg": f"larger than the {n_train} training row(s)"},
+            *([{"loc": [field], "msg": f"leaves {n_train} training row(s)"}] if held_out else []),
+        ],
+    )

@@ -9,14 +9,33 @@ from starlette.concurrency import run_in_threadpool
 from trainserve.api.deps import RuntimeDep, SessionDep
 from trainserve.api.runtime import Runtime
 from trainserve.api.schemas import Dataset
-from trainserve.api.uploads import ReceivedFile, receive_form, require_multipart
+from trainserve.api.uploads import ReceivedFile, is_raw_table, receive_body, receive_form
 from trainserve.datasets import catalog as datasets
 from trainserve.db import DatasetRecord
-from trainserve.errors import InvalidInput
+from trainserve.errors import InvalidInput, UnsupportedMediaType
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
+_RAW_BODY: dict[str, Any] = {
+    "schema": {"type": "string", "format": "binary", "description": "the file itself (CSV, TSV, Parquet or .npz)"}
+}
+_RAW_QUERY: list[dict[str, Any]] = [
+    {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": f"with a raw body only: {text}",
+    }
+    for name, text in (
+        ("filename", "the file's name (a label, and a format hint); default none"),
+        ("delimiter", "as the multipart form field"),
+        ("decimal", "as the multipart form field"),
+        ("na_values", "as the multipart form field"),
+    )
+]
 _UPLOAD_BODY: dict[str, Any] = {
+    "parameters": _RAW_QUERY,
     "requestBody": {
         "required": True,
         "content": {
@@ -49,9 +68,12 @@ _UPLOAD_BODY: dict[str, Any] = {
                         },
                     },
                 }
-            }
+            },
+            # or the file itself as the body (the Python client's and the CLI's way), options in the query
+            "text/csv": _RAW_BODY,
+            "application/octet-stream": _RAW_BODY,
         },
-    }
+    },
 }
 
 
@@ -65,6 +87,7 @@ def create_from_upload(session: Session, runtime: Runtime, upload: ReceivedFile)
         sha256=upload.sha256,
         filename=upload.filename,
         options=upload.options,
+        options_in=upload.options_in,
     )
 
 
@@ -72,16 +95,28 @@ def create_from_upload(session: Session, runtime: Runtime, upload: ReceivedFile)
 async def upload_dataset(request: Request, session: SessionDep, runtime: RuntimeDep, response: Response) -> Dataset:
     """Upload a table: CSV/TSV with a header row, Parquet, or an .npz with X and y.
 
-    The answer profiles every column. The same bytes uploaded again make a new dataset
-    that shares the stored table of the first."""
-    require_multipart(request)
-    async with receive_form(request, runtime.store, max_file_bytes=runtime.settings.max_upload_bytes) as form:
-        if form.file is None:
-            raise InvalidInput(
-                "the multipart form needs a 'file' field holding a CSV or .npz",
-                errors=[{"loc": ["body", "file"], "msg": "field required"}],
-            )
-        record = await run_in_threadpool(create_from_upload, session, runtime, form.file)
+    As a multipart form (``file`` and the optional reading options), or as the body itself
+    (``Content-Type: text/csv`` or ``application/octet-stream``) with ``filename`` and the
+    options in the query string. The answer profiles every column. The same bytes uploaded
+    again make a new dataset that shares the stored table of the first."""
+    limit = runtime.settings.max_upload_bytes
+    if is_raw_table(request):
+        async with receive_body(request, runtime.store, max_file_bytes=limit) as upload:
+            record = await run_in_threadpool(create_from_upload, session, runtime, upload)
+    elif request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        async with receive_form(request, runtime.store, max_file_bytes=limit) as form:
+            if form.file is None:
+                raise InvalidInput(
+                    "the multipart form needs a 'file' field holding a CSV or .npz",
+                    errors=[{"loc": ["body", "file"], "msg": "field required"}],
+                )
+            record = await run_in_threadpool(create_from_upload, session, runtime, form.file)
+    else:
+        content_type = request.headers.get("content-type", "")
+        raise UnsupportedMediaType(
+            f"unsupported content type {content_type!r}: send multipart/form-data with a 'file' field, "
+            "or the table itself as text/csv or application/octet-stream (name and options in the query)"
+        )
     response.headers["Location"] = f"/datasets/{record.id}"
     return Dataset.model_validate(record)
 
