@@ -25,15 +25,16 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from trainserve.errors import InvalidInput
+
+# pyarrow is imported in the functions that parse or profile a file: it took 0.1-0.3 s of
+# every start of the API and the workers, which import this module for its schema classes.
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 ColumnType = Literal["int64", "float64", "string"]
 Kind = Literal["number", "integer", "boolean", "category"]
@@ -222,6 +223,9 @@ def describe(
     category_limit: int = DEFAULT_CATEGORY_LIMIT,
 ) -> ColumnInfo:
     """A column's schema entry: dtype, class labels, kind, missing count and profile."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     dtype = _dtype_of(values)
     kind = kind or _KIND_OF_DTYPE[dtype]
     n_rows = len(values)
@@ -504,6 +508,9 @@ def _read_columns(
     quoted: bool,
 ) -> list[pa.ChunkedArray]:
     """Every column as pyarrow typed it (``infer``), or every column as text."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
     read = pacsv.ReadOptions(block_size=_BLOCK_BYTES, use_threads=True)
     # A line break inside quotes makes pyarrow find row ends the slow way (measured 1.5x
     # the whole read): only a file with a quote in it can hold one.
@@ -547,6 +554,9 @@ class _Retry(Exception):
 
 def _typed(name: str, column: pa.ChunkedArray, na_values: tuple[str, ...], decimal: str) -> _Typed:
     """A column as pyarrow read it, in the contract's storage."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     kind = column.type
     n_missing = column.null_count
     if pa.types.is_integer(kind):
@@ -566,6 +576,9 @@ def _typed(name: str, column: pa.ChunkedArray, na_values: tuple[str, ...], decim
 
 def _type_column(name: str, text: pa.ChunkedArray, na_values: tuple[str, ...], decimal: str) -> _Typed:
     """One column of text as int64, float64 (NaN missing), boolean float64 or unicode ("" missing)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     trimmed = pc.utf8_trim_whitespace(text)
     tokens = pa.array(sorted({"", *na_values}), pa.string())
     missing = pc.or_(pc.is_null(trimmed), pc.fill_null(pc.is_in(trimmed, value_set=tokens), True))
@@ -612,6 +625,8 @@ def _stray_words(strings: np.ndarray, numeric: pa.ChunkedArray, n_present: int) 
 
 def _numeric_mask(numeric: pa.ChunkedArray) -> np.ndarray:
     """Which cells parse as numbers (missing cells do not)."""
+    import pyarrow.compute as pc
+
     looks = pc.match_substring_regex(numeric, r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     return np.asarray(pc.fill_null(looks, False).to_numpy(zero_copy_only=False), dtype=bool)
 
@@ -626,6 +641,8 @@ class _Typed:
 
 def parse_csv(path: Path, options: CsvOptions | None = None, *, filename: str | None = None) -> Table:
     """Read a delimited text file with a header row. Row numbers in errors count data rows from 1."""
+    import pyarrow as pa
+
     options = options or CsvOptions()
     quoted = _refuse_nul_bytes(path)
     text = _sample(path)
@@ -732,6 +749,9 @@ def _numeric_column(values: np.ndarray) -> np.ndarray:
 
 def parse_parquet(path: Path) -> Table:
     """Read a Parquet file a record batch at a time; its own types decide each column's kind."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         source = pq.ParquetFile(path)
         names = _header([str(name) for name in source.schema_arrow.names])
@@ -751,6 +771,9 @@ def parse_parquet(path: Path) -> Table:
 
 
 def _parquet_column(name: str, column: pa.ChunkedArray) -> tuple[np.ndarray, Kind]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     kind = column.type
     if pa.types.is_dictionary(kind):
         column = column.cast(kind.value_type)
