@@ -17,6 +17,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from trainserve.config import DEVICE_PATTERN
+from trainserve.jobs.queue import import_huey
 from trainserve.startup import StartError, load_settings, mask, prepare
 
 log = logging.getLogger("trainserve")
@@ -24,6 +25,7 @@ log = logging.getLogger("trainserve")
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings()
+    import_huey(settings.resolved_queue_url)
     # Migrates before any worker starts, so workers never see an old schema. Before the
     # imports below (torch among them: seconds), so that a bad start fails at once.
     prepare(settings)
@@ -146,12 +148,14 @@ class _WorkerSupervisor:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    import_huey(settings.resolved_queue_url)  # before the worker's modules import it
+
     from trainserve.db import make_engine, make_session_factory
     from trainserve.jobs.worker import run_worker
     from trainserve.storage.factory import open_store
     from trainserve.storage.sweep import sweep
 
-    settings = load_settings()
     if args.device:
         settings = settings.model_copy(update={"worker_device": args.device})
     prepare(settings)
