@@ -62,7 +62,7 @@ FOOTER = (
     "\n## Read elsewhere\n\n| variable | meaning |\n| --- | --- |\n"
     + "".join(f"| `{name}` | {meaning} |\n" for name, meaning in ELSEWHERE)
     + """
-`trainserve serve --workers N` starts N worker processes beside the API (`0`: API only);
+`trainserve serve --workers N` starts N worker processes beside the API once it listens (`0`: API only);
 `trainserve worker` runs a worker alone; `trainserve migrate` upgrades the schema (the API
 and workers also do it at start). `trainserve serve --help` lists the other flags.
 """

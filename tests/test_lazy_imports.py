@@ -1,5 +1,7 @@
-"""What `trainserve serve` and a worker import at start: not matplotlib, Alembic or the HTTP
-client, which only some routes or commands use (issue #16: a start 1.45x a bare app's).
+"""What `trainserve serve` and a worker import at start: not matplotlib (plots), Alembic (a
+database to migrate), the HTTP client (client commands), Optuna (sweeps), pyarrow (uploads),
+nor the queue drivers a SQLite queue does not use (redis, psycopg): issue #16, target 7, a
+start within 1.15x of a bare app's (bench/start.py).
 
 Structural, not timed: each check runs in a fresh interpreter and reads sys.modules.
 """
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-LAZY = ("matplotlib", "alembic", "httpx")
+LAZY = ("matplotlib", "alembic", "httpx", "optuna", "pyarrow", "redis", "psycopg")
 
 
 def _imported_after(code: str) -> list[str]:
@@ -33,10 +35,12 @@ def test_serving_an_up_to_date_database_imports_no_plotting_migrations_or_http_c
             check=True,
             timeout=120,
         )
-        # What `serve` runs before uvicorn takes over: the CLI, the app, the schema check.
+        # What `serve` runs before uvicorn takes over: the CLI, Huey for the queue, the app,
+        # the schema check.
         code = (
             "from trainserve import cli\n"
             "cli.build_parser(client_commands=not cli.SERVICE_COMMANDS.issuperset(['serve'])).parse_args(['serve'])\n"
+            f"cli.import_huey({'sqlite:///' + str(Path(tmp) / 'queue.db')!r})\n"
             "from trainserve.api.app import create_app\n"
             "from trainserve.jobs import worker, rescuer\n"
             "from trainserve.storage import sweep\n"
@@ -46,9 +50,29 @@ def test_serving_an_up_to_date_database_imports_no_plotting_migrations_or_http_c
 
 
 def test_the_lazy_modules_arrive_when_first_used():
-    # A plot imports matplotlib, a client command the HTTP client, a new database Alembic.
+    # A plot imports matplotlib, a client command the HTTP client, a new database Alembic,
+    # a sweep's search space Optuna, an upload pyarrow.
     assert _imported_after("from trainserve.serving import plots; plots._new_figure((200, 200))") == ["matplotlib"]
     assert _imported_after("from trainserve import cli; cli.build_parser()") == ["httpx"]
+    space = "from trainserve.sweeps.space import Param; Param('lr', 'log_uniform', (1e-4, 1e-1)).distribution()"
+    assert _imported_after(space) == ["optuna", "redis"]  # Optuna imports redis itself, for its journal storage
+    upload = (
+        "import pathlib, tempfile; from trainserve.datasets.tables import parse_csv\n"
+        "path = pathlib.Path(tempfile.mkdtemp()) / 't.csv'; path.write_text('x,y\\n1,a\\n2,b\\n')\n"
+        "parse_csv(path).schema()"
+    )
+    assert _imported_after(upload) == ["pyarrow"]
     with tempfile.TemporaryDirectory() as tmp:
         code = f"from trainserve.db import upgrade_to_head; upgrade_to_head('sqlite:///{Path(tmp) / 'new.db'}')"
         assert _imported_after(code) == ["alembic"]
+
+
+def test_huey_keeps_the_drivers_of_the_queue_it_is_for():
+    # A Redis or PostgreSQL queue's process imports its driver with Huey; a SQLite queue's
+    # process can still import both later (SQLAlchemy's psycopg for a PostgreSQL database).
+    redis = "from trainserve.jobs.queue import import_huey; import_huey('redis://127.0.0.1:6379/0')"
+    assert _imported_after(redis) == ["redis"]
+    postgres = "from trainserve.jobs.queue import import_huey; import_huey('postgresql://u@127.0.0.1/db')"
+    assert _imported_after(postgres) == ["psycopg"]
+    later = "from trainserve.jobs.queue import import_huey; import_huey('sqlite:///q.db'); import redis, psycopg"
+    assert _imported_after(later) == ["redis", "psycopg"]

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from trainserve.config import DEVICE_PATTERN
+from trainserve.jobs.queue import import_huey
 from trainserve.startup import StartError, load_settings, mask, prepare
 
 log = logging.getLogger("trainserve")
@@ -22,6 +25,7 @@ log = logging.getLogger("trainserve")
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings()
+    import_huey(settings.resolved_queue_url)
     # Migrates before any worker starts, so workers never see an old schema. Before the
     # imports below (torch among them: seconds), so that a bad start fails at once.
     prepare(settings)
@@ -53,7 +57,6 @@ def _serve(args: argparse.Namespace) -> int:
             on_death=lambda pid: expire_leases_of(sessions, worker_name(pid)),
             drain_timeout=settings.drain_timeout_seconds,
         )
-        supervisor.start()
     # uvicorn stops on SIGINT/SIGTERM once the requests in flight are answered, then raises
     # the signal again for the handler it found; with the default one, the process would
     # die right there, before its workers hand their jobs back.
@@ -61,6 +64,16 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(stop_signal, lambda signum, _frame: log.info("received %s", signal.Signals(signum).name))
 
     class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            # The workers start once the API listens, not before: each imports torch and
+            # the rest for seconds, and on a machine of few cores a worker starting beside
+            # the API delayed its first answer by a third (bench/start.py). A queued job
+            # waits for the worker's start either way. uvicorn exits in super().startup()
+            # when it cannot listen, so a failed start spawns no worker.
+            if supervisor is not None and not self.should_exit:
+                supervisor.start()
+
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             # The workers start handing their jobs back now, while uvicorn answers the
             # requests in flight: a job must not run on to its end during a slow upload.
@@ -135,12 +148,14 @@ class _WorkerSupervisor:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    import_huey(settings.resolved_queue_url)  # before the worker's modules import it
+
     from trainserve.db import make_engine, make_session_factory
     from trainserve.jobs.worker import run_worker
     from trainserve.storage.factory import open_store
     from trainserve.storage.sweep import sweep
 
-    settings = load_settings()
     if args.device:
         settings = settings.model_copy(update={"worker_device": args.device})
     prepare(settings)
@@ -274,6 +289,13 @@ def build_parser(*, client_commands: bool = True) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     first = (sys.argv[1:] if argv is None else argv)[:1]
+    if first == ["serve"]:
+        # No cyclic collection while `serve` starts: everything imported and built then
+        # (torch alone is ~300,000 objects) lives as long as the process, so each full pass
+        # the imports trigger walks them all and frees nothing. That was a fifth of the
+        # start's CPU time (bench/start.py). The app's lifespan freezes what the start
+        # built and turns the collector back on (api/app.py).
+        gc.disable()
     args = build_parser(client_commands=not SERVICE_COMMANDS.issuperset(first) or not first).parse_args(argv)
     try:
         result: int = args.run(args)

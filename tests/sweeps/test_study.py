@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from trainserve.sweeps.space import SweepRequest, space_of
-from trainserve.sweeps.study import Pruning, TrialPruned, TrialView, ask
+from trainserve.sweeps.study import Pruning, ask
+from trainserve.sweeps.trials import TrialPruned, TrialView
 
 BASE = {"optimizer": {"type": "Adam", "lr": 0.01}, "batch_size": 8, "epochs": 10, "validation_split": 0.2}
 

@@ -26,15 +26,16 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal, cast
+from typing import IO, TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from trainserve.errors import InvalidInput
+
+# pyarrow is imported in the functions that parse or profile a file: it took 0.1-0.3 s of
+# every start of the API and the workers, which import this module for its schema classes.
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 ColumnType = Literal["int64", "float64", "string"]
 Kind = Literal["number", "integer", "boolean", "category"]
@@ -275,6 +276,9 @@ def _most_frequent_first(pairs: Any) -> list[tuple[Any, int]]:
 def _text_counts(present: np.ndarray) -> tuple[int, np.ndarray | None, list[tuple[Any, int]]]:
     """Distinct count, sorted distinct values (when few enough to be classes) and the values'
     counts, most frequent first: one hashed pass (pyarrow), where numpy sorts text."""
+    import pyarrow as pa  # here, not at import: the API starts without pyarrow (docs/performance-16.md)
+    import pyarrow.compute as pc
+
     if not len(present):
         return 0, None, []
     tally = pc.value_counts(pa.array(present))
@@ -551,6 +555,9 @@ def _read_columns(
     quoted: bool,
 ) -> list[pa.ChunkedArray]:
     """Every column as pyarrow typed it (``infer``), or every column as text."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
     read = pacsv.ReadOptions(block_size=_BLOCK_BYTES, use_threads=True)
     # A line break inside quotes makes pyarrow find row ends the slow way (measured 1.5x
     # the whole read): only a file with a quote in it can hold one.
@@ -594,6 +601,9 @@ class _Retry(Exception):
 
 def _typed(name: str, column: pa.ChunkedArray, na_values: tuple[str, ...], decimal: str) -> _Typed:
     """A column as pyarrow read it, in the contract's storage."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     kind = column.type
     n_missing = column.null_count
     if pa.types.is_integer(kind):
@@ -613,6 +623,9 @@ def _typed(name: str, column: pa.ChunkedArray, na_values: tuple[str, ...], decim
 
 def _type_column(name: str, text: pa.ChunkedArray, na_values: tuple[str, ...], decimal: str) -> _Typed:
     """One column of text as int64, float64 (NaN missing), boolean float64 or unicode ("" missing)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     trimmed = pc.utf8_trim_whitespace(text)
     tokens = pa.array(sorted({"", *na_values}), pa.string())
     missing = pc.or_(pc.is_null(trimmed), pc.fill_null(pc.is_in(trimmed, value_set=tokens), True))
@@ -659,6 +672,8 @@ def _stray_words(strings: np.ndarray, numeric: pa.ChunkedArray, n_present: int) 
 
 def _numeric_mask(numeric: pa.ChunkedArray) -> np.ndarray:
     """Which cells parse as numbers (missing cells do not)."""
+    import pyarrow.compute as pc
+
     looks = pc.match_substring_regex(numeric, r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     return np.asarray(pc.fill_null(looks, False).to_numpy(zero_copy_only=False), dtype=bool)
 
@@ -673,6 +688,8 @@ class _Typed:
 
 def parse_csv(path: Path, options: CsvOptions | None = None, *, filename: str | None = None) -> Table:
     """Read a delimited text file with a header row. Row numbers in errors count data rows from 1."""
+    import pyarrow as pa
+
     options = options or CsvOptions()
     quoted = _refuse_nul_bytes(path)
     text = _sample(path)
@@ -779,6 +796,9 @@ def _numeric_column(values: np.ndarray) -> np.ndarray:
 
 def parse_parquet(path: Path) -> Table:
     """Read a Parquet file a record batch at a time; its own types decide each column's kind."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         source = pq.ParquetFile(path)
         names = _header([str(name) for name in source.schema_arrow.names])
@@ -798,6 +818,9 @@ def parse_parquet(path: Path) -> Table:
 
 
 def _parquet_column(name: str, column: pa.ChunkedArray) -> tuple[np.ndarray, Kind]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     kind = column.type
     if pa.types.is_dictionary(kind):
         column = column.cast(kind.value_type)

@@ -32,7 +32,8 @@ from trainserve.storage.factory import open_store
 from trainserve.training import loop
 
 if TYPE_CHECKING:
-    from trainserve.sweeps.study import Pruning, TrialPruned
+    from trainserve.sweeps.study import Pruning
+    from trainserve.sweeps.trials import TrialPruned
 
 log = logging.getLogger(__name__)
 

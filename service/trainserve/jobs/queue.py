@@ -7,15 +7,18 @@ a worker passes the function that runs an entry.
 
 from __future__ import annotations
 
+import importlib
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from huey import Huey, PostgresHuey, RedisHuey, SqliteHuey
-
 from trainserve.config import Settings
+
+if TYPE_CHECKING:
+    from huey import Huey
 
 # An entry names its task by module and name. This module used to be ``service.jobs``:
 # the task keeps that identity, so entries queued by any earlier version still run (an
@@ -45,8 +48,42 @@ class JobQueue:
             close()
 
 
+# The drivers huey.storage imports at its own import whenever they are installed, and the
+# queue URL schemes that use each.
+_DRIVERS = {"redis": ("redis", "rediss", "unix"), "psycopg": ("postgresql", "postgres")}
+
+
+def import_huey(url: str) -> None:
+    """Import Huey without the queue drivers that the queue at ``url`` does not use.
+
+    huey.storage imports redis and psycopg if they are installed, used or not: 100 ms of
+    CPU, a tenth of `trainserve serve`'s start beyond a bare app (bench/start.py), in every
+    process whose queue is a SQLite file. Python refuses an import whose ``sys.modules``
+    entry is None, so Huey takes such a driver for missing (its storage classes for it are
+    then unusable in this process); the entries are removed at once, so that anything else
+    (SQLAlchemy's psycopg dialect for a PostgreSQL database) imports the driver as usual.
+
+    Only for a process whose queue URL is fixed for its life (the CLI's service commands):
+    it does nothing once Huey is imported.
+    """
+    if "huey" in sys.modules:
+        return
+    scheme = urlparse(url).scheme.split("+")[0]
+    hidden = [m for m, schemes in _DRIVERS.items() if scheme not in schemes and m not in sys.modules]
+    for module in hidden:
+        sys.modules[module] = None  # type: ignore[assignment]
+    try:
+        importlib.import_module("huey")
+    finally:
+        for module in hidden:
+            if sys.modules.get(module, "") is None:
+                del sys.modules[module]
+
+
 def huey_for(url: str, name: str) -> Huey:
     """The Huey instance a queue URL names: a SQLite file (embedded), Redis or Postgres (shared)."""
+    from huey import PostgresHuey, RedisHuey, SqliteHuey
+
     parsed = urlparse(url)
     scheme = parsed.scheme.split("+")[0]
     if scheme == "sqlite":

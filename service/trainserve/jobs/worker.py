@@ -37,7 +37,7 @@ from trainserve.jobs.status import JobStatus
 from trainserve.jobs.workers import WorkerPresence, devices_here
 from trainserve.storage.base import new_id
 from trainserve.sweeps import driver as sweeps
-from trainserve.sweeps.study import TrialPruned
+from trainserve.sweeps.trials import TrialPruned
 from trainserve.training import features, loop, native, threads
 from trainserve.training.spec import TrainingPlan, TrainSpec, plan_training
 

@@ -18,7 +18,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from sqlalchemy import func, select, update
@@ -33,8 +33,11 @@ from trainserve.jobs.queue import JobQueue
 from trainserve.jobs.status import ENDED, JobStatus
 from trainserve.storage.base import Store, new_id
 from trainserve.sweeps.space import Space, SweepRequest, check_request, space_of, trial_spec
-from trainserve.sweeps.study import Pruning, TrialPruned, TrialView, ask
+from trainserve.sweeps.trials import TrialPruned, TrialView
 from trainserve.training.spec import TrainSpec, check_batch, plan_training
+
+if TYPE_CHECKING:
+    from trainserve.sweeps.study import Pruning
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +205,9 @@ def _start_trial(
     dataset: DatasetRecord,
 ) -> TrialRecord:
     number = len(trials)
-    params, system_attrs = ask(request, space, [view(t) for t in trials])
+    from trainserve.sweeps import study  # imports Optuna: only a sweep's trials need it
+
+    params, system_attrs = study.ask(request, space, [view(t) for t in trials])
     trial = TrialRecord(
         sweep_id=sweep.id, number=number, params=params, system_attrs=system_attrs, state="active", intermediate=[]
     )
@@ -288,7 +293,9 @@ def pruning_for(
             )
             return [view(t) for t in rows]
 
-    return Pruning(request, space_of(request), params, others, refresh_s=refresh_s, clock=clock)
+    from trainserve.sweeps import study  # imports Optuna: only a sweep's trials need it
+
+    return study.Pruning(request, space_of(request), params, others, refresh_s=refresh_s, clock=clock)
 
 
 # -- reading and cancelling -------------------------------------------------------------------

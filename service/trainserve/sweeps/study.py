@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -22,6 +21,7 @@ from optuna.samplers import BaseSampler, GridSampler, RandomSampler, TPESampler
 from optuna.trial import TrialState, create_trial
 
 from trainserve.sweeps.space import Pruner, Space, SweepRequest
+from trainserve.sweeps.trials import TrialPruned, TrialView
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -34,18 +34,6 @@ _STATES = {
     "failed": TrialState.FAIL,
     "cancelled": TrialState.FAIL,
 }
-
-
-@dataclass(frozen=True)
-class TrialView:
-    """What the study needs of one trial row."""
-
-    number: int
-    params: dict[str, Any]
-    state: str
-    value: float | None = None
-    intermediate: Sequence[Sequence[Any]] = ()
-    system_attrs: dict[str, Any] = field(default_factory=dict)
 
 
 def sampler_for(request: SweepRequest, space: Space, number: int) -> BaseSampler:
@@ -109,14 +97,6 @@ def median_at(trials: Sequence[TrialView], epoch: int) -> float | None:
     """The median value of the complete trials at ``epoch`` (for the pruned trial's reason)."""
     values = [float(v) for t in trials if t.state == "complete" for e, v in t.intermediate if int(e) == epoch]
     return statistics.median(values) if values else None
-
-
-class TrialPruned(Exception):
-    """Raised from a trial's epoch hook when the sweep's pruner stops it."""
-
-    def __init__(self, epoch: int, reason: str) -> None:
-        super().__init__(reason)
-        self.epoch, self.reason = epoch, reason
 
 
 class Pruning:
