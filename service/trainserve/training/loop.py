@@ -787,18 +787,21 @@ def choose_steps(
     if reason is not None:
         return eager, [f"training loop: eager PyTorch ({reason})"]
     try:
-        started = time.perf_counter()
-        steps = native.NativeSteps(spec, plan.in_features, plan.task, model, optimizer)
-        how = "from the on-disk cache" if steps.cached else f"compiled in {time.perf_counter() - started:.2f} s"
+        started, measured = time.perf_counter(), False
         if resumed == "native":
             why = "the checkpoint this run resumes from ran native"
         elif choice == "native":
             why = "TRAINSERVE_NATIVE_CHOICE=native"
         else:
-            figures = _measured(spec, plan, model, loss_fn, optimizer, data)
+            figures, measured = _measured(spec, plan, model, loss_fn, optimizer, data)
             if figures.loop == "eager":
                 return eager, [f"training loop: eager PyTorch (faster here: {figures.describe()})"]
             why = f"faster here: {figures.describe()}"
+        steps = native.NativeSteps(spec, plan.in_features, plan.task, model, optimizer)
+        took = time.perf_counter() - started
+        how = f"compiled in {took:.2f} s" if not steps.cached else "from the on-disk cache"
+        if measured:  # the measurement loaded (and maybe compiled) the library
+            how = f"compiled if not cached and measured in {took:.2f} s"
         return steps, [
             f"training loop: native (the whole step as generated C, {steps.chunk_steps} steps per call; {how}; {why})"
         ]
@@ -813,13 +816,13 @@ def _measured(
     loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer,
     data: _Data,
-) -> crossover.Figures:
+) -> tuple[crossover.Figures, bool]:
     """This shape's kept measurement on this machine, taken now on throwaway copies of the
-    network and optimizer if there is none yet."""
+    network and optimizer if there is none yet; and whether it was taken now."""
     source, _ = native.generate(spec, plan.in_features, plan.task)
     figures = crossover.lookup(source)
     if figures is not None:
-        return figures
+        return figures, False
     # Copies, so the job's weights, optimizer state and random streams are untouched (fresh
     # optimizers: load_state_dict would share the job's state tensors, not copy them).
     with torch.random.fork_rng(devices=[]):
@@ -834,7 +837,7 @@ def _measured(
         fast = native.NativeSteps(spec, plan.in_features, plan.task, native_model, native_optimizer)
         rows = data.train_rows if data.train_rows is not None else torch.arange(len(data.x))
         measured = crossover.measure(eager, fast, data.x, data.y, rows, spec.batch_size)
-    return crossover.record(source, measured)
+    return crossover.record(source, measured), True
 
 
 @dataclass(frozen=True)

@@ -88,9 +88,23 @@ class AbiMismatch(ValueError):
     error in the caller, raised before any pointer crosses into C."""
 
 
+_settings: tuple[Any, Settings] | None = None
+
+
 def native_settings() -> Settings:
-    """The native path's settings, read afresh: tests and processes set them by environment."""
-    return Settings()
+    """The native path's settings, read afresh whenever the ``TRAINSERVE_*`` environment or
+    the .env file changed (tests and processes set them by environment). Kept otherwise:
+    building Settings takes about 15 ms, and a job reads them several times."""
+    global _settings
+    env_file: tuple[int, int] | None = None
+    with contextlib.suppress(OSError):
+        info = os.stat(".env")
+        env_file = (info.st_mtime_ns, info.st_size)
+    environment = sorted((k, v) for k, v in os.environ.items() if k.upper().startswith("TRAINSERVE_"))
+    key = (tuple(environment), os.getcwd(), env_file)
+    if _settings is None or _settings[0] != key:
+        _settings = (key, Settings())
+    return _settings[1]
 
 
 def cache_dir() -> Path:
