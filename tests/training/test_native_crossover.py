@@ -217,8 +217,9 @@ def test_the_key_names_what_the_timing_depends_on(monkeypatch):
 # -- the measurement protocol, on steppers whose costs are known ---------------------------------------
 
 
-class Sleeper:
-    """A stepper whose step costs ``base + per_row * rows`` seconds; it notes the rows it saw."""
+class Spinner:
+    """A stepper whose step costs ``base + per_row * rows`` seconds of this thread's CPU time
+    (spent spinning, so that wall time is at least that too); it notes the rows it saw."""
 
     def __init__(self, base: float, per_row: float, batch_size: int) -> None:
         self.base, self.per_row, self.batch_size = base, per_row, batch_size
@@ -237,16 +238,18 @@ class Sleeper:
         for b in range(start, stop):
             rows = len(order[b * self.batch_size : (b + 1) * self.batch_size])
             self.rows.append(rows)
-            time.sleep(self.base + self.per_row * rows)
+            until = time.thread_time() + self.base + self.per_row * rows
+            while time.thread_time() < until:
+                pass
 
 
-def measure(eager: Sleeper, fast: Sleeper, batch_size: int) -> crossover.Figures:
+def measure(eager: Spinner, fast: Spinner, batch_size: int) -> crossover.Figures:
     x, y = torch.zeros(10, 2), torch.zeros(10)
     return crossover.measure(eager, fast, x, y, torch.arange(10), batch_size)
 
 
 def test_measure_picks_native_where_its_steps_are_ten_times_cheaper():
-    eager, fast = Sleeper(0.004, 0.0, 16), Sleeper(0.0, 0.0004 / 16, 16)
+    eager, fast = Spinner(0.004, 0.0, 16), Spinner(0.0, 0.0004 / 16, 16)
     figures = measure(eager, fast, 16)
     assert figures.loop == "native"
     assert figures.native_rows == 16
@@ -255,7 +258,7 @@ def test_measure_picks_native_where_its_steps_are_ten_times_cheaper():
 
 def test_measure_stops_early_where_native_is_clearly_slower():
     batch = 256
-    eager, fast = Sleeper(0.002, 0.0, batch), Sleeper(0.0, 0.2 / batch, batch)  # native 100x at the batch
+    eager, fast = Spinner(0.002, 0.0, batch), Spinner(0.0, 0.2 / batch, batch)  # native 100x at the batch
     figures = measure(eager, fast, batch)
     assert figures.loop == "eager"
     assert figures.native_rows < batch  # stopped on a partial batch...

@@ -17,8 +17,7 @@ network and its own rows, and the answer is kept in a JSON file beside the compi
 - a file that is not ours, not valid, or made for another machine is ignored and
   replaced; the folder rules are the native cache's (0700, this user's).
 
-The timing costs a few eager steps' worth (tens of milliseconds for small networks, about
-half a second for a 4,096-row batch of a 74k-parameter network on a loaded 2-core machine),
+The timing costs about 0.2 s, or a few eager steps' worth where one is longer than 15 ms,
 once per shape per machine. Where native is far slower the measurement stops early: native
 steps are timed on growing partial batches, and a step's cost only grows with its rows.
 """
@@ -35,9 +34,11 @@ import math
 import os
 import platform
 import stat
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,8 +48,11 @@ import torch
 from trainserve.training import native
 
 FORMAT = 1
-CHUNK_S = 0.004  # a timed call lasts at least this long, so the clock's and the call's costs vanish
-ROUNDS = 3  # timed calls per loop, interleaved; the fastest counts (load only ever adds time)
+# A timed call lasts at least this long: over several of the scheduler's time slices, so that
+# on a busy machine it sees what a whole run sees (eager loses more than native to other
+# processes: its caches are refilled after each switch), and the clock's cost vanishes.
+CHUNK_S = 0.015
+ROUNDS = 5  # timed calls per loop, interleaved so both see the same load; the median counts
 MAX_CHUNK_STEPS = 64
 # A native partial step this many times slower than a whole eager step ends the measurement:
 # native's cost only grows with the rows, and the margin covers the call's fixed cost.
@@ -214,11 +218,19 @@ def record(source: str, figures: Figures) -> Figures:
     return figures
 
 
+def _clock() -> Callable[[], float]:
+    """This thread's CPU time when torch runs on it alone (the native loop always does): on a
+    busy machine, time spent waiting for a core is the other processes', not the loop's, and
+    would only add noise. Wall time when torch has a pool of threads: their work counts."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
 def _seconds(steps: Stepper, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, n_steps: int) -> float:
     loss_sum = torch.zeros((), dtype=torch.float32)
-    started = time.perf_counter()
+    clock = _clock()
+    started = clock()
     steps.run(x, y, order, 0, n_steps, loss_sum)
-    return time.perf_counter() - started
+    return clock() - started
 
 
 def measure(
@@ -246,11 +258,13 @@ def measure(
         m = min(bs, m * 4)
     native_s = _seconds(fast, x, y, order(bs), 1)
     native_k = max(1, min(MAX_CHUNK_STEPS, math.ceil(CHUNK_S / native_s)))
-    eager_best, native_best = eager_s, native_s
+    eager_rounds: list[float] = []
+    native_rounds: list[float] = []
     for _ in range(ROUNDS):
-        eager_best = min(eager_best, _seconds(eager, x, y, order(eager_k * bs), eager_k) / eager_k)
-        native_best = min(native_best, _seconds(fast, x, y, order(native_k * bs), native_k) / native_k)
-    return _figures("native" if native_best < eager_best else "eager", native_best, eager_best, bs, bs)
+        eager_rounds.append(_seconds(eager, x, y, order(eager_k * bs), eager_k) / eager_k)
+        native_rounds.append(_seconds(fast, x, y, order(native_k * bs), native_k) / native_k)
+    eager_mid, native_mid = statistics.median(eager_rounds), statistics.median(native_rounds)
+    return _figures("native" if native_mid < eager_mid else "eager", native_mid, eager_mid, bs, bs)
 
 
 def _figures(loop: str, native_s: float, eager_s: float, batch_size: int, native_rows: int) -> Figures:
