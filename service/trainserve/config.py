@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -353,6 +353,12 @@ class Settings(BaseSettings):
         description="Where compiled native code is kept (created 0700; a folder that is not the process's "
         "own, or that group or others can write, is refused). Default: $XDG_CACHE_HOME/trainserve/native "
         "or ~/.cache/trainserve/native.",
+    )
+    native_choice: Literal["measure", "native", "eager"] = Field(
+        default="measure",
+        description="How a training job that the native loop can run picks its loop. measure: the faster on "
+        "this machine, timed once per shape and kept beside the compiled code (docs/native.md); native: "
+        "the native loop wherever it can run; eager: eager PyTorch always (the row-wise serving pass stays).",
     )
     native_compiler: str | None = Field(
         default=None,

@@ -9,6 +9,7 @@ the device, read back once per epoch rather than once per step.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -22,8 +23,8 @@ import torch
 from torch import nn
 
 from trainserve.errors import CheckpointMismatch, DeviceUnavailable, NativeUnavailable, TrainingDiverged
+from trainserve.training import crossover, native
 from trainserve.training import metrics as metrics_lib
-from trainserve.training import native
 from trainserve.training import spec as S
 from trainserve.training import threads as T
 from trainserve.training.network import TabularNet, outputs_to_probabilities
@@ -417,6 +418,8 @@ class _Run:
         self.history: list[EpochReport] = []
         self.early = _EarlyStopping(spec.early_stopping) if spec.early_stopping else None
         self.stopped_epoch: int | None = None
+        # The loop that trains this run: a resumed run keeps its checkpoint's (they round differently).
+        self.loop: str | None = None
 
     def checkpoint(self) -> Checkpoint:
         tensors = {f"net.{k}": _cpu_copy(v) for k, v in self.net.state_dict().items()}
@@ -456,6 +459,7 @@ class _Run:
             "scheduler": scheduler,
             "early_stopping": early,
             "stopped_epoch": self.stopped_epoch,
+            "loop": self.loop,
         }
         return Checkpoint(self.epoch, tensors, _to_json(meta))
 
@@ -483,6 +487,7 @@ class _Run:
         self.loss_sum = tensors["loss_sum"].to(self.device, copy=True)
         self.history = [EpochReport(e, t, v, m) for e, t, v, m in meta["history"]]
         self.stopped_epoch = meta["stopped_epoch"]
+        self.loop = meta.get("loop")  # None in checkpoints from before it was kept
         if self.early is not None and meta["early_stopping"] is not None:
             early = meta["early_stopping"]
             self.early.best_loss, self.early.best_epoch = early["best_loss"], early["best_epoch"]
@@ -677,11 +682,12 @@ def train(
         run = _Run(spec, net, optimizer, scheduler, device, _fingerprint(spec, len(x), plan.in_features))
         if resume is not None:
             run.restore(resume)
-        steps, notes = choose_steps(spec, plan, model, loss_fn, optimizer, device)
+        data = _Data(features, targets, train_index, val_index)
+        steps, notes = choose_steps(spec, plan, model, loss_fn, optimizer, device, data, run.loop)
+        run.loop = steps.name
         if threads is not None:
             notes.append(threads.note())
         hooks = _Hooks(run, should_stop, check_every_s, should_preempt, on_checkpoint, checkpoint_every_s)
-        data = _Data(features, targets, train_index, val_index)
         _loop(run, steps, model, loss_fn, data, plan.task, on_epoch, hooks)
         if run.early is not None and run.early.best_weights is not None:
             net.load_state_dict(run.early.best_weights)
@@ -759,24 +765,79 @@ def choose_steps(
     loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
+    data: _Data,
+    resumed: str | None = None,
 ) -> tuple[Steps, list[str]]:
-    """The fastest loop this spec can run on, and a note saying which one it is and why."""
-    reason = native.unsupported_reason(spec, plan.n_parameters, device)
+    """The faster loop this spec can run on, and a note saying which one it is and why.
+
+    ``resumed``: the loop a checkpoint being resumed ran, which this run keeps (the spec's
+    ``loop: eager`` aside). Otherwise native where it can run and TRAINSERVE_NATIVE_CHOICE
+    allows, and where ``measure`` (the default) says so: see ``crossover``."""
+    eager = EagerSteps(spec, model, loss_fn, optimizer)
+    reason = native.unsupported_reason(spec, device)
     if reason is None and spec.freeze:
         reason = "freeze keeps layers fixed, which the native loop does not"
     if reason is None and plan.embeddings:
         reason = "category embeddings train in eager PyTorch"
-    if reason is None:
-        try:
-            started = time.perf_counter()
-            steps = native.NativeSteps(spec, plan.in_features, plan.task, model, optimizer)
-            how = "from the on-disk cache" if steps.cached else f"compiled in {time.perf_counter() - started:.2f} s"
-            return steps, [
-                f"training loop: native (the whole step as generated C, {steps.chunk_steps} steps per call; {how})"
-            ]
-        except NativeUnavailable as exc:
-            reason = str(exc)
-    return EagerSteps(spec, model, loss_fn, optimizer), [f"training loop: eager PyTorch ({reason})"]
+    choice = native.native_settings().native_choice
+    if reason is None and resumed == "eager":
+        reason = "the checkpoint this run resumes from ran eager"
+    elif reason is None and resumed is None and choice == "eager":
+        reason = "TRAINSERVE_NATIVE_CHOICE=eager"
+    if reason is not None:
+        return eager, [f"training loop: eager PyTorch ({reason})"]
+    try:
+        started, measured = time.perf_counter(), False
+        if resumed == "native":
+            why = "the checkpoint this run resumes from ran native"
+        elif choice == "native":
+            why = "TRAINSERVE_NATIVE_CHOICE=native"
+        else:
+            figures, measured = _measured(spec, plan, model, loss_fn, optimizer, data)
+            if figures.loop == "eager":
+                return eager, [f"training loop: eager PyTorch (faster here: {figures.describe()})"]
+            why = f"faster here: {figures.describe()}"
+        steps = native.NativeSteps(spec, plan.in_features, plan.task, model, optimizer)
+        took = time.perf_counter() - started
+        how = f"compiled in {took:.2f} s" if not steps.cached else "from the on-disk cache"
+        if measured:  # the measurement loaded (and maybe compiled) the library
+            how = f"compiled if not cached and measured in {took:.2f} s"
+        return steps, [
+            f"training loop: native (the whole step as generated C, {steps.chunk_steps} steps per call; {how}; {why})"
+        ]
+    except NativeUnavailable as exc:
+        return eager, [f"training loop: eager PyTorch ({exc})"]
+
+
+def _measured(
+    spec: S.TrainSpec,
+    plan: S.TrainingPlan,
+    model: TabularNet,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: _Data,
+) -> tuple[crossover.Figures, bool]:
+    """This shape's kept measurement on this machine, taken now on throwaway copies of the
+    network and optimizer if there is none yet; and whether it was taken now."""
+    source, _ = native.generate(spec, plan.in_features, plan.task)
+    figures = crossover.lookup(source)
+    if figures is not None:
+        return figures, False
+    # Copies, so the job's weights, optimizer state and random streams are untouched (fresh
+    # optimizers: load_state_dict would share the job's state tensors, not copy them).
+    with torch.random.fork_rng(devices=[]):
+        copies = []
+        for _ in range(2):
+            twin = copy.deepcopy(model)
+            twin_net: nn.Module = twin.net if twin.embeddings is None else twin
+            twin_optimizer = build_optimizer(spec.optimizer, [p for p in twin_net.parameters() if p.requires_grad])
+            copies.append((twin, twin_optimizer))
+        (eager_model, eager_optimizer), (native_model, native_optimizer) = copies
+        eager = EagerSteps(spec, eager_model, loss_fn, eager_optimizer)
+        fast = native.NativeSteps(spec, plan.in_features, plan.task, native_model, native_optimizer)
+        rows = data.train_rows if data.train_rows is not None else torch.arange(len(data.x))
+        measured = crossover.measure(eager, fast, data.x, data.y, rows, spec.batch_size)
+    return crossover.record(source, measured), True
 
 
 @dataclass(frozen=True)

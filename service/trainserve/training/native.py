@@ -57,8 +57,6 @@ from trainserve.errors import NativeUnavailable
 from trainserve.training import spec as S
 
 ACTIVATIONS = frozenset({"Tanh", "ReLU", "Sigmoid", "GELU", "SiLU", "Mish", "ELU", "LeakyReLU", "Softplus", "Identity"})
-# Native code wins where torch's per-step overhead dominates: small batches times small models.
-MAX_WORK_PER_STEP = 1 << 17  # batch_size x parameters
 CHUNK_STEPS = 1024  # steps per call; checkpoints and cancel checks fall between calls
 # -ffp-contract=off: no fused a*b+c, which clang does by default and gcc does not; without it
 # two replicas built by different compilers disagree in the last bits. No -ffast-math ever.
@@ -90,9 +88,23 @@ class AbiMismatch(ValueError):
     error in the caller, raised before any pointer crosses into C."""
 
 
+_settings: tuple[Any, Settings] | None = None
+
+
 def native_settings() -> Settings:
-    """The native path's settings, read afresh: tests and processes set them by environment."""
-    return Settings()
+    """The native path's settings, read afresh whenever the ``TRAINSERVE_*`` environment or
+    the .env file changed (tests and processes set them by environment). Kept otherwise:
+    building Settings takes about 15 ms, and a job reads them several times."""
+    global _settings
+    env_file: tuple[int, int] | None = None
+    with contextlib.suppress(OSError):
+        info = os.stat(".env")
+        env_file = (info.st_mtime_ns, info.st_size)
+    environment = sorted((k, v) for k, v in os.environ.items() if k.upper().startswith("TRAINSERVE_"))
+    key = (tuple(environment), os.getcwd(), env_file)
+    if _settings is None or _settings[0] != key:
+        _settings = (key, Settings())
+    return _settings[1]
 
 
 def cache_dir() -> Path:
@@ -103,8 +115,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainserve" / "native"
 
 
-def unsupported_reason(spec: S.TrainSpec, n_parameters: int, device: torch.device) -> str | None:
-    """Why this spec runs eagerly, or None when generated code can and should run it."""
+def unsupported_reason(spec: S.TrainSpec, device: torch.device) -> str | None:
+    """Why this spec runs eagerly whatever the timing, or None when generated code can run it
+    (whether it should is measured: training/crossover.py)."""
     if spec.loop == "eager":
         return "the spec's loop is eager"
     if not native_settings().native:
@@ -118,8 +131,6 @@ def unsupported_reason(spec: S.TrainSpec, n_parameters: int, device: torch.devic
     for layer in spec.model:
         if not isinstance(layer, S.Linear) and layer.type not in ACTIVATIONS:
             return f"{layer.type} runs in eager PyTorch"
-    if spec.batch_size * n_parameters > MAX_WORK_PER_STEP:
-        return "the batch is large enough for eager PyTorch's BLAS kernels to win"
     return None
 
 
@@ -531,7 +542,7 @@ def compiler_identity(path: str) -> str:
     return lines[0]
 
 
-def _own_folder(folder: Path) -> None:
+def own_folder(folder: Path) -> None:
     """Create the cache folder private (0700), and refuse one another user could write to:
     a library in it is loaded into this process."""
     try:
@@ -596,7 +607,7 @@ def ensure_compiled(source: str) -> tuple[Path, bool]:
     digest recorded beside it is there; and whether it was."""
     path = compiler()
     library = cached_library(source, path)
-    _own_folder(library.parent)
+    own_folder(library.parent)
     digest = _digest_file(library)
     with contextlib.suppress(OSError):
         if library.exists() and digest.read_text().strip() == _sha256(library):
