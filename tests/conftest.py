@@ -23,6 +23,14 @@ from trainserve.examples import MOONS_MLP_LAYERS, make_moons, to_csv
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``'s pool: most tests wait on real servers, workers and jobs rather than
+    compute, so even a 2-core machine gains from two pytest processes, and past four the
+    servers each one starts (an API and a worker apiece, each importing torch) cost more
+    memory and start-up than they save."""
+    return max(2, min(os.cpu_count() or 1, 4))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

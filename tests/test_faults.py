@@ -384,8 +384,11 @@ def test_sigterm_answers_requests_in_flight_hands_the_job_back_and_a_restart_fin
     def slow_body() -> Iterator[bytes]:  # an upload still arriving when SIGTERM comes
         boundary = b"--b\r\n"
         yield boundary + b'Content-Disposition: form-data; name="file"; filename="m.csv"\r\n\r\n'
-        started.set()
-        for line in moons[0].splitlines(keepends=True):
+        for number, line in enumerate(moons[0].splitlines(keepends=True)):
+            # Signal only once the request has been arriving for a while: a server that has
+            # not yet read its headers (a busy machine) may rightly close the connection as idle.
+            if number == 60:
+                started.set()
             yield line
             time.sleep(0.005)
         yield b"\r\n--b--\r\n"
