@@ -159,17 +159,21 @@ def evaluate(
     if rows is not None:
         y = y.index_select(0, rows)
     net.train(was_training)
-    metrics = {"loss": float(loss_fn(outputs, y))}
-    if task == "classification":
-        metrics["accuracy"] = float((outputs.argmax(dim=1) == y).float().mean())
-    elif task == "binary":
-        metrics["accuracy"] = float(((outputs > 0).float() == y).float().mean())
-    else:
-        error = outputs - y
-        mse = (error**2).mean(dim=0)
-        variance = ((y - y.mean(dim=0)) ** 2).mean(dim=0)
-        r2 = torch.where(variance > 0, 1 - mse / variance.clamp_min(1e-30), torch.zeros_like(mse))
-        metrics.update(mse=float(mse.mean()), mae=float(error.abs().mean()), r2=float(r2.mean()))
+    # Sums over the whole split: on several threads their last bits would depend on the
+    # thread count the policy chose from the load (threads.one_thread), and so would early
+    # stopping's comparisons of validation losses.
+    with T.one_thread():
+        metrics = {"loss": float(loss_fn(outputs, y))}
+        if task == "classification":
+            metrics["accuracy"] = float((outputs.argmax(dim=1) == y).float().mean())
+        elif task == "binary":
+            metrics["accuracy"] = float(((outputs > 0).float() == y).float().mean())
+        else:
+            error = outputs - y
+            mse = (error**2).mean(dim=0)
+            variance = ((y - y.mean(dim=0)) ** 2).mean(dim=0)
+            r2 = torch.where(variance > 0, 1 - mse / variance.clamp_min(1e-30), torch.zeros_like(mse))
+            metrics.update(mse=float(mse.mean()), mae=float(error.abs().mean()), r2=float(r2.mean()))
     return metrics
 
 
