@@ -228,6 +228,7 @@ def run_cell(shape: Shape, x: np.ndarray, y: np.ndarray, cores: int, repeat: int
             else:
                 t, le, cell.note = engine(shape, x, y)
                 cell.engine = min(cell.engine, t)
+            print(f"    run {r + 1}: {who} {t:.2f} s (load {os.getloadavg()[0]:.1f})", flush=True)
     cell.losses = (l1, ln, le)
     cell.loads = (cell.loads[0], os.getloadavg()[0])
     return cell
