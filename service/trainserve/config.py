@@ -258,9 +258,12 @@ class Settings(BaseSettings):
         " on the same machine.",
     )
     # An idle worker polls the SQLite queue this often at most (Huey's own default backs
-    # off to 10 s, which made an idle server take seconds to pick up a new job).
+    # off to 10 s, which made an idle server take seconds to pick up a new job). 0.1 s:
+    # at 0.25 s the wait for the next look was about a sixth of a medium job's end-to-end
+    # overhead, and polling more often did not measurably raise an idle worker's CPU use
+    # (docs/performance-16.md). Redis and PostgreSQL queues wake the worker at once.
     queue_poll_max_s: float = Field(
-        default=0.25, gt=0, description="Longest pause between an idle worker's looks at the queue, in seconds."
+        default=0.1, gt=0, description="Longest pause between an idle worker's looks at the queue, in seconds."
     )
 
     # Crash recovery. A worker holds a lease on its running job and renews it every

@@ -6,13 +6,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
-from tests.small_models import fit, moons
+from tests.small_models import fit, linear, moons, wave
 from trainserve.training import threads
 
 
@@ -72,3 +75,58 @@ def test_the_setting_overrides_the_policy_and_the_run_notes_the_choice():
         assert f"of {threads.allowed_cores()} cores free" in note
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_thread_count_changes_neither_the_weights_nor_the_metrics():
+    # 40,000 rows: the split's loss is a mean over more elements than torch's grain
+    # (32,768), which torch sums in one part per thread; the step itself (batch 4,096, one
+    # output) has no reduction that long. So the weights and, with threads.one_thread, the
+    # metrics are the same bit for bit whatever the policy chose.
+    x, y = wave(40_000)
+    fields: dict[str, Any] = {
+        "model": [linear(16), "ReLU", linear(1)],
+        "loss": "MSELoss",
+        "epochs": 2,
+        "batch_size": 4_096,
+        "validation_split": 0.1,
+    }
+    before = torch.get_num_threads()
+    try:
+        runs = [fit(x, y, **fields, threads=threads.ThreadChoice(n, 0, 2, 2, "test"))[2] for n in (1, 2)]
+        assert torch.get_num_threads() == 2  # the run left the count it was given
+    finally:
+        torch.set_num_threads(before)
+    one, two = runs
+    for key, value in one.module.state_dict().items():
+        assert torch.equal(value, two.module.state_dict()[key]), key
+    assert one.metrics == two.metrics
+    assert [r.val_loss for r in one.history] == [r.val_loss for r in two.history]
+    # What the guard is for: the same mean on two threads differs in its last bits.
+    values = torch.from_numpy(np.random.default_rng(0).standard_normal(40_000).astype(np.float32))
+    with threads.one_thread():
+        single = values.mean().item()
+    threads.apply(2)
+    try:
+        assert torch.get_num_threads() == 2
+        split = values.mean().item()
+    finally:
+        torch.set_num_threads(before)
+    assert single != split
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs /proc (Linux)")
+def test_a_background_sampler_lets_a_job_read_the_load_without_waiting():
+    # What a worker does (WorkerContext): sample all along, then choose with wait=None.
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        threads.keep_sampling(0.05)
+        threads.keep_sampling(0.05)  # a second call starts nothing more
+        assert threads.sampling()
+        assert sum(t.name == "load-sampler" for t in threading.enumerate()) == 1
+        time.sleep(0.6)  # the burner running through the last windows
+        choice = threads.choose(10**12, wait=None)
+    finally:
+        burner.kill()
+        burner.wait()
+    assert choice.free <= max(1, threads.allowed_cores() - 1)  # the burner's core is not free
+    assert choice.threads == choice.free

@@ -29,7 +29,7 @@ from trainserve.jobs.queue import JobQueue, worker_name
 from trainserve.jobs.status import JobStatus
 from trainserve.storage.base import Store
 from trainserve.storage.factory import open_store
-from trainserve.training import loop
+from trainserve.training import loop, threads
 
 if TYPE_CHECKING:
     from trainserve.sweeps.study import Pruning
@@ -54,6 +54,8 @@ class WorkerContext:
         store = open_store(settings)
         store.ensure()
         sessions = make_session_factory(make_engine(settings.resolved_database_url))
+        # From now on, so that a job starting reads the cores free at once (threads.choose).
+        threads.keep_sampling()
         loop.warm_up()
         return cls(settings, sessions, store, worker_name(os.getpid()), queue, draining)
 

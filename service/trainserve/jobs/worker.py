@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 import trainserve
 from trainserve.config import Settings
+from trainserve.datasets.tables import Table, TableSchema
 from trainserve.db import DatasetRecord, JobRecord, ModelRecord, make_engine, make_session_factory, rows_changed, utcnow
 from trainserve.errors import CheckpointMismatch, InvalidInput, TrainserveError
 from trainserve.jobs.attempt import Attempt, StopReason, TimeLimit, WorkerContext, thin_history
@@ -244,7 +245,8 @@ def _run_claimed(ctx: WorkerContext, attempt: Attempt, job: JobRecord, dataset: 
         inherited = None
         if parent is not None and not spec.refit and parent.preprocessing is not None:
             inherited = features.FeaturePlan.from_json(parent.preprocessing)
-        prepared = features.prepare(table, spec, plan_training(spec, table.schema(), limits), limits, inherited)
+        plan = plan_training(spec, _schema(dataset, table), limits)
+        prepared = features.prepare(table, spec, plan, limits, inherited)
         plan = prepared.plan
         init = _parent_weights(ctx, parent) if parent is not None else None
         result = _train(ctx, attempt, spec, plan, prepared.x, prepared.y, init, split=prepared.split)
@@ -295,6 +297,18 @@ def _run_claimed(ctx: WorkerContext, attempt: Attempt, job: JobRecord, dataset: 
         ctx.store.delete_checkpoint(job.id)
 
 
+def _schema(dataset: DatasetRecord, table: Table) -> TableSchema:
+    """The schema recorded at upload, which the job was checked against at submit.
+
+    Describing the table again counted every column's distinct values (a sort per
+    column): 0.1 s per 50,000 rows of 21 columns, 5-10% of a medium job's end-to-end
+    time (docs/performance-16.md). Records from before columns carried their count of
+    blanks are described again: their plan needs it."""
+    if all("missing" in column for column in dataset.columns):
+        return TableSchema.from_dicts(dataset.n_rows, dataset.columns)
+    return table.schema()
+
+
 def _parent(ctx: WorkerContext, spec: TrainSpec) -> ModelRecord:
     """The model a warm start begins from (its id was pinned at submit)."""
     with ctx.sessions() as session:
@@ -328,7 +342,10 @@ def _train(
     # Chosen per job, from its step's size and the cores free as it starts (see threads.py).
     work = min(spec.batch_size, len(x)) * max(plan.n_parameters, 1)
     options: dict[str, Any] = {
-        "threads": threads.choose(work, override=ctx.settings.train_threads),
+        # The load is sampled in the background (WorkerContext): no 0.2 s wait at each start.
+        "threads": threads.choose(
+            work, override=ctx.settings.train_threads, wait=None if threads.sampling() else threads.SAMPLE_S
+        ),
         "on_epoch": attempt.on_epoch,
         "should_stop": attempt.should_stop,
         "check_every_s": ctx.settings.progress_interval_s,

@@ -14,15 +14,28 @@ the other processes keep busy, sampled from ``/proc/stat`` over a short window; 
 process's own use in that window (an API answering a request, a worker warming a model)
 is subtracted, since it is the very work being placed.
 
+A worker keeps the load sampled in the background (``keep_sampling``), so that a job
+starting reads the last 0.2 s window at once instead of waiting for one: that wait was
+0.2 s of every job's end-to-end time (docs/performance-16.md).
+
+What the thread count may change: torch splits a reduction over more than 32,768
+elements (``at::internal::GRAIN_SIZE``) into one partial sum per thread, so a sum or mean
+that long differs in its last bits between 1 and 2 threads (measured: the mean of 40,000
+floats). The training steps of the issue's shapes have none that long (their weights were
+the same, bit for bit, at 1 and 2 threads), but a whole split's loss has:
+``one_thread`` runs such reductions on one thread whatever the policy chose.
+
 Knows os and torch only; where ``/proc`` is absent (macOS), every allowed core counts free.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +46,8 @@ import torch
 # ran as fast on one thread as on two on an idle machine and far slower on two on a busy
 # one; 32-256-256-1 at batch 4096 (305M) ran 1.6x faster on two when both were free.
 WORK_PER_THREAD = 32_000_000
-# A core counts busy once other processes use this share of it: a thread placed on a core
-# that is 60% taken is scheduled late on most steps.
+# A core counts busy once other processes use this share of it (40%): a thread placed on
+# a core that is that much taken is scheduled late on many steps.
 _BUSY_SHARE = 0.4
 SAMPLE_S = 0.2
 
@@ -137,6 +150,32 @@ class LoadSampler:
 
 
 _sampler = LoadSampler()
+_background: threading.Thread | None = None
+_background_lock = threading.Lock()
+
+
+def keep_sampling(period: float = SAMPLE_S) -> None:
+    """Sample the load every ``period`` seconds in a daemon thread, from now on (idempotent).
+
+    ``choose(wait=None)`` then reads a window of at least ``SAMPLE_S`` that ended at most
+    ``period`` ago, without waiting. Costs two small /proc reads per period."""
+    global _background
+    with _background_lock:
+        if _background is not None and _background.is_alive():
+            return
+
+        def tick() -> None:
+            while True:
+                _sampler.latest()
+                time.sleep(period)
+
+        _background = threading.Thread(target=tick, name="load-sampler", daemon=True)
+        _background.start()
+
+
+def sampling() -> bool:
+    """Whether ``keep_sampling`` runs in this process."""
+    return _background is not None and _background.is_alive()
 
 
 def free_cores(busy_cores: float, allowed: int | None = None) -> int:
@@ -171,3 +210,16 @@ def apply(threads: int) -> None:
     """Set torch's intra-op threads for this process, if they differ (setting them is not free)."""
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block's torch ops on one thread, then restore the count: for reductions over
+    more elements than torch's grain (a whole split's loss and accuracy), whose last bits
+    would otherwise depend on how many threads the policy chose (see the module's doc)."""
+    before = torch.get_num_threads()
+    apply(1)
+    try:
+        yield
+    finally:
+        apply(before)
