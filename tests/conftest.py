@@ -21,6 +21,8 @@ from trainserve.client import TrainserveClient
 from trainserve.examples import MOONS_MLP_LAYERS, make_moons, to_csv
 
 REPO = Path(__file__).resolve().parent.parent
+# tests/faults.py: the crash and stop tests' fixture and tools
+pytest_plugins = ["tests.faults"]
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:

@@ -17,7 +17,7 @@ from botocore.exceptions import EndpointConnectionError
 
 from tests.backends import S3Server, s3_server, unique_name
 from tests.conftest import free_port, moons_spec, start_server, stop_server
-from tests.test_faults import drain_with_a_checkpoint
+from tests.test_stops import drain_with_a_checkpoint
 from trainserve.client import ApiError, TrainserveClient
 from trainserve.config import Settings
 from trainserve.datasets.tables import Table

@@ -9,7 +9,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from tests.conftest import start_server
-from tests.test_faults import FAST_LEASE, power_cut, slow_spec
+from tests.faults import FAST_LEASE, power_cut, slow_spec
 from trainserve.client import TrainserveClient
 from trainserve.db import JobRecord, TrialRecord, make_engine, make_session_factory
 
