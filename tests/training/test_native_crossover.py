@@ -221,6 +221,9 @@ class Spinner:
     """A stepper whose step costs ``base + per_row * rows`` seconds of this thread's CPU time
     (spent spinning, so that wall time is at least that too); it notes the rows it saw."""
 
+    name = "spinner"
+    chunk_steps = 1
+
     def __init__(self, base: float, per_row: float, batch_size: int) -> None:
         self.base, self.per_row, self.batch_size = base, per_row, batch_size
         self.rows: list[int] = []

@@ -41,11 +41,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from trainserve.training import native
+
+if TYPE_CHECKING:  # loop imports this module; the protocol is only a type here
+    from trainserve.training.loop import Steps
 
 FORMAT = 1
 # A timed call lasts at least this long: over several of the scheduler's time slices, so that
@@ -57,20 +60,6 @@ MAX_CHUNK_STEPS = 64
 # A native partial step this many times slower than a whole eager step ends the measurement:
 # native's cost only grows with the rows, and the margin covers the call's fixed cost.
 CLEARLY_SLOWER = 1.5
-
-
-class Stepper(Protocol):
-    """What ``loop.Steps`` offers: run batches ``start`` to ``stop`` of the rows ``order`` picks."""
-
-    def run(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        order: torch.Tensor | None,
-        start: int,
-        stop: int,
-        loss_sum: torch.Tensor,
-    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -225,7 +214,7 @@ def _clock() -> Callable[[], float]:
     return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
-def _seconds(steps: Stepper, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, n_steps: int) -> float:
+def _seconds(steps: Steps, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, n_steps: int) -> float:
     loss_sum = torch.zeros((), dtype=torch.float32)
     clock = _clock()
     started = clock()
@@ -234,7 +223,7 @@ def _seconds(steps: Stepper, x: torch.Tensor, y: torch.Tensor, order: torch.Tens
 
 
 def measure(
-    eager: Stepper, fast: Stepper, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, batch_size: int
+    eager: Steps, fast: Steps, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, batch_size: int
 ) -> Figures:
     """Time ``eager`` and ``fast`` (the native steps) per step at ``batch_size`` on rows drawn
     from ``rows`` (indices into x and y, repeated as needed). Both change their own copies
