@@ -70,18 +70,28 @@ def test_a_bad_setting_names_the_variable_the_value_and_what_is_allowed(tmp_path
 
 def test_a_bad_api_key_is_named_but_never_shown(tmp_path: Path) -> None:
     weak, bad_pair, same_twice = "short-key", "alice:also-short", "same-key-0123456789"
-    short, pair, shared = start_all(
+    # Written backwards (key:name): the long key looks like a name, and must not be echoed as one.
+    backwards = "3f9a1c7e5b2d4f6a8c0e1b3d5f7a9c2e:alice"
+    short, pair, shared, reversed_pair = start_all(
         tmp_path,
         [
             {"TRAINSERVE_API_KEY": weak},
             {"TRAINSERVE_API_KEYS": f"ci:ci-key-0123456789abcdef,{bad_pair}"},
             {"TRAINSERVE_API_KEY": same_twice, "TRAINSERVE_API_KEYS": f"bob:{same_twice}"},
+            {"TRAINSERVE_API_KEYS": backwards},
         ],
     )
     assert "TRAINSERVE_API_KEY=<hidden> is not allowed: TRAINSERVE_API_KEY must be at least 16" in short
-    assert "TRAINSERVE_API_KEYS pair 2 ('alice'): the key must be at least 16 characters" in pair
+    assert "TRAINSERVE_API_KEYS pair 2: the key (after the name and ':') must be at least 16 characters" in pair
     assert "two API keys are the same" in shared
-    for line, secret in ((short, weak), (pair, "also-short"), (pair, "ci-key"), (shared, same_twice)):
+    assert "TRAINSERVE_API_KEYS pair 1: the key (after the name and ':') must be at least 16" in reversed_pair
+    for line, secret in (
+        (short, weak),
+        (pair, "also-short"),
+        (pair, "ci-key"),
+        (shared, same_twice),
+        (reversed_pair, "3f9a1c7e5b2d4f6a"),
+    ):
         assert secret not in line
 
 

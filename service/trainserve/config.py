@@ -21,8 +21,10 @@ SECRET_SETTINGS = frozenset({"api_key", "api_keys"})
 
 def parse_api_keys(text: str) -> dict[str, str]:
     """``name:key`` pairs, separated by commas or whitespace, as {name: key}; a ValueError that
-    names the bad pair by its position and name, never by its key."""
+    names the bad pair by its position only: a pair written backwards (key:name) would
+    otherwise put the key into a start-up error, and so into logs."""
     keys: dict[str, str] = {}
+    positions: dict[str, int] = {}
     for position, pair in enumerate(re.split(r"[,\s]+", text.strip()), start=1):
         name, colon, key = pair.partition(":")
         where = f"TRAINSERVE_API_KEYS pair {position}"
@@ -31,10 +33,11 @@ def parse_api_keys(text: str) -> dict[str, str]:
         if not KEY_NAME_PATTERN.fullmatch(name):
             raise ValueError(f"{where}: a key's name is 1-64 letters, digits, '_', '.', '@' or '-'")
         if name in keys:
-            raise ValueError(f"{where}: the name {name!r} is given twice")
+            raise ValueError(f"{where}: its name is pair {positions[name]}'s too; each key needs a name of its own")
         if len(key) < MIN_KEY_LENGTH:
-            raise ValueError(f"{where} ({name!r}): the key must be at least {MIN_KEY_LENGTH} characters")
+            raise ValueError(f"{where}: the key (after the name and ':') must be at least {MIN_KEY_LENGTH} characters")
         keys[name] = key
+        positions[name] = position
     return keys
 
 

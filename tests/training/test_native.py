@@ -28,6 +28,15 @@ from trainserve.storage.base import new_id
 from trainserve.training import loop, native, network
 from trainserve.training import spec as S
 
+
+@pytest.fixture(autouse=True)
+def _native_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests compare the two loops, not the choice between them (that is
+    test_native_crossover.py's): native wherever it applies, whatever this machine's
+    kept timing says."""
+    monkeypatch.setenv("TRAINSERVE_NATIVE_CHOICE", "native")
+
+
 # -- the native loop: generated C for the whole step ---------------------------------------------------
 
 NATIVE_OPTIMIZERS = [

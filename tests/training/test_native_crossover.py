@@ -202,16 +202,37 @@ def test_the_setting_forces_either_loop_without_measuring(cache, monkeypatch):
     assert not figures_file().exists()
 
 
-def test_the_key_names_what_the_timing_depends_on(monkeypatch):
+def test_the_key_names_the_machine_but_not_the_threads_a_job_was_given(cache):
     here = crossover.machine_key()
-    assert {"compiler_version", "flags", "cpu", "torch", "threads"} <= set(here)
+    assert {"compiler_version", "flags", "cpu", "torch"} <= set(here)
+    source = "/* a shape */"
+    figures = crossover.Figures("eager", 10.0, 5.0, 8, 8, 1, "2026-11-30T00:00:00Z", 1.0)
+    crossover.record(source, figures)
     threads = torch.get_num_threads()
     try:
+        # A job given another thread count (the load changed) finds the same figures, so it
+        # runs the same loop and gets the same bits.
         torch.set_num_threads(threads + 1)
-        other = crossover.machine_key()
+        assert crossover.machine_key() == here
+        assert crossover.lookup(source) == figures
     finally:
         torch.set_num_threads(threads)
-    assert crossover.calibration_file(here) != crossover.calibration_file(other)
+
+
+def test_a_cache_that_cannot_be_written_costs_the_job_nothing(cache, monkeypatch):
+    source = "/* a shape */"
+    figures = crossover.Figures("native", 10.0, 100.0, 8, 8, 1, "2026-11-30T00:00:00Z", 1.0)
+
+    def full_disk(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(crossover, "_write", full_disk)
+    assert crossover.record(source, figures) == figures  # used, not kept
+    assert crossover.lookup(source) is None
+    x, y = moons(64)
+    _, _, result = fit(x, y, **FIELDS)  # measured, unkept, and trained
+    assert result.loop in ("native", "eager")
+    assert result.notes[0].startswith(f"training loop: {'native' if result.loop == 'native' else 'eager PyTorch'}")
 
 
 # -- the measurement protocol, on steppers whose costs are known ---------------------------------------

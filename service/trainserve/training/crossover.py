@@ -9,7 +9,8 @@ first job of a shape on a machine times a few steps of each loop on throwaway co
 network and its own rows, and the answer is kept in a JSON file beside the compiled code:
 
 - the file is named by what the timing depends on and the native cache's key does not
-  cover (the compiler and flags, the OS, the CPU, torch's version, the intra-op threads),
+  cover (the compiler and flags, the OS, the CPU, torch's version; not the intra-op
+  threads, which follow the load: the first figures stand whatever a later job's count),
   and holds one entry per shape, named by the sha256 of the shape's generated C source
   (which spells out every width, the batch, the layers, the loss and the optimizer);
 - the first entry written for a shape stays: a rerun of the same spec on the same machine
@@ -30,6 +31,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -50,6 +52,8 @@ from trainserve.training import native
 if TYPE_CHECKING:  # loop imports this module; the protocol is only a type here
     from trainserve.training.loop import Steps
 
+log = logging.getLogger(__name__)
+
 FORMAT = 1
 # A timed call lasts at least this long: over several of the scheduler's time slices, so that
 # on a busy machine it sees what a whole run sees (eager loses more than native to other
@@ -60,6 +64,9 @@ MAX_CHUNK_STEPS = 64
 # A native partial step this many times slower than a whole eager step ends the measurement:
 # native's cost only grows with the rows, and the margin covers the call's fixed cost.
 CLEARLY_SLOWER = 1.5
+# The kept file grows by about 300 bytes a shape: this is some 200,000 shapes, and a bound on
+# what a foreign file can make a worker read.
+MAX_FILE_BYTES = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -129,7 +136,9 @@ def machine_key() -> dict[str, str]:
         "machine": platform.machine(),
         "cpu": _cpu_model(),
         "torch": torch.__version__,
-        "threads": str(torch.get_num_threads()),
+        # Not the intra-op threads: a job's count follows the machine's load, and a choice
+        # keyed on it would let a busy day time a shape again and perhaps pick the other loop
+        # (other bits). The first figures for a shape stand; they record their thread count.
     }
 
 
@@ -155,7 +164,7 @@ def _read(path: Path, key: dict[str, str]) -> dict[str, Any]:
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
             return {}
         try:
-            data = json.loads(f.read(1 << 22))
+            data = json.loads(f.read(MAX_FILE_BYTES))
         except (OSError, ValueError):
             return {}
     if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("machine") != key:
@@ -187,7 +196,10 @@ def lookup(source: str) -> Figures | None:
     key = machine_key()
     path = calibration_file(key)
     native.own_folder(path.parent)
-    return Figures.parse(_read(path, key).get(shape_key(source)))
+    try:
+        return Figures.parse(_read(path, key).get(shape_key(source)))
+    except OSError:  # read as if nothing were kept: the job measures and goes on
+        return None
 
 
 def record(source: str, figures: Figures) -> Figures:
@@ -196,14 +208,19 @@ def record(source: str, figures: Figures) -> Figures:
     path = calibration_file(key)
     native.own_folder(path.parent)
     name = shape_key(source)
-    with _locked(path):
-        shapes = _read(path, key)
-        kept = Figures.parse(shapes.get(name))
-        if kept is not None:
-            return kept
-        shapes = {k: v for k, v in shapes.items() if Figures.parse(v) is not None}
-        shapes[name] = asdict(figures)
-        _write(path, key, shapes)
+    try:
+        with _locked(path):
+            shapes = _read(path, key)
+            kept = Figures.parse(shapes.get(name))
+            if kept is not None:
+                return kept
+            shapes = {k: v for k, v in shapes.items() if Figures.parse(v) is not None}
+            shapes[name] = asdict(figures)
+            _write(path, key, shapes)
+    except OSError:
+        # A full disk or a read-only cache: this job uses what it just measured, unkept (the
+        # next job of the shape measures again); the training itself is not at stake.
+        log.warning("could not keep the loop timing in %s; using it unkept", path, exc_info=True)
     return figures
 
 
@@ -219,7 +236,8 @@ def _seconds(steps: Steps, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor
     clock = _clock()
     started = clock()
     steps.run(x, y, order, 0, n_steps, loss_sum)
-    return clock() - started
+    # Never zero: a coarse clock (thread_time on some systems) can read a tiny step as nothing.
+    return max(clock() - started, 1e-9)
 
 
 def measure(
