@@ -281,6 +281,18 @@ def test_warm_start_retrain_and_what_they_refuse(pair: Pair, tmp_path: Path) -> 
         assert named.versions[0].parent_model_id == parent_id
         assert named.versions[0].dataset_id != dataset.id
 
+        # a table smaller than the spec's batch (16): refused naming batch_size, then retrained
+        # with a smaller one given on the command line
+        x, y = make_moons(10, noise=0.1, seed=8)
+        small = tmp_path / "small.csv"
+        small.write_text(to_csv(x, y))
+        too_small = _cli(pair.a, "retrain", "warm", str(small))
+        assert too_small.returncode == 2
+        assert "batch_size" in too_small.stderr
+        smaller_batch = _cli(pair.a, "retrain", "warm", str(small), "--batch-size", "4", "--follow")
+        assert smaller_batch.returncode == 0, smaller_batch.stderr
+        assert client.get_model_name("warm").versions[0].spec["batch_size"] == 4
+
         # a table without the model's columns: refused, nothing uploaded
         datasets_before = len(client.list_datasets())
         wrong = tmp_path / "wrong.csv"

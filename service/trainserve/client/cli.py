@@ -31,6 +31,7 @@ from trainserve.api.schemas import Job, Model, SweepDetail
 from trainserve.client.events import shown_status
 from trainserve.client.http import ApiError, TrainserveClient, sweep_done
 from trainserve.jobs.status import JobStatus
+from trainserve.training.spec import TrainSpec
 from trainserve.wire import prediction_columns
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -184,6 +185,7 @@ def add_client_commands(commands: Any) -> None:
         help="warm start from this version or alias of the name (e.g. production or 3); default: from scratch",
     )
     retrain.add_argument("--epochs", type=int, help="override the spec's epochs")
+    retrain.add_argument("--batch-size", type=int, help="override the spec's batch_size (a smaller table may need one)")
     retrain.add_argument("--follow", "-f", action="store_true", help="show a progress bar until the job ends")
     retrain.set_defaults(run=_with_client(_retrain))
 
@@ -624,6 +626,12 @@ def _retrain(client: TrainserveClient, args: argparse.Namespace) -> int:
         spec["init_from"] = f"{model.name}:{source}" if source.isdigit() else f"{model.name}@{source}"
     if args.epochs is not None:
         spec["epochs"] = args.epochs
+    # A stored spec holds every default; the default batch was never the user's choice, and
+    # sent, the server would hold it against a smaller table (a 422 asking for a batch size).
+    if spec.get("batch_size") == TrainSpec.model_fields["batch_size"].default:
+        del spec["batch_size"]
+    if args.batch_size is not None:
+        spec["batch_size"] = args.batch_size
     job = client.train(spec, file=data, **_reading(args))
     if not args.follow:
         print(f"job {job.id} {job.status}; follow it with: trainserve follow {job.id}")
