@@ -154,6 +154,7 @@ def test_a_cached_prediction_by_name_or_alias_runs_no_sql(
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://api") as http:
             for selector in selectors:  # the first of each resolves the name and loads the model
                 assert (await http.post("/predict", json={**selector, "inputs": [[0.1, 0.2]]})).status_code == 200
+            assert statements, "the listener saw no SQL while the cache was cold: it counts nothing"
             statements.clear()
             for selector in selectors * 3:
                 answer = await http.post("/predict", json={**selector, "inputs": [[0.1, 0.2]]})
