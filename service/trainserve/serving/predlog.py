@@ -86,7 +86,10 @@ class PredictionLog:
         self._start_lock = threading.Lock()
         self._next_prune = time.monotonic() + settings.prune_interval_s
         self._random = random.random
-        self._hurry = threading.Event()  # flush() is waiting: write what there is, do not linger
+        # How many flush() calls are waiting: while any is, write what there is, do not linger.
+        # A count, not an Event: the first of two flushes to finish must not clear it for the other.
+        self._flushing = 0
+        self._flushing_lock = threading.Lock()
 
     def offer(
         self,
@@ -121,12 +124,14 @@ class PredictionLog:
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every entry queued so far is written (tests, shutdown)."""
         deadline = time.monotonic() + timeout
-        self._hurry.set()
+        with self._flushing_lock:
+            self._flushing += 1
         try:
             while self._queue.unfinished_tasks and time.monotonic() < deadline:
                 time.sleep(0.01)
         finally:
-            self._hurry.clear()
+            with self._flushing_lock:
+                self._flushing -= 1
 
     def close(self, timeout: float = 5.0) -> None:
         if self._thread is not None:
@@ -143,7 +148,7 @@ class PredictionLog:
         deadline = time.monotonic() + _LINGER_S
         while len(batch) < _BATCH and batch[-1] is not None:
             try:
-                if self._hurry.is_set():
+                if self._flushing:
                     batch.append(self._queue.get_nowait())
                 else:
                     batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
