@@ -22,6 +22,20 @@ from trainserve.training import loop
 from trainserve.training import spec as S
 
 LIMITS = S.Limits(max_epochs=1_000, max_parameters=1_000_000, max_layer_width=1_024)
+# Every optimizer variant the native path generates code for: tests/training/test_native.py
+# checks each against eager PyTorch, and scripts/check_native.py compiles each under the
+# sanitizers, so both cover the same list.
+NATIVE_OPTIMIZERS: list[Any] = [
+    "SGD",
+    {"type": "SGD", "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01},
+    {"type": "SGD", "momentum": 0.9, "nesterov": True},
+    "Adam",
+    {"type": "Adam", "amsgrad": True, "weight_decay": 0.01},
+    {"type": "AdamW", "amsgrad": True},
+    "RMSprop",
+    {"type": "RMSprop", "momentum": 0.5, "centered": True, "weight_decay": 0.1},
+    {"type": "Adagrad", "lr_decay": 0.01, "weight_decay": 0.1},
+]
 
 
 def linear(width: int) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import torch
 
 from tests.small_models import (
     LIMITS,
+    NATIVE_OPTIMIZERS,
     allowed_types,
     assert_same_run,
     fit,
@@ -38,18 +39,6 @@ def _native_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # -- the native loop: generated C for the whole step ---------------------------------------------------
-
-NATIVE_OPTIMIZERS = [
-    "SGD",
-    {"type": "SGD", "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01},
-    {"type": "SGD", "momentum": 0.9, "nesterov": True},
-    "Adam",
-    {"type": "Adam", "amsgrad": True, "weight_decay": 0.01},
-    {"type": "AdamW", "amsgrad": True},
-    "RMSprop",
-    {"type": "RMSprop", "momentum": 0.5, "centered": True, "weight_decay": 0.1},
-    {"type": "Adagrad", "lr_decay": 0.01, "weight_decay": 0.1},
-]
 
 
 def native_and_eager(x: np.ndarray, y: np.ndarray, **fields: Any) -> tuple[loop.TrainedModel, loop.TrainedModel]:
