@@ -208,9 +208,16 @@ def _reading(delimiter: str | None, decimal: str | None, na_values: Sequence[str
     return {key: str(value) for key, value in fields.items()}
 
 
-def _with_file(file: FileArg | None, reading: dict[str, str]) -> None:
-    if file is None and reading:
-        raise TypeError(f"{sorted(reading)} say how to read an uploaded file: pass the file too")
+def _json_or_form(
+    field: str, body: Mapping[str, Any], file: FileArg | None, filename: str | None, reading: dict[str, str]
+) -> Request:
+    """``body`` as JSON (it names an uploaded dataset), or as the form field ``field`` beside
+    the file, with how to read it (refused without a file)."""
+    if file is None:
+        if reading:
+            raise TypeError(f"{sorted(reading)} say how to read an uploaded file: pass the file too")
+        return Request(json=dict(body))
+    return Request(data={field: json.dumps(dict(body)), **reading}, files={"file": _file_part(file, filename)})
 
 
 @Route("POST", "/datasets").reads(json_as(Dataset))
@@ -255,12 +262,7 @@ def train(
     na_values: Sequence[str] | None = None,
 ) -> Request:
     """The spec as JSON naming an uploaded dataset, or as a form field beside the file to train on."""
-    reading = _reading(delimiter, decimal, na_values)
-    _with_file(file, reading)
-    if file is None:
-        return Request(json=dict(spec))
-    fields = {"spec": json.dumps(dict(spec)), **reading}
-    return Request(data=fields, files={"file": _file_part(file, filename)})
+    return _json_or_form("spec", spec, file, filename, _reading(delimiter, decimal, na_values))
 
 
 @Route("GET", "/jobs/{job_id}").reads(json_as(JobDetail))
@@ -425,12 +427,7 @@ def create_sweep(
     na_values: Sequence[str] | None = None,
 ) -> Request:
     """The sweep as JSON (its base naming an uploaded dataset), or as a form field beside the file."""
-    reading = _reading(delimiter, decimal, na_values)
-    _with_file(file, reading)
-    if file is None:
-        return Request(json=dict(sweep))
-    fields = {"sweep": json.dumps(dict(sweep)), **reading}
-    return Request(data=fields, files={"file": _file_part(file, filename)})
+    return _json_or_form("sweep", sweep, file, filename, _reading(delimiter, decimal, na_values))
 
 
 @Route("GET", "/sweeps").reads(json_as(list[Sweep]))
