@@ -107,6 +107,21 @@ def test_predict_writes_the_rows_with_predictions_and_probabilities(
         assert by_name.stdout.replace("\r\n", "\n") == out.read_text().replace("\r\n", "\n")
 
 
+def test_predict_reads_a_semicolon_file_with_decimal_commas_as_an_upload_would(
+    server: Server, moons_model: str, tmp_path: Path
+) -> None:
+    # What a European spreadsheet exports: ';' between cells, ',' as the decimal mark.
+    lines = (EXAMPLES / "moons.csv").read_text().splitlines()
+    european = tmp_path / "moons-eu.csv"
+    european.write_text("\n".join(line.replace(",", ";").replace(".", ",") for line in lines) + "\n")
+    plain = cli("predict", moons_model, EXAMPLES / "moons.csv", url=server.url)
+    sniffed = cli("predict", moons_model, european, url=server.url)
+    assert sniffed.returncode == 0, sniffed.stderr
+    column = lambda text: [row["predicted_y"] for row in csv.DictReader(io.StringIO(text))]  # noqa: E731
+    assert len(column(sniffed.stdout)) == 200
+    assert column(sniffed.stdout) == column(plain.stdout)
+
+
 def test_predict_regression_and_its_errors(server: Server, tmp_path: Path) -> None:
     spec = tmp_path / "line.json"
     spec.write_text(json.dumps({"target": "y", "model": [{"type": "Linear", "out_features": 1}], "loss": "MSELoss"}))

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from trainserve.api.schemas import Job, Model, SweepDetail
 from trainserve.client.events import shown_status
 from trainserve.client.http import ApiError, TrainserveClient, sweep_done
+from trainserve.datasets.tables import sniff_decimal, sniff_delimiter
 from trainserve.jobs.status import JobStatus
 from trainserve.training.spec import TrainSpec
 from trainserve.wire import prediction_columns
@@ -377,9 +378,14 @@ def resolve_model(client: TrainserveClient, reference: str) -> Model:
 # -- predict --------------------------------------------------------------------------------------
 
 
-def _number(text: str) -> Any:
+SNIFF_CHARS = 65536  # of a predict file's head, to tell its delimiter and decimal mark
+
+
+def _number(text: str, decimal: str = ".") -> Any:
+    if not text.strip():
+        return None  # a blank cell is a missing value, as in an upload (JSON null)
     try:
-        value = float(text)
+        value = float(text.replace(",", ".") if decimal == "," else text)
     except ValueError:
         return text  # the server names the row and column it cannot use
     # JSON has no NaN or infinity: send the text, which the server refuses by row and column.
@@ -404,16 +410,22 @@ def _predict(client: TrainserveClient, args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CommandError(f"cannot read {args.data}: {exc.strerror}") from None
     with source:
-        reader = csv.DictReader(source)
+        # The file read as an upload would be: the delimiter and a decimal comma sniffed from
+        # its head (a semicolon file from a European spreadsheet, a TSV).
+        head = source.read(SNIFF_CHARS)
+        source.seek(0)
+        delimiter = sniff_delimiter(head, str(args.data))
+        decimal = sniff_decimal(head, delimiter)
+        reader = csv.DictReader(source, delimiter=delimiter)
         header = list(reader.fieldnames or [])
         missing = [f for f in model.features if f not in header]
         if missing:
             raise CommandError(f"{args.data} has no column {missing[0]!r}; the model takes {model.features}")
         if args.output is None:
-            written = _write_predictions(client, model, reader, header, sys.stdout)
+            written = _write_predictions(client, model, reader, header, decimal, sys.stdout)
         else:
             with _replaced_on_success(args.output) as out:
-                written = _write_predictions(client, model, reader, header, out)
+                written = _write_predictions(client, model, reader, header, decimal, out)
     if args.output:
         print(f"{written} rows predicted by {_describe(model)} -> {args.output}", file=sys.stderr)
     return 0
@@ -438,13 +450,13 @@ def _replaced_on_success(path: Path) -> Iterator[TextIO]:
 
 
 def _write_predictions(
-    client: TrainserveClient, model: Model, reader: csv.DictReader[str], header: list[str], out: TextIO
+    client: TrainserveClient, model: Model, reader: csv.DictReader[str], header: list[str], decimal: str, out: TextIO
 ) -> int:
     writer = csv.writer(out)
     writer.writerow([*header, *prediction_columns(model.targets, model.classes)])
     written = 0
     for chunk in _chunks(iter(reader), PREDICT_CHUNK_ROWS):
-        inputs = [{f: _number(row[f]) for f in model.features} for row in chunk]
+        inputs = [{f: _number(row[f], decimal) for f in model.features} for row in chunk]
         try:
             answer = client.predict(model.id, inputs)
         except ApiError as exc:
