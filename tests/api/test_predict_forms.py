@@ -213,6 +213,16 @@ def test_csv_upload_answers_the_same_csv_with_predictions(client: TrainserveClie
         assert [np.float32(v) for v in row[5:]] == [np.float32(p) for p in probabilities]
 
 
+def test_a_semicolon_csv_with_decimal_commas_predicts_as_the_comma_one(client: TrainserveClient, model_id: str) -> None:
+    # What a European spreadsheet exports: read as an upload would read it, not as one column.
+    table = _table(ROWS[:20]).decode()
+    european = table.replace(",", ";").replace(".", ",").encode()
+    plain = list(csv.reader(io.StringIO(client.predict_csv(table.encode(), model_id=model_id).decode())))
+    sniffed = list(csv.reader(io.StringIO(client.predict_csv(european, model_id=model_id).decode())))
+    assert len(sniffed) == 21
+    assert [row[4:] for row in sniffed] == [row[4:] for row in plain]
+
+
 def test_csv_body_with_name_in_the_query(client: TrainserveClient, named: tuple[str, list[str]]) -> None:
     name, (v1, _v2) = named
     response = client.http.post(

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from trainserve.api.schemas import Job, Model, SweepDetail
 from trainserve.client.events import shown_status
 from trainserve.client.http import ApiError, TrainserveClient, sweep_done
-from trainserve.datasets.tables import sniff_decimal, sniff_delimiter
+from trainserve.datasets.tables import SNIFF_BYTES, sniff_decimal, sniff_delimiter
 from trainserve.jobs.status import JobStatus
 from trainserve.training.spec import TrainSpec
 from trainserve.wire import prediction_columns
@@ -378,9 +378,6 @@ def resolve_model(client: TrainserveClient, reference: str) -> Model:
 # -- predict --------------------------------------------------------------------------------------
 
 
-SNIFF_CHARS = 65536  # of a predict file's head, to tell its delimiter and decimal mark
-
-
 def _number(text: str, decimal: str = ".") -> Any:
     if not text.strip():
         return None  # a blank cell is a missing value, as in an upload (JSON null)
@@ -412,7 +409,7 @@ def _predict(client: TrainserveClient, args: argparse.Namespace) -> int:
     with source:
         # The file read as an upload would be: the delimiter and a decimal comma sniffed from
         # its head (a semicolon file from a European spreadsheet, a TSV).
-        head = source.read(SNIFF_CHARS)
+        head = source.read(SNIFF_BYTES)
         source.seek(0)
         delimiter = sniff_delimiter(head, str(args.data))
         decimal = sniff_decimal(head, delimiter)

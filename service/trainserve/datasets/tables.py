@@ -374,7 +374,7 @@ DEFAULT_NA_VALUES: tuple[str, ...] = ("", "NA", "N/A", "NaN", "null", "None", "-
 DELIMITERS: dict[str, str] = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}
 _TRUE = ("true", "True", "TRUE")
 _FALSE = ("false", "False", "FALSE")
-_SNIFF_BYTES = 64 * 1024
+SNIFF_BYTES = 64 * 1024  # of a CSV's head, where the delimiter and decimal mark are sniffed (uploads and predictions)
 _SNIFF_ROWS = 200
 _MAX_HEADER_BYTES = 16 * 1024 * 1024
 _BLOCK_BYTES = 1024 * 1024  # pyarrow's default; measured faster than 4 or 16 MiB on 2 cores
@@ -398,10 +398,10 @@ def _delimiter_name(delimiter: str) -> str:
 def _sample(path: Path) -> str:
     """The first rows of the file as text (BOM dropped), cut at the last whole line."""
     with open(path, "rb") as handle:
-        head = handle.read(_SNIFF_BYTES)
+        head = handle.read(SNIFF_BYTES)
         # A header longer than the sample (thousands of columns): read on to its end.
         while b"\n" not in head.lstrip(b"\r\n") and len(head) < _MAX_HEADER_BYTES:
-            chunk = handle.read(_SNIFF_BYTES)
+            chunk = handle.read(SNIFF_BYTES)
             if not chunk:
                 break
             head += chunk

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from trainserve.datasets.tables import SNIFF_BYTES, sniff_decimal, sniff_delimiter
 from trainserve.errors import InvalidInput, PayloadTooLarge
 from trainserve.serving.aliases import ALIAS_PATTERN
 from trainserve.serving.predictor import (
@@ -178,8 +179,13 @@ def csv_to_matrix(body: bytes, predictor: Predictor, *, max_rows: int) -> CsvTab
         text = body.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise _bad_body(f"the CSV is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    # Read as an upload is read: the delimiter (',' ';' TAB '|') and a decimal comma sniffed.
+    head = text[:SNIFF_BYTES]  # the sniffers sample the first rows; never copy a large body for them
+    delimiter = sniff_delimiter(head)
+    decimal = sniff_decimal(head, delimiter)
     try:
-        records = [row for row in csv.reader(io.StringIO(text, newline=""), strict=True) if row]
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+        records = [row for row in reader if row]
     except csv.Error as exc:
         raise _bad_body(f"the file is not valid CSV: {exc}") from None
     if not records:
@@ -199,16 +205,16 @@ def csv_to_matrix(body: bytes, predictor: Predictor, *, max_rows: int) -> CsvTab
                 errors=[{"loc": ["file", i], "msg": "wrong number of fields"}],
             )
     if predictor.preprocessing is not None:
-        raw = csv_rows_to_raw(header, rows, predictor.preprocessing)
+        raw = csv_rows_to_raw(header, rows, predictor.preprocessing, decimal)
         return CsvTable(header, rows, raw.matrix, raw.warnings)
     columns = []
     for feature in predictor.features:
         j = header.index(feature)
         strings = [row[j].strip() for row in rows]
         try:
-            columns.append(np.array(strings, dtype=np.float64))
+            columns.append(np.array([_point(s, decimal) for s in strings], dtype=np.float64))
         except ValueError:
-            at = next(i for i, s in enumerate(strings) if not _is_float(s))
+            at = next(i for i, s in enumerate(strings) if not _is_float(_point(s, decimal)))
             msg = f"row {at + 1}, column {feature!r}: {strings[at]!r} is not a number"
             raise InvalidInput(msg, errors=[{"loc": ["file", at + 1, feature], "msg": msg}]) from None
     with np.errstate(over="ignore"):
@@ -225,7 +231,12 @@ def csv_to_matrix(body: bytes, predictor: Predictor, *, max_rows: int) -> CsvTab
 BLANK_TOKENS = frozenset({"", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "-"})
 
 
-def csv_rows_to_raw(header: list[str], rows: list[list[str]], plan: FeaturePlan) -> RawRows:
+def _point(text: str, decimal: str) -> str:
+    """A number's text with a decimal point, where the file writes a decimal comma."""
+    return text.replace(",", ".") if decimal == "," else text
+
+
+def csv_rows_to_raw(header: list[str], rows: list[list[str]], plan: FeaturePlan, decimal: str = ".") -> RawRows:
     """CSV cells -> a preprocessed model's raw layout; blanks allowed, numbers converted per
     distinct text, categories looked up with numpy. Rows are named as in the file, from 1."""
     matrix = np.empty((len(rows), len(plan.columns)), dtype=np.float32)
@@ -246,7 +257,7 @@ def csv_rows_to_raw(header: list[str], rows: list[list[str]], plan: FeaturePlan)
             numbers = np.empty(len(distinct))
             for k, text in enumerate(distinct.tolist()):
                 try:
-                    numbers[k] = float(text) if text else np.nan
+                    numbers[k] = float(_point(text, decimal)) if text else np.nan
                 except ValueError:
                     i = int(np.flatnonzero(inverse == k)[0])
                     msg = f"row {i + 1}, column {column.name!r}: {text!r} is not a number"
