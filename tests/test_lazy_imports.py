@@ -1,7 +1,8 @@
 """What `trainserve serve` and a worker import at start: not matplotlib (plots), Alembic (a
 database to migrate), the HTTP client (client commands), Optuna (sweeps), pyarrow (uploads),
-nor the queue drivers a SQLite queue does not use (redis, psycopg): issue #16, target 7, a
-start within 1.15x of a bare app's (bench/start.py).
+nor the queue drivers a SQLite queue does not use (redis, psycopg); and the API not torch,
+which its warm-up loads once the app has started: issue #16, target 7, a start within 1.15x
+of a bare app's (bench/start.py).
 
 Structural, not timed: each check runs in a fresh interpreter and reads sys.modules.
 """
@@ -9,6 +10,7 @@ Structural, not timed: each check runs in a fresh interpreter and reads sys.modu
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -47,6 +49,36 @@ def test_serving_an_up_to_date_database_imports_no_plotting_migrations_or_http_c
             f"from trainserve.db import upgrade_to_head; upgrade_to_head({url!r})\n"
         )
         assert _imported_after(code) == []
+
+
+@pytest.mark.timeout(300)
+def test_the_api_answers_before_torch_is_loaded_and_its_warm_up_loads_it(tmp_path: Path):
+    # What `serve` runs in the API process (cli._serve) up to the app's start, then the
+    # warm-up the app's lifespan starts: torch arrives with it, and /readyz's check says so.
+    probe = (
+        "import json, sys\n"
+        "from trainserve import cli\n"
+        "cli.build_parser(client_commands=False).parse_args(['serve'])\n"
+        f"cli.import_huey({'sqlite:///' + str(tmp_path / 'queue.db')!r})\n"
+        "from trainserve.api.app import create_app\n"
+        "from trainserve.api.runtime import Runtime\n"
+        "from trainserve.storage import sweep\n"
+        "from trainserve.db import upgrade_to_head\n"
+        "from trainserve.config import get_settings\n"
+        "upgrade_to_head(get_settings().resolved_database_url)\n"
+        "app = create_app()\n"
+        "runtime: Runtime = app.state.runtime\n"
+        "before = ('torch' in sys.modules, runtime.warmup.state)\n"
+        "runtime.warmup.start(None)\n"
+        "assert runtime.warmup.wait(240)\n"
+        "print(json.dumps([before, ['torch' in sys.modules, runtime.warmup.state, runtime.check()['models']]]))\n"
+    )
+    env = {**os.environ, "TRAINSERVE_DATA_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=280)
+    assert out.returncode == 0, out.stderr[-3000:]
+    before, after = json.loads(out.stdout.splitlines()[-1])
+    assert before == [False, "loading"]
+    assert after == [True, "ok", "ok"]
 
 
 def test_the_lazy_modules_arrive_when_first_used():

@@ -8,10 +8,13 @@ reads and writes them) import this module, so it imports nothing: no torch, no F
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 NPY_MEDIA_TYPE = "application/x-npy"
 CSV_MEDIA_TYPE = "text/csv"
+# GET /models/{id}/export?format=...: what the server builds and the CLI offers.
+ExportFormat = Literal["torchscript", "torch.export"]
+EXPORT_FORMATS: tuple[ExportFormat, ...] = ("torchscript", "torch.export")
 
 
 def prediction_columns(targets: Sequence[str], classes: Sequence[Any] | None) -> list[str]:

@@ -19,7 +19,7 @@ from trainserve.errors import InvalidInput
 from trainserve.serving.export import Exporter
 from trainserve.serving.formats import CsvTable, csv_rows_to_raw, encode_csv, encode_json
 from trainserve.serving.predictor import Predictor, inputs_to_raw
-from trainserve.training import features, loop
+from trainserve.training import features, loop, network
 from trainserve.training.native import RowwiseForward
 from trainserve.training.spec import Limits, TrainSpec, plan_training
 
@@ -45,7 +45,7 @@ def predictor() -> Predictor:
     )
     ready = features.prepare(table, spec, plan_training(spec, table.schema(), LIMITS), LIMITS)
     result = loop.train(spec, ready.plan, ready.x, ready.y, split=ready.split)
-    result.module.attach_encoder(features.FeatureEncoder(ready.features))
+    result.module.attach_encoder(network.FeatureEncoder(ready.features))
     return Predictor(
         "m1",
         ready.plan.features,

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from trainserve.datasets.tables import Table
 from trainserve.errors import InvalidInput
-from trainserve.training import features, loop
+from trainserve.training import features, loop, network
 from trainserve.training.spec import Limits, TrainSpec, plan_training
 
 LIMITS = Limits(max_epochs=1000, max_parameters=100_000, max_layer_width=512)
@@ -66,10 +66,10 @@ def test_raw_layout_and_encoder():
     assert raw[0, 1] == 0
     assert raw[1, 1] == -1
     assert unseen[1].tolist() == [False, True]
-    encoded = features.FeatureEncoder(plan)(torch.from_numpy(raw)).numpy()
+    encoded = network.FeatureEncoder(plan)(torch.from_numpy(raw)).numpy()
     # x filled with its median (2.0), x's indicator, then c's levels a, b and its blank level.
     assert encoded.tolist() == [[2.0, 1.0, 1.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0, 0.0]]
-    blank = features.FeatureEncoder(plan)(torch.tensor([[1.0, float("nan")]])).numpy()
+    blank = network.FeatureEncoder(plan)(torch.tensor([[1.0, float("nan")]])).numpy()
     assert blank.tolist() == [[1.0, 0.0, 0.0, 0.0, 1.0]]
 
 
@@ -121,7 +121,7 @@ def test_same_seed_data_and_spec_give_the_same_weights_bit_for_bit():
     for _ in range(2):
         ready = prepared(table, spec)
         result = loop.train(spec, ready.plan, ready.x, ready.y, split=ready.split)
-        result.module.attach_encoder(features.FeatureEncoder(ready.features))
+        result.module.attach_encoder(network.FeatureEncoder(ready.features))
         runs.append(result.module.state_dict())
     assert runs[0].keys() == runs[1].keys()
     assert any(key.startswith("encoder.") for key in runs[0])
@@ -319,7 +319,7 @@ def test_a_wide_category_is_embedded_trains_and_serves_unknown_levels_as_zero():
     for key in first:
         assert torch.equal(first[key], second[key]), key
     model = runs[0].module
-    model.attach_encoder(features.FeatureEncoder(ready.features))
+    model.attach_encoder(network.FeatureEncoder(ready.features))
     assert model.embeddings is not None
     embedding = model.embeddings.tables[0]
     assert isinstance(embedding, torch.nn.Embedding)
@@ -352,6 +352,6 @@ def test_the_table_encoded_for_training_is_bit_for_bit_what_the_served_encoder_c
     raw, unseen = features.raw_matrix(plan, [table.column(n) for n in plan.features])
     assert unseen  # rows 200.. hold levels the first 200 rows never had
     with torch.inference_mode():
-        served = features.FeatureEncoder(plan)(torch.from_numpy(raw)).numpy()
+        served = network.FeatureEncoder(plan)(torch.from_numpy(raw)).numpy()
     trained = features.encode_table(plan, table)
     assert served.tobytes() == trained.tobytes()

@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
@@ -43,20 +42,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        if settings.predict_threads is not None:  # this process only predicts; see config
-            torch.set_num_threads(settings.predict_threads)
         predictor.configure_threads(settings.predict_threads)
         await run_in_threadpool(upgrade_to_head, settings.resolved_database_url)
         runtime.store.ensure()
-        # Everything imported and built so far (torch alone is hundreds of thousands of
-        # objects) lives as long as the process: keep it out of the cyclic collector's
-        # full passes, which otherwise ran during large requests and made parsing a
-        # 65,536-row JSON body 9x slower (measured).
+        # Everything imported and built so far lives as long as the process: keep it out of
+        # the cyclic collector's full passes, which otherwise ran during large requests and
+        # made parsing a 65,536-row JSON body 9x slower (measured). `trainserve serve` starts
+        # with the collector off (cli.py): what the start left unreachable (7,462 objects,
+        # measured) stays frozen with the rest rather than a full pass before the first
+        # answer. The warm-up turns the collector on once it has loaded torch and frozen that too.
         gc.freeze()
-        # `trainserve serve` starts with the collector off (cli.py): what the start left
-        # unreachable (7,462 objects after the imports, measured) stays frozen with the rest,
-        # rather than a full pass over 290,000 objects (0.6 s) before the first answer.
-        gc.enable()
+        runtime.warmup.start(settings.predict_threads)
         _keep_large_buffers_in_the_heap()
         yield
         await run_in_threadpool(runtime.predictions.close)
@@ -208,7 +204,8 @@ def _add_health(app: FastAPI, runtime: Runtime) -> None:
 
     @app.get("/readyz", tags=["health"], responses={503: {"description": "Something the service needs is down"}})
     def readyz() -> JSONResponse:
-        """The database, the model store and the queue answer."""
+        """The database, the model store and the queue answer, and what runs a model is
+        loaded (``models``: "loading" for about a second after the start)."""
         checks = runtime.check()
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
@@ -14,7 +14,7 @@ from trainserve.jobs.queue import JobQueue, build_queue
 from trainserve.serving.batching import MicroBatcher
 from trainserve.serving.drift import ReferenceCache, TimedCache
 from trainserve.serving.plot_cache import PlotCache
-from trainserve.serving.predictor import ModelCache, NameCache
+from trainserve.serving.predictor import ModelCache, NameCache, Warmup
 from trainserve.serving.predlog import LogSettings, PredictionLog
 from trainserve.serving.shadow import ShadowResolver
 from trainserve.storage.base import Store
@@ -35,6 +35,8 @@ class Runtime:
     drift_references: ReferenceCache
     drift_scrape: TimedCache  # the last drift figures /metrics reported, reused for a few seconds
     plots: PlotCache
+    # torch and the model modules, loaded in the background once the app has started
+    warmup: Warmup = field(default_factory=Warmup)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
@@ -73,7 +75,8 @@ class Runtime:
         )
 
     def check(self) -> dict[str, str]:
-        """Whether the database, the model store and the queue answer: "ok" or the error, each."""
+        """Whether the database, the model store and the queue answer, and whether what runs a
+        model is loaded: "ok", else the error or "loading", each."""
         checks: dict[str, str] = {}
         try:
             with self.engine.connect() as connection:
@@ -91,4 +94,5 @@ class Runtime:
             checks["queue"] = "ok"
         except Exception as exc:
             checks["queue"] = f"error: {exc}"
+        checks["models"] = self.warmup.state
         return checks

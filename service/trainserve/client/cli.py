@@ -33,7 +33,7 @@ from trainserve.client.http import ApiError, TrainserveClient, sweep_done
 from trainserve.datasets.tables import SNIFF_BYTES, sniff_decimal, sniff_delimiter
 from trainserve.jobs.status import JobStatus
 from trainserve.training.spec import TrainSpec
-from trainserve.wire import prediction_columns
+from trainserve.wire import EXPORT_FORMATS, prediction_columns
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 _ID = re.compile(r"^[0-9a-f]{32}$")
@@ -153,7 +153,7 @@ def add_client_commands(commands: Any) -> None:
 
     export = commands.add_parser("export", parents=common, help="download a model as TorchScript or torch.export")
     export.add_argument("model", help="model id, NAME, NAME:VERSION or NAME@ALIAS")
-    export.add_argument("--format", choices=["torchscript", "torch.export"], default="torchscript")
+    export.add_argument("--format", choices=EXPORT_FORMATS, default="torchscript")
     export.add_argument("--output", "-o", type=Path, required=True)
     export.set_defaults(run=_with_client(_export))
     _add_sweep_commands(commands, common)

@@ -39,7 +39,7 @@ from trainserve.jobs.workers import WorkerPresence, devices_here
 from trainserve.storage.base import new_id
 from trainserve.sweeps import driver as sweeps
 from trainserve.sweeps.trials import TrialPruned
-from trainserve.training import features, loop, native, threads
+from trainserve.training import features, loop, native, network, threads
 from trainserve.training.spec import TrainingPlan, TrainSpec, plan_training
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ def _run_claimed(ctx: WorkerContext, attempt: Attempt, job: JobRecord, dataset: 
         init = _parent_weights(ctx, parent) if parent is not None else None
         result = _train(ctx, attempt, spec, plan, prepared.x, prepared.y, init, split=prepared.split)
         if not prepared.features.is_identity:
-            result.module.attach_encoder(features.FeatureEncoder(prepared.features))
+            result.module.attach_encoder(network.FeatureEncoder(prepared.features))
         result.notes[:0] = prepared.notes
     except loop.TrainingPreempted as preempted:
         attempt.hand_back(

@@ -20,15 +20,15 @@ import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 import trainserve
 from trainserve.training.network import TabularNet
+from trainserve.wire import ExportFormat
 
-ExportFormat = Literal["torchscript", "torch.export"]
 METADATA_FILE = "trainserve.json"
 # Artifacts larger than this are rebuilt per request rather than held in memory.
 _CACHE_MAX_BYTES = 32 * 1024 * 1024
@@ -122,3 +122,7 @@ class Exporter:
                 while len(self._cache) > self.capacity:
                     self._cache.popitem(last=False)
             return exported
+
+
+# Process-wide: exports share torch's compiler state and are cached across requests.
+EXPORTER = Exporter()

@@ -16,7 +16,6 @@ from trainserve.serving import drift, registry
 from trainserve.storage.base import Store
 from trainserve.training import features
 from trainserve.training.features import FeaturePlan
-from trainserve.training.loop import encode_targets, split_indices, split_rows
 from trainserve.training.spec import Task, TrainSpec
 
 
@@ -39,6 +38,8 @@ def _references(
     spec = TrainSpec.model_validate(record.spec)
     if record.preprocessing is None:
         # Trained before preprocessing existed: the worker split the whole table with split_indices.
+        from trainserve.training.loop import split_indices  # torch: loaded once the API answers
+
         x, _ = registry.training_data(session=session, store=store, record=record)
         train_rows, _ = split_indices(len(x), spec.validation_split, spec.seed)
         references = [drift.reference(x[train_rows, j]) for j in range(x.shape[1])]
@@ -75,6 +76,8 @@ def trained_rows(
     (nothing is refitted): the rows that could not train dropped (a blank target, a blank in a
     ``drop_row`` column), then ``loop.split_rows`` (stratified by the stored classes, the test
     share held out) over the rest."""
+    from trainserve.training.loop import encode_targets, split_rows  # torch: loaded once the API answers
+
     dropped = np.zeros(table.n_rows, dtype=bool)
     for mask in features.rows_to_drop(table, feature_names, targets, spec).values():
         dropped |= mask

@@ -3,7 +3,8 @@
 Headless: figures are drawn with matplotlib's Agg canvas directly (no pyplot, no
 display, no global figure state). matplotlib is not thread-safe, and the API renders in
 its thread pool, so one lock serialises drawing; a plot takes a fraction of a second.
-Knows numpy, torch and matplotlib; no HTTP, no SQL.
+Knows numpy, torch and matplotlib (each imported where used: the API loads them after it
+answers); no HTTP, no SQL.
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ParamSpec
 
 import numpy as np
-import torch
 
 from trainserve.serving.predictor import Predictor
-from trainserve.training.network import outputs_to_probabilities
 
 if TYPE_CHECKING:  # matplotlib is imported when the first plot is drawn: 0.5 s off every start
     from matplotlib.axes import Axes
@@ -86,12 +85,18 @@ def loss_curve(history: list[list[Any]], *, title: str, size: tuple[int, int] = 
 
 
 def _probabilities(predictor: Predictor, x: np.ndarray) -> np.ndarray:
+    import torch
+
+    from trainserve.training.network import outputs_to_probabilities
+
     with torch.inference_mode():
         outputs = predictor.module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
         return outputs_to_probabilities(outputs, predictor.task).numpy()  # type: ignore[arg-type]
 
 
 def _outputs(predictor: Predictor, x: np.ndarray) -> np.ndarray:
+    import torch
+
     with torch.inference_mode():
         outputs: np.ndarray = predictor.module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
     return outputs

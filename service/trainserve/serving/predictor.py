@@ -1,26 +1,36 @@
-"""Serving: load trained models (checked, cached), validate inputs, predict under inference_mode."""
+"""Serving: load trained models (checked, cached), validate inputs, predict under inference_mode.
+
+torch, and the modules built on it, are imported where a model is loaded or run, not at the
+top: the API process imports this module to validate requests and hold its caches, and it
+answers before it has loaded torch (``warm_up``, called once the app has started, loads it
+for the first model; docs/performance-16.md, target 7).
+"""
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from trainserve.db import ModelRecord
 from trainserve.errors import InvalidInput, NativeUnavailable, NotFound, PayloadTooLarge
 from trainserve.storage.base import Store
 from trainserve.training import threads
-from trainserve.training.features import ColumnPlan, FeatureEncoder, FeaturePlan, level_index
-from trainserve.training.native import RowwiseForward
-from trainserve.training.network import TabularNet, outputs_to_probabilities
+from trainserve.training.features import ColumnPlan, FeaturePlan, level_index
 from trainserve.training.spec import TrainSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from trainserve.training.native import RowwiseForward
+    from trainserve.training.network import TabularNet
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +51,53 @@ _threads_override: int | None = None
 def configure_threads(override: int | None) -> None:
     global _threads_override
     _threads_override = override
+
+
+class Warmup:
+    """Loads torch and what runs a model, in a background thread, once the API has started.
+
+    The API answers (``/healthz``, uploads, jobs, the dashboard) before torch is loaded: about
+    a second of CPU that only models need. The first prediction that arrives before the
+    warm-up ends waits for it on Python's import lock, then runs as usual. ``state`` is what
+    ``/readyz`` reports under ``models``: "loading" (not ready) until then, so that a load
+    balancer sends predictions only once they run at full speed.
+    """
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._error: str | None = None
+
+    def start(self, threads_override: int | None) -> None:
+        threading.Thread(target=self._run, args=(threads_override,), name="trainserve-warm-up", daemon=True).start()
+
+    def _run(self, threads_override: int | None) -> None:
+        # Torch's import makes some 300,000 objects that live as long as the process: no
+        # cyclic collection while it runs (each walked them all and freed nothing), then
+        # frozen out of the collector's full passes with everything the start built.
+        gc.disable()
+        try:
+            import torch
+
+            from trainserve.training import native, network  # noqa: F401 (loaded for the first model)
+
+            if threads_override is not None:  # this process only predicts; see config
+                torch.set_num_threads(threads_override)
+        except Exception as exc:  # reported by /readyz; a prediction meets the same error itself
+            log.exception("could not load torch")
+            self._error = f"error: {exc}"
+        finally:
+            gc.freeze()
+            gc.enable()
+            self._done.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    @property
+    def state(self) -> str:
+        if not self._done.is_set():
+            return "loading"
+        return self._error or "ok"
 
 
 @dataclass(frozen=True)
@@ -102,6 +159,8 @@ class Predictor:
         model without preprocessing."""
         if self.module.encoder is None:
             return x
+        import torch
+
         with torch.inference_mode():
             encoded = self.module.encoder(torch.from_numpy(np.ascontiguousarray(x)))
             if self.module.embeddings is not None:
@@ -116,6 +175,9 @@ class Predictor:
 
     @classmethod
     def load(cls, store: Store, record: ModelRecord) -> Predictor:
+        from trainserve.training.native import RowwiseForward
+        from trainserve.training.network import FeatureEncoder, TabularNet
+
         tensors = store.load_weights(record.id, record.weights_sha256)
         spec = TrainSpec.model_validate(record.spec)
         stored = getattr(record, "preprocessing", None)  # absent from records made by hand (tests, tools)
@@ -165,6 +227,10 @@ class Predictor:
             return self.infer_rowwise(x)
         work = len(x) * max(self.n_parameters, 1)
         threads.apply(_threads_override or threads.choose(work, wait=None).threads)
+        import torch
+
+        from trainserve.training.network import outputs_to_probabilities
+
         with torch.inference_mode():
             outputs = self.forward(torch.from_numpy(x))
             if self.task == "regression":

@@ -14,11 +14,12 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, TypeVar
 
 from trainserve.datasets.tables import Table
+
+if TYPE_CHECKING:  # the API process opens its store before it has loaded torch
+    import torch
 
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 # The store's three kinds of object, each in a folder (or under a prefix) of its own.

@@ -15,16 +15,31 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from trainserve.datasets.tables import Table, read_table, write_table
 from trainserve.errors import ChecksumMismatch
 from trainserve.storage.base import ID_PATTERN, KINDS, Kind, Store, named_by_id, new_id
+
+if TYPE_CHECKING:
+    import torch
+
+
+# safetensors' torch half imports torch: at the first model written or read, not when the
+# API process opens its store (it answers before it has loaded torch).
+def save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors, metadata)
+
+
+def load_safetensors(payload: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(payload)
+
 
 _CHUNK = 1024 * 1024
 
@@ -242,6 +257,8 @@ _DIGEST_KEY = "trainserve_checkpoint_sha256"
 
 def _checkpoint_digest(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over a checkpoint's metadata and each tensor's name, dtype, shape and bytes."""
+    import torch  # a checkpoint is written or read by a worker, which has loaded torch already
+
     digest = hashlib.sha256(meta_json.encode())
     for name in sorted(tensors):
         tensor = tensors[name].contiguous()

@@ -21,17 +21,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import torch
 from fsspec.core import url_to_fs
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from trainserve.datasets.tables import Table, read_table, write_table
 from trainserve.errors import ChecksumMismatch
 from trainserve.storage.base import Kind, Store, named_by_id
-from trainserve.storage.local import LocalStore, open_checked
+from trainserve.storage.local import LocalStore, load_safetensors, open_checked, save_safetensors
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,13 @@ Two layouts:
   one level-index column per embedded category (``network.Embeddings`` turns each into its
   trained vector before the scaler: rows are the levels, then unknown, then blank).
 
-``FeatureEncoder`` maps raw to encoded with a fixed handful of tensor operations (no
+``network.FeatureEncoder`` maps raw to encoded with a fixed handful of tensor operations (no
 data-dependent control flow, so it traces and exports), and training encodes the whole
 table once with it into the float32 matrix the loop already uses. A clean numeric table
 needs no encoder at all (``FeaturePlan.is_identity``): it trains exactly as before.
 
-Knows numpy and torch; no HTTP, no SQL.
+Knows numpy; no torch (the encoder, a torch module, is ``network.FeatureEncoder``), no HTTP,
+no SQL: the API process validates and reads rows with it before torch is loaded.
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import torch
-from torch import nn
 
 from trainserve.datasets.tables import Table
 from trainserve.errors import InvalidInput
@@ -39,7 +38,7 @@ from trainserve.training import spec as S
 
 FORMAT = 1
 # Marks a one-hot slot that stands for "blank": NaN never equals anything, so it gets its own code.
-_BLANK_CODE = -2.0
+BLANK_CODE = -2.0
 _SAMPLE_ROWS = 5  # rows named in an error message
 
 
@@ -331,63 +330,9 @@ def raw_matrix(plan: FeaturePlan, columns: list[np.ndarray]) -> tuple[np.ndarray
     return out, unseen
 
 
-# -- the encoder -------------------------------------------------------------------------------
-
-
-class FeatureEncoder(nn.Module):
-    """Raw layout -> encoded layout (see the module's docstring): fill, indicate, one-hot."""
-
-    number_source: torch.Tensor
-    number_fill: torch.Tensor
-    indicator_source: torch.Tensor
-    onehot_source: torch.Tensor
-    onehot_code: torch.Tensor
-    embed_source: torch.Tensor
-    embed_unknown: torch.Tensor
-    embed_blank: torch.Tensor
-
-    def __init__(self, plan: FeaturePlan) -> None:
-        super().__init__()
-        numbers = [(j, c) for j, c in enumerate(plan.columns) if c.kind != "category"]
-        sources, codes = [], []
-        embedded = [(j, c) for j, c in enumerate(plan.columns) if c.embedded]
-        for j, c in enumerate(plan.columns):
-            if c.kind == "category" and not c.embedded:
-                sources += [j] * c.width
-                codes += [float(k) for k in range(len(c.levels))] + ([_BLANK_CODE] if c.blank_level else [])
-        # An embedded category's index: its level, else its table's unknown row (levels), or its
-        # blank row (levels + 1) when training had blanks.
-        self.register_buffer("embed_source", torch.tensor([j for j, _ in embedded], dtype=torch.long))
-        self.register_buffer(
-            "embed_unknown", torch.tensor([float(len(c.levels)) for _, c in embedded], dtype=torch.float32)
-        )
-        self.register_buffer(
-            "embed_blank",
-            torch.tensor([float(len(c.levels) + int(c.blank_level)) for _, c in embedded], dtype=torch.float32),
-        )
-        self.register_buffer("number_source", torch.tensor([j for j, _ in numbers], dtype=torch.long))
-        self.register_buffer(
-            "number_fill", torch.tensor([float(c.fill_value or 0.0) for _, c in numbers], dtype=torch.float32)
-        )
-        self.register_buffer("indicator_source", torch.tensor([j for j, c in numbers if c.indicator], dtype=torch.long))
-        self.register_buffer("onehot_source", torch.tensor(sources, dtype=torch.long))
-        self.register_buffer("onehot_code", torch.tensor(codes, dtype=torch.float32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        numbers = x.index_select(1, self.number_source)
-        filled = torch.where(torch.isnan(numbers), self.number_fill, numbers)
-        indicators = torch.isnan(x.index_select(1, self.indicator_source)).to(x.dtype)
-        cells = x.index_select(1, self.onehot_source)
-        hot = (cells == self.onehot_code) | (torch.isnan(cells) & (self.onehot_code == _BLANK_CODE))
-        codes = x.index_select(1, self.embed_source)
-        outside = (codes < 0) | (codes >= self.embed_unknown)  # NaN compares False: kept for the next line
-        index = torch.where(torch.isnan(codes), self.embed_blank, torch.where(outside, self.embed_unknown, codes))
-        return torch.cat([filled, indicators, hot.to(x.dtype), index], dim=1)
-
-
 def encode_table(plan: FeaturePlan, table: Table, rows: np.ndarray | None = None) -> np.ndarray:
     """The whole table (or ``rows`` of it) in the encoded layout, as one float32 matrix: what
-    ``FeatureEncoder`` computes from the raw layout, written column by column with numpy (a
+    ``network.FeatureEncoder`` computes from the raw layout, written column by column with numpy (a
     one-hot block is one scatter of ones, not a comparison per level: 500,000 rows with 56
     encoded columns took 4 s through the encoder's torch operations on a loaded 2-core machine,
     well under 1 s this way). Selections and comparisons only, so the values are the same bits

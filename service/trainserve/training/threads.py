@@ -25,7 +25,8 @@ floats). The training steps of the issue's shapes have none that long (their wei
 the same, bit for bit, at 1 and 2 threads), but a whole split's loss has:
 ``one_thread`` runs such reductions on one thread whatever the policy chose.
 
-Knows os and torch only; where ``/proc`` is absent (macOS), every allowed core counts free.
+Knows os and torch only (torch imported where used: the API imports this module before it
+loads torch); where ``/proc`` is absent (macOS), every allowed core counts free.
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-
-import torch
 
 # Parameter-rows (batch x parameters, about the multiply-adds of one forward pass) below
 # which a step runs on one thread, and per extra thread above. Measured on the 2-core
@@ -208,6 +207,8 @@ def choose(work: int, *, override: int | None = None, wait: float | None = SAMPL
 
 def apply(threads: int) -> None:
     """Set torch's intra-op threads for this process, if they differ (setting them is not free)."""
+    import torch  # here, not above: the API process chooses threads before it has loaded torch
+
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 
@@ -217,6 +218,8 @@ def one_thread() -> Iterator[None]:
     """Run the block's torch ops on one thread, then restore the count: for reductions over
     more elements than torch's grain (a whole split's loss and accuracy), whose last bits
     would otherwise depend on how many threads the policy chose (see the module's doc)."""
+    import torch
+
     before = torch.get_num_threads()
     apply(1)
     try:

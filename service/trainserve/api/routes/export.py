@@ -9,12 +9,9 @@ from fastapi.responses import Response
 
 from trainserve.api.deps import RuntimeDep, SessionDep
 from trainserve.serving import registry
-from trainserve.serving.export import Exporter, ExportFormat
+from trainserve.wire import ExportFormat
 
 router = APIRouter(tags=["models"])
-# Process-wide: exports share torch's compiler state and are cached across requests.
-_exporter = Exporter()
-
 _ARCHIVE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/octet-stream": {}}, "description": "a TorchScript or torch.export archive"}
 }
@@ -45,7 +42,10 @@ def export_model(
         # indices (NaN blank, -1 unseen) into the vocabularies listed here.
         "preprocessing": predictor.preprocessing.export_layout() if predictor.preprocessing is not None else None,
     }
-    exported = _exporter.export(predictor.module, format, model_id=record.id, info=info)
+    # Imported here: it loads torch's exporters, which the API needs only when asked.
+    from trainserve.serving.export import EXPORTER
+
+    exported = EXPORTER.export(predictor.module, format, model_id=record.id, info=info)
     return Response(
         exported.content,
         media_type="application/octet-stream",
