@@ -291,10 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     first = (sys.argv[1:] if argv is None else argv)[:1]
     if first == ["serve"]:
         # No cyclic collection while `serve` starts: everything imported and built then
-        # (torch alone is ~300,000 objects) lives as long as the process, so each full pass
-        # the imports trigger walks them all and frees nothing. That was a fifth of the
-        # start's CPU time (bench/start.py). The app's lifespan freezes what the start
-        # built and turns the collector back on (api/app.py).
+        # lives as long as the process, so each full pass the imports trigger walks it all
+        # and frees nothing (with torch, ~300,000 objects, a fifth of the start's CPU time:
+        # bench/start.py). The app's lifespan freezes what the start built; its warm-up
+        # loads torch, freezes that too and turns the collector back on (api/app.py).
         gc.disable()
     args = build_parser(client_commands=not SERVICE_COMMANDS.issuperset(first) or not first).parse_args(argv)
     try:
