@@ -79,7 +79,7 @@ class Predictor:
     ignored: tuple[str, ...] = ()
     # What a JSON row keyed by name may carry besides the features, disregarded: the ignored
     # columns and the targets (a CSV's extra columns are accepted, and echoed, too).
-    disregarded: frozenset[str] = field(default=frozenset(), repr=False)
+    disregarded: frozenset[str] = field(default=frozenset(), init=False, repr=False)
     _labels: np.ndarray | None = field(default=None, repr=False)
     # Which model answered, for every answer's headers: built once, not per request.
     headers: dict[str, str] = field(default_factory=dict, repr=False)
