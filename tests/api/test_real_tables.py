@@ -217,6 +217,59 @@ def test_blanks_and_unseen_categories_answer_200_with_warnings_through_json_csv_
     np.testing.assert_allclose(exported_probabilities, body["probabilities"], rtol=1e-5, atol=1e-6)
 
 
+def whole_rows_model(client: TrainserveClient, header: list[str], rows: list[list[Any]]) -> str:
+    """A model trained on ``rows`` whose ``row_id`` column is declared ignored; its id."""
+    dataset = client.upload_dataset(pandas_csv(rows, header), "whole.csv")
+    spec = {**SPEC, "dataset_id": dataset.id, "epochs": 2, "columns": {"row_id": {"type": "ignore"}}}
+    job = client.wait(client.train(spec).id, timeout=120)
+    assert job.status == "succeeded", job.error
+    return str(job.model_id)
+
+
+@pytest.mark.parametrize("categories", [True, False], ids=["preprocessed", "numbers-only"])
+def test_whole_rows_as_uploaded_predict_with_their_ignored_and_target_columns_disregarded(
+    client: TrainserveClient, categories: bool
+) -> None:
+    # A table with an id column declared ignored: with text categories (the preprocessed path)
+    # and of numbers alone (a model that takes its features as they are).
+    header = ["row_id", *HEADER] if categories else ["row_id", "bill_length_mm", "bill_depth_mm", "species"]
+    table = [[i, *row] for i, row in enumerate(penguins(seed=1)[:300])]
+    if not categories:
+        table = [[i, 40.0 + i % 9, 15.0 + i % 4, row[-1]] for i, row in enumerate(penguins(seed=1)[:300])]
+    model_id = whole_rows_model(client, header, table)
+    detail = client.get_model(model_id)
+    features = header[1:-1]
+    assert (detail.features, detail.targets, detail.ignored_columns) == (features, ["species"], ["row_id"])
+
+    # The rows sent back whole, as uploaded (id, features and label): the same answer as the
+    # features alone.
+    whole = [dict(zip(header, row, strict=True)) for row in table[:20]]
+    just_features = [{k: v for k, v in row.items() if k in features} for row in whole]
+    answer = client.http.post("/predict", json={"model_id": model_id, "inputs": whole})
+    assert answer.status_code == 200, answer.text
+    expected = client.predict(model_id, just_features)
+    assert answer.json()["predictions"] == expected.predictions
+    assert answer.json()["probabilities"] == expected.probabilities
+    # The same rows as CSV: extra columns were always accepted there (and are echoed back).
+    as_csv = client.predict_csv(pandas_csv(table[:20], header), model_id=model_id)
+    lines = list(csv.DictReader(io.StringIO(as_csv.decode())))
+    assert [line["predicted_species"] for line in lines] == expected.predictions
+    assert [line["row_id"] for line in lines] == [str(row[0]) for row in table[:20]]
+
+    # A column the model never saw is still refused, naming it and what the model takes.
+    stray = [{**whole[0], "row_idd": 1}]
+    refused = client.http.post("/predict", json={"model_id": model_id, "inputs": stray})
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"] == (
+        f"inputs[0]: unknown feature 'row_idd' (the model takes {features}; it disregards ['row_id', 'species'])"
+    )
+    # ... and so is a row that has the ignored columns but lacks a feature.
+    short = [{k: v for k, v in whole[0].items() if k != "bill_depth_mm"}]
+    lacking = client.http.post("/predict", json={"model_id": model_id, "inputs": short})
+    assert lacking.status_code == 422, lacking.text
+    assert lacking.json()["detail"] == "inputs[0]: feature 'bill_depth_mm' is missing"
+
+
 def test_class_weights_a_stratified_test_split_and_the_confusion_plot(
     client: TrainserveClient, trained: dict[str, Any]
 ) -> None:

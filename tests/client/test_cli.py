@@ -122,6 +122,49 @@ def test_predict_reads_a_semicolon_file_with_decimal_commas_as_an_upload_would(
     assert column(sniffed.stdout) == column(plain.stdout)
 
 
+def test_predict_prints_the_answers_warnings_on_stderr_and_keeps_stdout_the_csv(
+    server: Server, client: TrainserveClient, tmp_path: Path
+) -> None:
+    # A table with a text category (no blanks anywhere): its model answers unseen labels and
+    # blanks anyway, with warnings.
+    lines = (EXAMPLES / "moons.csv").read_text().splitlines()
+    table = [lines[0].replace(",y", ",colour,y")]
+    for i, line in enumerate(lines[1:]):
+        x0, x1, y = line.split(",")
+        table.append(f"{x0},{x1},{('red', 'blue')[i % 2]},{y}")
+    dataset = client.upload_dataset("\n".join(table).encode() + b"\n", "coloured.csv")
+    job = client.wait(client.train({**moons_spec(dataset.id, epochs=2), "target": "y"}).id)
+    assert job.status == "succeeded", job.error
+    # More rows than one request carries (5,000): a warning in the second chunk is named by its
+    # row in the file too. Row 2: an unseen colour; row 3: a blank x0; row 5,002: unseen again.
+    rows = ["x0,x1,colour"] + ["0.5,0.25,red"] * 5_002
+    rows[2], rows[3], rows[5_002] = "0.5,0.25,green", ",0.25,blue", "1.0,-0.5,Mauve"
+    data = tmp_path / "rows.csv"
+    data.write_text("\n".join(rows) + "\n")
+    result = cli("predict", str(job.model_id), data, url=server.url)
+    assert result.returncode == 0, result.stderr
+    predicted = list(csv.reader(io.StringIO(result.stdout)))
+    assert predicted[0] == ["x0", "x1", "colour", "predicted_y", "probability_0", "probability_1"]
+    assert len(predicted) == 5_003
+    assert all(len(r) == 6 for r in predicted)  # the CSV alone: no warning among its lines
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    unseen = "a category never seen in training: answered as the unknown level"
+    assert warnings[0] == f"warning: row 2, column 'colour', value 'green': {unseen}"
+    assert warnings[1].startswith("warning: row 3, column 'x0': blank, and training had no blanks here: filled with ")
+    assert warnings[2] == f"warning: row 5002, column 'colour', value 'Mauve': {unseen}"
+    assert len(warnings) == 3
+
+    # A file full of one new label: a hundred lines, then a count per column; -o as well.
+    data.write_text("x0,x1,colour\n" + "0.5,0.25,green\n" * 150)
+    out = tmp_path / "predicted.csv"
+    many = cli("predict", str(job.model_id), data, "-o", out, url=server.url)
+    assert many.returncode == 0, many.stderr
+    lines = many.stderr.splitlines()
+    assert sum(line.startswith("warning: row ") for line in lines) == 100
+    assert "warning: 50 more like these, by column: 'colour' 50" in lines
+    assert len(list(csv.reader(io.StringIO(out.read_text())))) == 151
+
+
 def test_predict_regression_and_its_errors(server: Server, tmp_path: Path) -> None:
     spec = tmp_path / "line.json"
     spec.write_text(json.dumps({"target": "y", "model": [{"type": "Linear", "out_features": 1}], "loss": "MSELoss"}))

@@ -8,11 +8,13 @@ import ast
 import asyncio
 import contextlib
 import csv
+import hashlib
 import inspect
 import io
 import re
 import socket
 import threading
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,72 @@ def test_a_call_is_the_request_the_server_expects() -> None:
     assert str(request.url) == "http://127.0.0.1:1/jobs/j/events"
     assert request.headers["Last-Event-ID"] == "7"
     assert request.headers["Authorization"] == "Bearer k"
+
+
+def test_a_file_on_disk_is_sent_as_it_is_read_with_its_length(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_bytes(b"x,y\n" + b"1,2\n" * 1000)
+    call = endpoints.upload_dataset(table)
+    sync, not_sync = httpx.Client(base_url="http://127.0.0.1:1"), httpx.AsyncClient(base_url="http://127.0.0.1:1")
+    for http in (sync, not_sync):
+        with call.opened(http) as request:
+            assert request.headers["Content-Length"] == str(table.stat().st_size)  # not chunked
+            assert "Transfer-Encoding" not in request.headers
+            assert not isinstance(request.stream, httpx.ByteStream)  # not read into memory
+    with pytest.raises(TypeError, match=r"Call\.opened"):  # a file must not be left open
+        call.build(sync)
+    sync.close()
+    asyncio.run(not_sync.aclose())
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        endpoints.upload_dataset(tmp_path / "missing.csv")
+
+
+ROWS_PER_PART, PARTS = 35_000, 20
+
+
+def big_table(path: Path) -> bytes:
+    """A numeric CSV of about 20 MB (PARTS x ROWS_PER_PART rows) written to ``path``; its sha256."""
+    rng = np.random.default_rng(0)
+    digest = hashlib.sha256()
+    with path.open("wb") as out:
+        for part in [b"a,b,c,label\n"] + [
+            "".join(
+                f"{a:.6f},{b:.6f},{c:.6f},{int(a > 0)}\n" for a, b, c in rng.normal(size=(ROWS_PER_PART, 3))
+            ).encode()
+            for _ in range(PARTS)
+        ]:
+            out.write(part)
+            digest.update(part)
+    return digest.digest()
+
+
+@pytest.mark.parametrize("server", ["sqlite"], indirect=True)  # the client's memory, not the database
+def test_a_large_file_uploads_from_disk_in_bounded_memory_through_both_clients(server: Server, tmp_path: Path) -> None:
+    table = tmp_path / "large.csv"
+    sha256 = big_table(table).hex()
+    size = table.stat().st_size
+    assert size > 20 * 1024 * 1024
+    n_rows = PARTS * ROWS_PER_PART
+
+    async def upload_async() -> Dataset:
+        async with AsyncTrainserveClient(server.url, timeout=120) as client:
+            return await client.upload_dataset(table)
+
+    with TrainserveClient(server.url, timeout=120) as client:
+        uploads = {"sync": lambda: client.upload_dataset(table), "async": lambda: asyncio.run(upload_async())}
+        for kind, upload in uploads.items():
+            tracemalloc.start()
+            try:
+                dataset = upload()
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            # The stored table is the file's bytes, all of them ...
+            assert (dataset.sha256, dataset.n_rows, dataset.filename) == (sha256, n_rows, "large.csv"), kind
+            assert [c.name for c in dataset.columns] == ["a", "b", "c", "label"]
+            # ... and the client never held more than a few chunks of them.
+            assert peak < size / 8, f"{kind}: {peak:,} bytes at peak for a {size:,}-byte file"
+            client.delete_dataset(dataset.id)
 
 
 # -- every endpoint, through both clients, against the real server ---------------------------------

@@ -261,6 +261,12 @@ class ModelDetail(Model):
         default_factory=list,
         description="Warm-start ancestry, parent first, back to the first version (ends early at a deleted model)",
     )
+    ignored_columns: list[str] | None = Field(
+        default=None,
+        description="The training table's columns the model does not use (type 'ignore', or left out of "
+        "features): a JSON /predict row may carry them, and the target, and they are disregarded. null: a model "
+        "trained before this was recorded, which refuses them",
+    )
 
 
 class AliasRequest(BaseModel):

@@ -39,6 +39,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 _ID = re.compile(r"^[0-9a-f]{32}$")
 # Rows sent in one POST /predict: well under the server's default limit of 100,000.
 PREDICT_CHUNK_ROWS = 5_000
+# Warnings printed one line each; past this, a count per column.
+PREDICT_WARNINGS_SHOWN = 100
 
 Command = Callable[[TrainserveClient, argparse.Namespace], int]
 
@@ -418,14 +420,46 @@ def _predict(client: TrainserveClient, args: argparse.Namespace) -> int:
         missing = [f for f in model.features if f not in header]
         if missing:
             raise CommandError(f"{args.data} has no column {missing[0]!r}; the model takes {model.features}")
+        warned = _Warnings(sys.stderr)
         if args.output is None:
-            written = _write_predictions(client, model, reader, header, decimal, sys.stdout)
+            written = _write_predictions(client, model, reader, header, decimal, sys.stdout, warned)
         else:
             with _replaced_on_success(args.output) as out:
-                written = _write_predictions(client, model, reader, header, decimal, out)
+                written = _write_predictions(client, model, reader, header, decimal, out, warned)
+    warned.summarise()
     if args.output:
         print(f"{written} rows predicted by {_describe(model)} -> {args.output}", file=sys.stderr)
     return 0
+
+
+class _Warnings:
+    """The answers' ``warnings`` (cells answered anyway: an unseen category, an unexpected
+    blank) on stderr, one line each, by the file's row (data rows from 1) and column: stdout
+    stays the CSV alone. Past ``PREDICT_WARNINGS_SHOWN`` lines, a count per column instead,
+    so that a file full of one new category does not bury the terminal."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.shown = 0
+        self.unshown: dict[str, int] = {}
+
+    def report(self, warnings: Sequence[dict[str, Any]], offset: int) -> None:
+        # The server lists them column by column; a reader goes through the file row by row.
+        for warning in sorted(warnings, key=lambda w: int(w.get("row", 0))):
+            column = str(warning.get("column"))
+            if self.shown >= PREDICT_WARNINGS_SHOWN:
+                self.unshown[column] = self.unshown.get(column, 0) + 1
+                continue
+            value = warning.get("value")
+            cell = f", value {value!r}" if value is not None else ""
+            row = offset + int(warning.get("row", 0)) + 1
+            print(f"warning: row {row}, column {column!r}{cell}: {warning.get('message', '')}", file=self.out)
+            self.shown += 1
+
+    def summarise(self) -> None:
+        if self.unshown:
+            counts = ", ".join(f"{column!r} {n}" for column, n in self.unshown.items())
+            print(f"warning: {sum(self.unshown.values())} more like these, by column: {counts}", file=self.out)
 
 
 @contextmanager
@@ -447,7 +481,13 @@ def _replaced_on_success(path: Path) -> Iterator[TextIO]:
 
 
 def _write_predictions(
-    client: TrainserveClient, model: Model, reader: csv.DictReader[str], header: list[str], decimal: str, out: TextIO
+    client: TrainserveClient,
+    model: Model,
+    reader: csv.DictReader[str],
+    header: list[str],
+    decimal: str,
+    out: TextIO,
+    warned: _Warnings,
 ) -> int:
     writer = csv.writer(out)
     writer.writerow([*header, *prediction_columns(model.targets, model.classes)])
@@ -459,6 +499,7 @@ def _write_predictions(
         except ApiError as exc:
             _shift_rows(exc, written, model.features)
             raise
+        warned.report(answer.warnings or [], written)
         for i, row in enumerate(chunk):
             predicted = answer.predictions[i]
             extra = predicted if isinstance(predicted, list) else [predicted]

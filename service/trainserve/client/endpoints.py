@@ -12,13 +12,15 @@ Imports stay light (httpx, numpy, pydantic and the API's schemas): no torch, no 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import IO, Any, Generic, ParamSpec, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -48,6 +50,9 @@ from trainserve.wire import NPY_MEDIA_TYPE
 T = TypeVar("T")
 P = ParamSpec("P")
 FileArg = str | os.PathLike[str] | bytes
+# The async client's reads of a file it sends, each in a worker thread (the event loop never
+# waits on the disk): large enough that the thread hops cost nothing beside the network.
+_ASYNC_CHUNK_BYTES = 256 * 1024
 
 
 class ApiError(Exception):
@@ -110,6 +115,17 @@ def json_as(kind: type[T]) -> Reader[T]:
 
 
 @dataclass(frozen=True)
+class OnDisk:
+    """A file sent as it is read from disk, never whole in memory (a table may be larger than
+    the client's memory); opened only while its call is sent."""
+
+    path: Path
+
+
+Body = bytes | OnDisk
+
+
+@dataclass(frozen=True)
 class Request:
     """What a call sends besides its route: the path template's values and the rest."""
 
@@ -117,8 +133,8 @@ class Request:
     params: Mapping[str, str | int] | None = None
     json: Any = None
     data: Mapping[str, str] | None = None
-    files: Mapping[str, tuple[str, bytes]] | None = None
-    content: bytes | None = None
+    files: Mapping[str, tuple[str, Body]] | None = None
+    content: Body | None = None
     headers: Mapping[str, str] | None = None
 
 
@@ -131,19 +147,55 @@ class Call(Generic[T]):
     request: Request
     read: Reader[T]
 
-    def build(self, http: httpx.Client | httpx.AsyncClient) -> httpx.Request:
-        """The httpx request, on ``http``'s base URL and with its headers (the API key)."""
+    @contextmanager
+    def opened(self, http: httpx.Client | httpx.AsyncClient) -> Iterator[httpx.Request]:
+        """The httpx request, its files on disk open while the block sends it, closed after."""
+        with ExitStack() as files:
+            yield self.build(http, files)
+
+    def build(self, http: httpx.Client | httpx.AsyncClient, files: ExitStack | None = None) -> httpx.Request:
+        """The httpx request, on ``http``'s base URL and with its headers (the API key).
+        A file on disk is opened on ``files``, which must then outlive the send."""
         sent = self.request
+        headers = dict(sent.headers or {})
+        content: Any = sent.content
+        if isinstance(content, OnDisk):
+            handle = _open(content, files)
+            if isinstance(http, httpx.AsyncClient):
+                # httpx reads a file object only in a sync client; its length, which httpx
+                # takes from the file there, is given here so that the body is not chunked.
+                headers["Content-Length"] = str(os.fstat(handle.fileno()).st_size)
+                content = _read_in_thread(handle)
+            else:
+                content = handle  # read 64 KiB at a time; Content-Length from the file's size
+        parts = None
+        if sent.files is not None:
+            # httpx streams a file object in multipart too, and counts its size for Content-Length.
+            parts = {
+                key: (name, _open(body, files) if isinstance(body, OnDisk) else body)
+                for key, (name, body) in sent.files.items()
+            }
         return http.build_request(
             self.method,
             self.url,
             params=sent.params,
             json=sent.json,
             data=sent.data,
-            files=sent.files,
-            content=sent.content,
-            headers=sent.headers,
+            files=parts,
+            content=content,
+            headers=headers or None,
         )
+
+
+def _open(body: OnDisk, files: ExitStack | None) -> IO[bytes]:
+    if files is None:
+        raise TypeError(f"{body.path} is sent from disk: build the request with Call.opened, which closes it")
+    return files.enter_context(open(body.path, "rb"))
+
+
+async def _read_in_thread(handle: IO[bytes]) -> AsyncIterator[bytes]:
+    while chunk := await asyncio.to_thread(handle.read, _ASYNC_CHUNK_BYTES):
+        yield chunk
 
 
 @dataclass(frozen=True)
@@ -182,11 +234,14 @@ class Endpoint(Generic[P, T]):
         return f"<Endpoint {self.name}: {self.route.method} {self.route.path}>"
 
 
-def _file_part(file: FileArg, name: str | None) -> tuple[str, bytes]:
+def _file_part(file: FileArg, name: str | None) -> tuple[str, Body]:
+    """The file's name and its bytes, or (a path) the file itself, to be read as it is sent."""
     if isinstance(file, bytes):
         return name or "upload.csv", file
     path = Path(file)
-    return name or path.name, path.read_bytes()
+    if not path.is_file():  # refused here, as reading it whole once was, not halfway into a send
+        raise FileNotFoundError(f"{str(path)!r} is not a file")
+    return name or path.name, OnDisk(path)
 
 
 def _present(**values: str | int | None) -> dict[str, str | int]:

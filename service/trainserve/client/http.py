@@ -86,7 +86,9 @@ class TrainserveClient:
         self.http.close()
 
     def _send(self, call: Call[T]) -> T:
-        return call.read(self.http.send(call.build(self.http)))
+        with call.opened(self.http) as request:
+            response = self.http.send(request)
+        return call.read(response)
 
     def upload_dataset(
         self,
@@ -341,7 +343,9 @@ class AsyncTrainserveClient:
         await self.http.aclose()
 
     async def _send(self, call: Call[T]) -> T:
-        return call.read(await self.http.send(call.build(self.http)))
+        with call.opened(self.http) as request:
+            response = await self.http.send(request)
+        return call.read(response)
 
     async def upload_dataset(
         self,

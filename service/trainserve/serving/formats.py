@@ -112,10 +112,15 @@ def parse_json_request(body: bytes) -> JsonRequest:
 def json_inputs_to_matrix(request: JsonRequest, predictor: Predictor, *, max_rows: int) -> np.ndarray | RawRows:
     """The request's rows as the model's input matrix; for a model with preprocessing, its raw
     layout with the warnings earned on the way (``RawRows``)."""
+    disregarded = predictor.disregarded
     if predictor.preprocessing is not None:
-        return inputs_to_raw(request.inputs, predictor.preprocessing, max_rows=max_rows)
+        return inputs_to_raw(request.inputs, predictor.preprocessing, max_rows=max_rows, disregarded=disregarded)
     return inputs_to_matrix(
-        request.inputs, predictor.features, max_rows=max_rows, may_hold_booleans=request.may_hold_booleans
+        request.inputs,
+        predictor.features,
+        max_rows=max_rows,
+        may_hold_booleans=request.may_hold_booleans,
+        disregarded=disregarded,
     )
 
 

@@ -132,6 +132,11 @@ class Predictor:
     # How columns become features (training.features); None for a model that takes numbers as
     # they are: a clean numeric table, or a model from before preprocessing existed.
     preprocessing: FeaturePlan | None = None
+    # Columns of the training table the model does not use (training.features.FeaturePlan.ignored).
+    ignored: tuple[str, ...] = ()
+    # What a JSON row keyed by name may carry besides the features, disregarded: the ignored
+    # columns and the targets (a CSV's extra columns are accepted, and echoed, too).
+    disregarded: frozenset[str] = field(default=frozenset(), init=False, repr=False)
     _labels: np.ndarray | None = field(default=None, repr=False)
     # Which model answered, for every answer's headers: built once, not per request.
     headers: dict[str, str] = field(default_factory=dict, repr=False)
@@ -140,6 +145,7 @@ class Predictor:
     def __post_init__(self) -> None:
         if self.classes is not None:
             self._labels = np.asarray(self.classes)
+        self.disregarded = frozenset(self.ignored).union(self.targets).difference(self.features)
         if not self.n_parameters:
             self.n_parameters = sum(p.numel() for p in self.module.parameters())
         self.headers = {"X-Model-Id": self.model_id}
@@ -205,6 +211,7 @@ class Predictor:
             version=record.version,
             rowwise=rowwise,
             preprocessing=preprocessing,
+            ignored=tuple(plan.ignored) if plan is not None else (),
         )
 
     def runs_inline(self, n_rows: int) -> bool:
@@ -433,41 +440,55 @@ def _fits_float(value: int | float) -> bool:
     return True
 
 
-def _objects_to_rows(rows: list[Any], features: list[str]) -> list[list[Any]]:
+def _objects_to_rows(rows: list[Any], features: list[str], disregarded: frozenset[str]) -> list[list[Any]]:
+    """Objects -> lists in feature order. Keys in ``disregarded`` (columns the model knows and
+    does not use) are dropped; any other key that is not a feature is refused: a client that
+    misspells a feature must not be answered as if the feature were blank."""
     wanted = set(features)
     out = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise _bad(f"inputs[{i}] must be an object keyed by feature name, like inputs[0]", [i])
         if len(row) != len(features) or not wanted.issuperset(row):
-            unknown = sorted(set(row) - wanted)
+            unknown = sorted(set(row) - wanted - disregarded)
             if unknown:
-                raise _bad(f"inputs[{i}]: unknown feature {unknown[0]!r} (the model takes {features})", [i, unknown[0]])
+                also = f"; it disregards {sorted(disregarded)}" if disregarded else ""
+                msg = f"inputs[{i}]: unknown feature {unknown[0]!r} (the model takes {features}{also})"
+                raise _bad(msg, [i, unknown[0]])
             missing = [f for f in features if f not in row]
-            raise _bad(f"inputs[{i}]: feature {missing[0]!r} is missing", [i, missing[0]])
+            if missing:
+                raise _bad(f"inputs[{i}]: feature {missing[0]!r} is missing", [i, missing[0]])
         out.append([row[f] for f in features])
     return out
 
 
-def _request_rows(inputs: list[Any], features: list[str], *, max_rows: int) -> list[Any]:
+def _request_rows(
+    inputs: list[Any], features: list[str], *, max_rows: int, disregarded: frozenset[str] = frozenset()
+) -> list[Any]:
     """The request's rows, objects keyed by feature turned into lists in feature order;
     an empty or oversized request refused."""
     if not inputs:
         raise _bad("inputs is empty: send at least one row", [])
     if len(inputs) > max_rows:
         raise PayloadTooLarge(f"{len(inputs)} rows in one request, the limit is {max_rows}")
-    return _objects_to_rows(inputs, features) if isinstance(inputs[0], dict) else inputs
+    return _objects_to_rows(inputs, features, disregarded) if isinstance(inputs[0], dict) else inputs
 
 
 def inputs_to_matrix(
-    inputs: list[Any], features: list[str], *, max_rows: int, may_hold_booleans: bool = True
+    inputs: list[Any],
+    features: list[str],
+    *,
+    max_rows: int,
+    may_hold_booleans: bool = True,
+    disregarded: frozenset[str] = frozenset(),
 ) -> np.ndarray:
     """Rows (lists, or objects keyed by feature name) -> float32 matrix, or an error naming the cell.
 
     ``may_hold_booleans=False``: the caller saw no ``true``/``false`` in the raw JSON, so
     the one check numpy cannot do (a boolean beside numbers reads as 0 or 1) is skipped.
+    ``disregarded``: keys an object may carry besides the features (``Predictor.disregarded``).
     """
-    rows = _request_rows(inputs, features, max_rows=max_rows)
+    rows = _request_rows(inputs, features, max_rows=max_rows, disregarded=disregarded)
     width = len(features)
     if len(rows) <= _SMALL_ROWS:
         matrix = _small_matrix(rows, width)
@@ -588,11 +609,13 @@ def column_to_raw(
     return codes, warnings
 
 
-def inputs_to_raw(inputs: list[Any], plan: FeaturePlan, *, max_rows: int) -> RawRows:
+def inputs_to_raw(
+    inputs: list[Any], plan: FeaturePlan, *, max_rows: int, disregarded: frozenset[str] = frozenset()
+) -> RawRows:
     """JSON rows (lists in feature order, or objects keyed by feature) with strings for
     categories and null for blanks -> the raw layout, category levels looked up with numpy."""
     features = plan.features
-    rows = _request_rows(inputs, features, max_rows=max_rows)
+    rows = _request_rows(inputs, features, max_rows=max_rows, disregarded=disregarded)
     width = len(features)
     for i, row in enumerate(rows):
         if not isinstance(row, list) or len(row) != width:

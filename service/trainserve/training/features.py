@@ -86,6 +86,11 @@ class ColumnPlan:
 @dataclass(frozen=True)
 class FeaturePlan:
     columns: list[ColumnPlan]
+    # The training table's other columns, neither features nor targets (declared "ignore", or
+    # left out of an explicit features list): a JSON /predict row may carry them, and they are
+    # disregarded, as when a user sends back whole rows as uploaded. Empty in plans saved before
+    # this was recorded, whose models keep refusing such columns.
+    ignored: list[str] = field(default_factory=list)
 
     @property
     def features(self) -> list[str]:
@@ -111,11 +116,16 @@ class FeaturePlan:
         return all(c.kind == "number" and not c.indicator for c in self.columns)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "columns": [asdict(c) for c in self.columns], "encoded_width": self.width}
+        return {
+            "format": FORMAT,
+            "columns": [asdict(c) for c in self.columns],
+            "encoded_width": self.width,
+            "ignored": list(self.ignored),
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FeaturePlan:
-        return cls([ColumnPlan(**c) for c in data["columns"]])
+        return cls([ColumnPlan(**c) for c in data["columns"]], list(data.get("ignored", [])))
 
     def export_layout(self) -> dict[str, Any]:
         """The raw layout and the vocabularies, for ``trainserve.json`` in an export."""
@@ -438,6 +448,9 @@ def prepare(
         fitted = inherited
     else:
         fitted = fit(table, plan.features, spec, train_in_table, max_levels=limits.max_category_levels)
+    # This table's unused columns (a warm start's parent may have been trained on another table).
+    used = {*plan.features, *plan.targets}
+    fitted = dataclasses.replace(fitted, ignored=[name for name in table.names if name not in used])
     if fitted.is_identity:
         x = table.matrix(plan.features)
         x = x if keep is None else x[keep]

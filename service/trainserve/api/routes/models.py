@@ -56,6 +56,8 @@ def get_model(model_id: str, session: SessionDep) -> ModelDetail:
     record = registry.get(session=session, model_id=model_id)
     detail = ModelDetail.model_validate(record)
     detail.chain = [ModelLink.model_validate(m) for m in registry.ancestors(session=session, record=record)]
+    if record.preprocessing is not None and "ignored" in record.preprocessing:
+        detail.ignored_columns = list(record.preprocessing["ignored"])
     return detail
 
 
