@@ -37,8 +37,6 @@ from trainserve.errors import InvalidInput
 from trainserve.training import spec as S
 
 FORMAT = 1
-# Marks a one-hot slot that stands for "blank": NaN never equals anything, so it gets its own code.
-BLANK_CODE = -2.0
 _SAMPLE_ROWS = 5  # rows named in an error message
 
 

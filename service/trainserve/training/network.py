@@ -5,13 +5,15 @@ Used by the worker that trains it and by every process that serves it; torch onl
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from trainserve.training import features
 from trainserve.training import spec as S
+
+if TYPE_CHECKING:  # features.prepare imports the loop, which imports this module
+    from trainserve.training.features import FeaturePlan
 
 _LAYERS: dict[str, type[nn.Module]] = {
     "Dropout": nn.Dropout,
@@ -132,6 +134,9 @@ def outputs_to_probabilities(outputs: torch.Tensor, task: S.Task) -> torch.Tenso
 
 # -- the feature encoder (training/features.py describes both layouts) ---------------------
 
+# Marks a one-hot slot that stands for "blank": NaN never equals anything, so it gets its own code.
+_BLANK_CODE = -2.0
+
 
 class FeatureEncoder(nn.Module):
     """Raw layout -> encoded layout (see training/features.py): fill, indicate, one-hot."""
@@ -145,7 +150,7 @@ class FeatureEncoder(nn.Module):
     embed_unknown: torch.Tensor
     embed_blank: torch.Tensor
 
-    def __init__(self, plan: features.FeaturePlan) -> None:
+    def __init__(self, plan: FeaturePlan) -> None:
         super().__init__()
         numbers = [(j, c) for j, c in enumerate(plan.columns) if c.kind != "category"]
         sources, codes = [], []
@@ -153,7 +158,7 @@ class FeatureEncoder(nn.Module):
         for j, c in enumerate(plan.columns):
             if c.kind == "category" and not c.embedded:
                 sources += [j] * c.width
-                codes += [float(k) for k in range(len(c.levels))] + ([features.BLANK_CODE] if c.blank_level else [])
+                codes += [float(k) for k in range(len(c.levels))] + ([_BLANK_CODE] if c.blank_level else [])
         # An embedded category's index: its level, else its table's unknown row (levels), or its
         # blank row (levels + 1) when training had blanks.
         self.register_buffer("embed_source", torch.tensor([j for j, _ in embedded], dtype=torch.long))
@@ -177,7 +182,7 @@ class FeatureEncoder(nn.Module):
         filled = torch.where(torch.isnan(numbers), self.number_fill, numbers)
         indicators = torch.isnan(x.index_select(1, self.indicator_source)).to(x.dtype)
         cells = x.index_select(1, self.onehot_source)
-        hot = (cells == self.onehot_code) | (torch.isnan(cells) & (self.onehot_code == features.BLANK_CODE))
+        hot = (cells == self.onehot_code) | (torch.isnan(cells) & (self.onehot_code == _BLANK_CODE))
         codes = x.index_select(1, self.embed_source)
         outside = (codes < 0) | (codes >= self.embed_unknown)  # NaN compares False: kept for the next line
         index = torch.where(torch.isnan(codes), self.embed_blank, torch.where(outside, self.embed_unknown, codes))
