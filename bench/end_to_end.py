@@ -169,10 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with TrainserveClient(url, timeout=300) as ts:
             spec["dataset_id"] = ts.upload_dataset(buffer.getvalue(), filename="bench.npz").id
             service_job(ts, spec)  # warm-up: the worker process starts and pays its one-off costs
-            # After the server started (it keeps nice 0; its worker lowers itself): the engine
-            # here competes for the cores as the worker's does. Niceness only ever goes up.
-            os.nice(max(0, args.engine_nice - os.nice(0)))
             with burners(args.burners) if args.burners else contextlib.nullcontext():
+                # After the server and the burners started (they keep nice 0; the worker lowers
+                # itself): the engine here competes for the cores as the worker's does.
+                # Niceness only ever goes up, and children inherit it.
+                os.nice(max(0, args.engine_nice - os.nice(0)))
                 engine_best = float("inf")
                 runs: list[ServiceRun] = []
                 for r in range(args.repeat):

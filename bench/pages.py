@@ -27,24 +27,19 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
-import httpx
 from playwright.sync_api import Browser, sync_playwright
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.end_to_end import serve  # noqa: E402
 from trainserve.client import TrainserveClient  # noqa: E402
 from trainserve.db import JobRecord, ModelRecord, make_engine, make_session_factory  # noqa: E402
 from trainserve.examples import guide_moons_spec  # noqa: E402
@@ -89,47 +84,6 @@ def age(data_dir: Path, job_id: str, model_id: str, jobs: int, models: int) -> N
                 session.add(ModelRecord(**{**model_values, "id": copy, "created_at": when}))
     finally:
         engine.dispose()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def serve(data_dir: Path) -> Iterator[str]:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINSERVE_")}
-    env["TRAINSERVE_DATA_DIR"] = str(data_dir)
-    log = open(data_dir / "serve.log", "wb")  # noqa: SIM115 (the child writes it until stopped)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trainserve", "serve", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((data_dir / "serve.log").read_text(errors="replace")[-3000:])
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def load_seconds(browser: Browser, url: str, jobs: int, cards: int) -> float:

@@ -196,3 +196,12 @@ def test_an_existing_database_is_not_announced_as_new(tmp_path: Path) -> None:
     assert f"data dir: {tmp_path.resolve()}" in result.stderr
     assert f"database: sqlite:///{tmp_path.resolve()}/trainserve.db" in result.stderr
     assert "no database was at" not in result.stderr
+
+
+def test_check_passes_on_a_node_whose_server_runs(server: Server, tmp_path: Path) -> None:
+    # `trainserve check` is the worker's health check in docker-compose.yml and a node's in
+    # docs/scaling-out.md: it checks what the node needs (database, store, queue) and never
+    # loads a model, so it must not report the API's model warm-up as pending.
+    result = start(tmp_path, {**server.env, "TRAINSERVE_DATA_DIR": str(server.data_dir.resolve())}, "check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == ["database: ok", "store: ok", "queue: ok"]

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import inspect
 import io
+import os
 import re
 import socket
 import threading
@@ -128,8 +129,23 @@ def test_a_file_on_disk_is_sent_as_it_is_read_with_its_length(tmp_path: Path) ->
         call.build(sync)
     sync.close()
     asyncio.run(not_sync.aclose())
-    with pytest.raises(FileNotFoundError, match="is not a file"):
+    with pytest.raises(FileNotFoundError):  # before anything is sent
         endpoints.upload_dataset(tmp_path / "missing.csv")
+
+
+def test_a_pipe_is_read_whole_and_sent_with_its_length(tmp_path: Path) -> None:
+    # `trainserve upload <(zcat t.csv.gz)`: a pipe has no size for Content-Length, so it is
+    # read whole first, as every file once was (a regular file is streamed, above).
+    pipe = tmp_path / "t.csv"
+    os.mkfifo(pipe)
+    table = b"x,y\n" + b"1,2\n" * 1000
+    writer = threading.Thread(target=pipe.write_bytes, args=(table,))
+    writer.start()
+    call = endpoints.upload_dataset(pipe)
+    writer.join()
+    with httpx.Client(base_url="http://127.0.0.1:1") as http, call.opened(http) as request:
+        assert request.headers["Content-Length"] == str(len(table))
+        assert request.read() == table
 
 
 ROWS_PER_PART, PARTS = 35_000, 20

@@ -55,6 +55,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runtime.warmup.start(settings.predict_threads)
         _keep_large_buffers_in_the_heap()
         yield
+        # A stop in the first second: let torch's import finish rather than shut the
+        # interpreter down under a thread halfway through it.
+        await run_in_threadpool(runtime.warmup.wait, 30)
         await run_in_threadpool(runtime.predictions.close)
         runtime.engine.dispose()
         runtime.queue.close()
@@ -206,6 +209,6 @@ def _add_health(app: FastAPI, runtime: Runtime) -> None:
     def readyz() -> JSONResponse:
         """The database, the model store and the queue answer, and what runs a model is
         loaded (``models``: "loading" for about a second after the start)."""
-        checks = runtime.check()
+        checks = {**runtime.check(), "models": runtime.warmup.state}
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503)

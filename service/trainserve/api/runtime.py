@@ -75,8 +75,9 @@ class Runtime:
         )
 
     def check(self) -> dict[str, str]:
-        """Whether the database, the model store and the queue answer, and whether what runs a
-        model is loaded: "ok", else the error or "loading", each."""
+        """Whether the database, the model store and the queue answer: "ok" or the error, each.
+        (`trainserve check` runs it too, in a process that never loads a model; /readyz adds
+        the warm-up's state.)"""
         checks: dict[str, str] = {}
         try:
             with self.engine.connect() as connection:
@@ -94,5 +95,4 @@ class Runtime:
             checks["queue"] = "ok"
         except Exception as exc:
             checks["queue"] = f"error: {exc}"
-        checks["models"] = self.warmup.state
         return checks

@@ -421,12 +421,14 @@ def _predict(client: TrainserveClient, args: argparse.Namespace) -> int:
         if missing:
             raise CommandError(f"{args.data} has no column {missing[0]!r}; the model takes {model.features}")
         warned = _Warnings(sys.stderr)
-        if args.output is None:
-            written = _write_predictions(client, model, reader, header, decimal, sys.stdout, warned)
-        else:
-            with _replaced_on_success(args.output) as out:
-                written = _write_predictions(client, model, reader, header, decimal, out, warned)
-    warned.summarise()
+        try:
+            if args.output is None:
+                written = _write_predictions(client, model, reader, header, decimal, sys.stdout, warned)
+            else:
+                with _replaced_on_success(args.output) as out:
+                    written = _write_predictions(client, model, reader, header, decimal, out, warned)
+        finally:  # the count of warnings not shown one by one, even when a later chunk fails
+            warned.summarise()
     if args.output:
         print(f"{written} rows predicted by {_describe(model)} -> {args.output}", file=sys.stderr)
     return 0

@@ -50,8 +50,9 @@ from trainserve.wire import NPY_MEDIA_TYPE
 T = TypeVar("T")
 P = ParamSpec("P")
 FileArg = str | os.PathLike[str] | bytes
-# The async client's reads of a file it sends, each in a worker thread (the event loop never
-# waits on the disk): large enough that the thread hops cost nothing beside the network.
+# The async client's reads of a file it sends as the body (upload_dataset), each in a worker
+# thread, so the event loop does not wait on the disk; large enough that the thread hops cost
+# nothing beside the network. (A file in a multipart form is read by httpx itself, on the loop.)
 _ASYNC_CHUNK_BYTES = 256 * 1024
 
 
@@ -235,13 +236,15 @@ class Endpoint(Generic[P, T]):
 
 
 def _file_part(file: FileArg, name: str | None) -> tuple[str, Body]:
-    """The file's name and its bytes, or (a path) the file itself, to be read as it is sent."""
+    """The file's name and its bytes, or (a regular file) the file itself, read as it is sent."""
     if isinstance(file, bytes):
         return name or "upload.csv", file
     path = Path(file)
-    if not path.is_file():  # refused here, as reading it whole once was, not halfway into a send
-        raise FileNotFoundError(f"{str(path)!r} is not a file")
-    return name or path.name, OnDisk(path)
+    if path.is_file():
+        return name or path.name, OnDisk(path)
+    # A pipe (`<(zcat t.csv.gz)`, /dev/stdin) has no size to send as Content-Length: read
+    # whole, as every file once was. A missing path fails here, before anything is sent.
+    return name or path.name, path.read_bytes()
 
 
 def _present(**values: str | int | None) -> dict[str, str | int]:

@@ -2,7 +2,7 @@
 
 torch, and the modules built on it, are imported where a model is loaded or run, not at the
 top: the API process imports this module to validate requests and hold its caches, and it
-answers before it has loaded torch (``warm_up``, called once the app has started, loads it
+answers before it has loaded torch (``Warmup``, started once the app has started, loads it
 for the first model; docs/performance-16.md, target 7).
 """
 
@@ -73,9 +73,12 @@ class Warmup:
     def _run(self, threads_override: int | None) -> None:
         # Torch's import makes some 300,000 objects that live as long as the process: no
         # cyclic collection while it runs (each walked them all and freed nothing), then
-        # frozen out of the collector's full passes with everything the start built.
+        # frozen out of the collector's full passes with everything the start built. Cyclic
+        # garbage that requests leave in this second is frozen with it and never freed: a
+        # bounded cost, where a collection before the freeze would walk torch's objects.
         gc.disable()
         try:
+            import safetensors.torch  # noqa: F401 (each model's weights are read with it)
             import torch
 
             from trainserve.training import native, network  # noqa: F401 (loaded for the first model)
@@ -449,10 +452,16 @@ def _objects_to_rows(rows: list[Any], features: list[str], disregarded: frozense
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise _bad(f"inputs[{i}] must be an object keyed by feature name, like inputs[0]", [i])
-        if len(row) != len(features) or not wanted.issuperset(row):
+        # Exactly the features (the usual row), or the features and disregarded keys (a whole
+        # row sent back): two set comparisons, with the slow search for a culprit only on error.
+        if (len(row) != len(features) or not wanted.issuperset(row)) and not (
+            row.keys() >= wanted and row.keys() - wanted <= disregarded
+        ):
             unknown = sorted(set(row) - wanted - disregarded)
             if unknown:
-                also = f"; it disregards {sorted(disregarded)}" if disregarded else ""
+                names = sorted(disregarded)
+                shown = names if len(names) <= 20 else [*names[:20], f"... {len(names) - 20} more"]
+                also = f"; it disregards {shown}" if disregarded else ""
                 msg = f"inputs[{i}]: unknown feature {unknown[0]!r} (the model takes {features}{also})"
                 raise _bad(msg, [i, unknown[0]])
             missing = [f for f in features if f not in row]
