@@ -524,3 +524,33 @@ def test_encode_regression_targets():
     assert one.tolist() == [[0.5], [1.5]]
     two = loop.encode_targets(np.array([[0.5, 1.0], [2.0, 3.0]]), "regression", None)
     assert two.tolist() == [[0.5, 1.0], [2.0, 3.0]]
+
+
+def test_training_metrics_of_a_large_split_come_from_evenly_spaced_rows(monkeypatch: pytest.MonkeyPatch):
+    # Over TRAIN_METRICS_ROWS training rows (262,144 in the product; 50 here), the finished
+    # model's training metrics are those of every n-th training row, said in the notes;
+    # validation metrics still cover all the validation rows.
+    x, y = moons(200)
+    monkeypatch.setattr(loop, "TRAIN_METRICS_ROWS", 50)
+    spec, _, result = fit(x, y, epochs=2, validation_split=0.25)
+    train_rows, val_rows = loop.split_indices(len(x), spec.validation_split, spec.seed)
+    assert len(train_rows) == 150
+    assert "training metrics: over 50 of the 150 training rows, evenly spaced" in " ".join(result.notes)
+    net, loss_fn = result.module, torch.nn.CrossEntropyLoss()
+    features, targets = torch.from_numpy(x), torch.from_numpy(y)
+    spread = torch.from_numpy(train_rows[np.arange(50) * 150 // 50])
+    expected = loop.evaluate(net, loss_fn, features, targets, "classification", spread)
+    assert result.metrics["train_loss"] == expected["loss"]
+    assert result.metrics["train_accuracy"] == expected["accuracy"]
+    everything = loop.evaluate(net, loss_fn, features, targets, "classification", torch.from_numpy(val_rows))
+    assert result.metrics["val_loss"] == everything["loss"]
+    # At or under the bound, every training row counts and nothing is said.
+    monkeypatch.setattr(loop, "TRAIN_METRICS_ROWS", 150)
+    _, _, exact = fit(x, y, epochs=2, validation_split=0.25)
+    assert not any(note.startswith("training metrics") for note in exact.notes)
+    assert (
+        exact.metrics["train_loss"]
+        == loop.evaluate(exact.module, loss_fn, features, targets, "classification", torch.from_numpy(train_rows))[
+            "loss"
+        ]
+    )
