@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.start import stop  # noqa: E402
 from bench.threads import SHAPES, Shape, burners, engine, quick, spec_for  # noqa: E402
 from trainserve.client import TrainserveClient  # noqa: E402
 from trainserve.config import Settings  # noqa: E402
@@ -105,12 +106,7 @@ def serve(folder: Path) -> Iterator[str]:
                 time.sleep(0.1)
             yield url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
 
 
 def service_job(ts: TrainserveClient, spec: dict[str, Any]) -> ServiceRun:

@@ -22,6 +22,19 @@ from tests.conftest import Server
 from tests.faults import FAST_LEASE, job_row, running_at_epoch, slow_spec, wait_for, worker_pid
 from trainserve.api.schemas import Job, JobDetail
 from trainserve.client import TrainserveClient
+from trainserve.db import JobRecord
+
+
+def assert_handed_back(server: Server, job_id: str) -> JobRecord:
+    """A drained job's row: queued again, no attempt spent, no worker, its checkpoint kept and noted."""
+    job = job_row(server, job_id)
+    assert job.status == "queued"
+    assert job.attempts == 0  # a preemption costs no attempt
+    assert job.worker is None
+    assert any("handed back at epoch" in note for note in job.notes), job.notes
+    assert job.checkpoint_epoch is not None
+    assert (server.store_dir / "checkpoints" / f"{job_id}.safetensors").exists()
+    return job
 
 
 def test_sigterm_answers_requests_in_flight_hands_the_job_back_and_a_restart_finishes_it(
@@ -60,13 +73,7 @@ def test_sigterm_answers_requests_in_flight_hands_the_job_back_and_a_restart_fin
     assert server.process.wait(60) == 0
     assert answers[0].status_code == 201, answers[0].text
 
-    drained = job_row(server, job.id)
-    assert drained.status == "queued"
-    assert drained.attempts == 0  # a preemption costs no attempt
-    assert drained.worker is None
-    assert any("handed back at epoch" in note for note in drained.notes), drained.notes
-    assert drained.checkpoint_epoch is not None
-    assert (server.store_dir / "checkpoints" / f"{job.id}.safetensors").exists()
+    drained = assert_handed_back(server, job.id)
 
     again = faulty(server.data_dir)
     with TrainserveClient(again.url, timeout=30) as ts:
@@ -117,13 +124,7 @@ def test_a_standalone_worker_stopped_by_a_signal_hands_its_job_back_and_exits_0_
         worker.send_signal(stop_signal)
         assert worker.wait(30) == 0
 
-    handed_back = job_row(server, job.id)
-    assert handed_back.status == "queued"
-    assert handed_back.attempts == 0  # a preemption costs no attempt
-    assert handed_back.worker is None
-    assert any("handed back at epoch" in note for note in handed_back.notes), handed_back.notes
-    assert handed_back.checkpoint_epoch is not None
-    assert (server.store_dir / "checkpoints" / f"{job.id}.safetensors").exists()
+    assert_handed_back(server, job.id)
 
 
 def gone(pid: int) -> bool:
