@@ -12,6 +12,9 @@ from typing import Any, Literal
 
 NPY_MEDIA_TYPE = "application/x-npy"
 CSV_MEDIA_TYPE = "text/csv"
+# What a cell of a CSV to predict may say for "missing" (pandas writes an empty cell): read so
+# by the server's CSV /predict and by `trainserve predict`, which sends such a cell as null.
+MISSING_TOKENS = frozenset({"", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "-"})
 # GET /models/{id}/export?format=...: what the server builds and the CLI offers.
 ExportFormat = Literal["torchscript", "torch.export"]
 EXPORT_FORMATS: tuple[ExportFormat, ...] = ("torchscript", "torch.export")

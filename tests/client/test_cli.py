@@ -164,6 +164,20 @@ def test_predict_prints_the_answers_warnings_on_stderr_and_keeps_stdout_the_csv(
     assert "warning: 50 more like these, by column: 'colour' 50" in lines
     assert len(list(csv.reader(io.StringIO(out.read_text())))) == 151
 
+    # Cells saying NA or N/A are missing, as the server's CSV /predict reads them (and an
+    # upload's defaults): the CLI sends them as null and answers as that endpoint does.
+    data.write_text("x0,x1,colour\nNA,0.25,red\n0.5,N/A,blue\n0.5,0.25,NA\n")
+    missing = cli("predict", str(job.model_id), data, url=server.url)
+    assert missing.returncode == 0, missing.stderr
+    served = client.http.post(
+        "/predict", params={"model_id": job.model_id}, content=data.read_bytes(), headers={"Content-Type": "text/csv"}
+    )
+    assert served.status_code == 200, served.text
+    by_cli = [row[3:] for row in csv.reader(io.StringIO(missing.stdout))]
+    by_server = [row[3:6] for row in csv.reader(io.StringIO(served.text))]
+    assert by_cli == by_server
+    assert sum("blank, and training had no blanks here" in line for line in missing.stderr.splitlines()) == 3
+
 
 def test_predict_regression_and_its_errors(server: Server, tmp_path: Path) -> None:
     spec = tmp_path / "line.json"

@@ -33,7 +33,7 @@ from trainserve.client.http import ApiError, TrainserveClient, sweep_done
 from trainserve.datasets.tables import SNIFF_BYTES, sniff_decimal, sniff_delimiter
 from trainserve.jobs.status import JobStatus
 from trainserve.training.spec import TrainSpec
-from trainserve.wire import EXPORT_FORMATS, prediction_columns
+from trainserve.wire import EXPORT_FORMATS, MISSING_TOKENS, prediction_columns
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 _ID = re.compile(r"^[0-9a-f]{32}$")
@@ -381,8 +381,8 @@ def resolve_model(client: TrainserveClient, reference: str) -> Model:
 
 
 def _number(text: str, decimal: str = ".") -> Any:
-    if not text.strip():
-        return None  # a blank cell is a missing value, as in an upload (JSON null)
+    if text.strip() in MISSING_TOKENS:
+        return None  # a blank cell or NA is a missing value, as the server reads a CSV (JSON null)
     try:
         value = float(text.replace(",", ".") if decimal == "," else text)
     except ValueError:

@@ -32,7 +32,7 @@ from trainserve.serving.predictor import (
     inputs_to_raw,
 )
 from trainserve.training.features import FeaturePlan
-from trainserve.wire import prediction_columns
+from trainserve.wire import MISSING_TOKENS, prediction_columns
 
 _ALIAS = re.compile(ALIAS_PATTERN)
 _JSON_FIELDS = ("model_id", "name", "version", "inputs", "alias")
@@ -232,10 +232,6 @@ def csv_to_matrix(body: bytes, predictor: Predictor, *, max_rows: int) -> CsvTab
     return CsvTable(header, rows, matrix)
 
 
-# What a CSV cell may say for "missing" (pandas writes an empty cell).
-BLANK_TOKENS = frozenset({"", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "-"})
-
-
 def _point(text: str, decimal: str) -> str:
     """A number's text with a decimal point, where the file writes a decimal comma."""
     return text.replace(",", ".") if decimal == "," else text
@@ -250,7 +246,7 @@ def csv_rows_to_raw(header: list[str], rows: list[list[str]], plan: FeaturePlan,
     def where(i: int) -> tuple[Any, list[Any]]:
         return i + 1, ["file", i + 1]
 
-    blank_tokens = np.array(sorted(BLANK_TOKENS))
+    blank_tokens = np.array(sorted(MISSING_TOKENS))
     for j, column in enumerate(plan.columns):
         at = header.index(column.name)
         strings = np.array([row[at].strip() for row in rows], dtype=np.str_)
